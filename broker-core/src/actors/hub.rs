@@ -1,0 +1,276 @@
+//! `Hub`: owns the name → queue map and the registry of poll consumers.
+//!
+//! Queues named in the config are started with the hub (so their metrics exist from the
+//! start); a name matching a configured `prefix.*` pattern gets its queue on first use.
+//! A poll consumer is registered here by (user, client) → queue name, while its cursor
+//! lives in the queue. A reload keeps queue contents, applies new limits, stops removed
+//! queues, and puts consumers of removed queues or revoked grants into the
+//! "disconnected" state that webhook-queue documents.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use super::queue::{AddConsumer, ConsumerKey, Queue, Reconfigure, RemoveConsumer};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::store::Store;
+
+const QUEUE_REMOVED: &str = "A reload has removed that queue";
+const GRANT_REVOKED: &str = "A reload has caused that queue to no longer be available to you";
+
+/// What callers hold to talk to one queue.
+#[derive(Clone)]
+pub struct QueueHandle {
+    /// The queue's name.
+    pub name: Arc<str>,
+    /// The actor.
+    pub addr: Addr<Queue>,
+    /// Bumped whenever readers could see something new; long-polls wait on it.
+    pub changes: watch::Receiver<u64>,
+}
+
+/// Looks a queue up, creating it if its name is configured or matches a pattern.
+#[derive(Message)]
+#[rtype(result = "Option<QueueHandle>")]
+pub struct GetQueue {
+    /// Queue name.
+    pub name: String,
+}
+
+/// Registers a poll consumer on a queue.
+#[derive(Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Listen {
+    /// The consumer.
+    pub key: ConsumerKey,
+    /// The queue to read.
+    pub queue: String,
+    /// `true` (webhook-queue's `/listen`): an existing, connected consumer is an error.
+    /// `false` (`PUT /v1/consumers`): the same queue again is a no-op.
+    pub exclusive: bool,
+}
+
+/// Removes a poll consumer.
+#[derive(Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Unlisten {
+    /// The consumer.
+    pub key: ConsumerKey,
+}
+
+/// Finds the queue of a poll consumer.
+#[derive(Message)]
+#[rtype(result = "Result<QueueHandle, Error>")]
+pub struct ResolveConsumer {
+    /// The consumer.
+    pub key: ConsumerKey,
+}
+
+/// Swaps in reloaded settings.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ApplySettings {
+    /// The new settings.
+    pub settings: Arc<Settings>,
+}
+
+struct ConsumerEntry {
+    queue: String,
+    disconnected: Option<&'static str>,
+}
+
+/// The queue registry.
+pub struct Hub {
+    settings: Arc<Settings>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    queues: HashMap<String, QueueHandle>,
+    consumers: HashMap<ConsumerKey, ConsumerEntry>,
+}
+
+impl Hub {
+    /// A hub over `store` with the initial `settings`.
+    pub fn new(settings: Arc<Settings>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            settings,
+            store,
+            metrics,
+            queues: HashMap::new(),
+            consumers: HashMap::new(),
+        }
+    }
+
+    fn queue(&mut self, name: &str) -> Option<QueueHandle> {
+        if let Some(h) = self.queues.get(name) {
+            if h.addr.connected() {
+                return Some(h.clone());
+            }
+        }
+        let spec = self.settings.queue(name)?.clone();
+        let name: Arc<str> = Arc::from(name);
+        let (tx, rx) = watch::channel(0);
+        let addr = Queue::new(
+            name.clone(),
+            spec,
+            self.store.clone(),
+            self.metrics.clone(),
+            tx,
+        )
+        .start();
+        let handle = QueueHandle {
+            name: name.clone(),
+            addr,
+            changes: rx,
+        };
+        self.queues.insert(name.to_string(), handle.clone());
+        Some(handle)
+    }
+
+    fn start_named_queues(&mut self) {
+        let names: Vec<String> = self
+            .settings
+            .named_queues()
+            .map(|q| q.name.clone())
+            .collect();
+        for n in names {
+            self.queue(&n);
+        }
+    }
+}
+
+impl Actor for Hub {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        self.start_named_queues();
+    }
+}
+
+impl Handler<GetQueue> for Hub {
+    type Result = Option<QueueHandle>;
+
+    fn handle(&mut self, msg: GetQueue, _: &mut Self::Context) -> Self::Result {
+        self.queue(&msg.name)
+    }
+}
+
+impl Handler<Listen> for Hub {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, msg: Listen, _: &mut Self::Context) -> Self::Result {
+        if let Some(existing) = self.consumers.get(&msg.key) {
+            if existing.disconnected.is_none() {
+                if !msg.exclusive && existing.queue == msg.queue {
+                    return Ok(());
+                }
+                return Err(Error::ClientExists {
+                    client: msg.key.client,
+                    queue: existing.queue.clone(),
+                });
+            }
+        }
+        let handle = self.queue(&msg.queue).ok_or_else(|| Error::UnknownQueue {
+            queue: msg.queue.clone(),
+        })?;
+        if let Some(old) = self.consumers.remove(&msg.key) {
+            if let Some(h) = self.queues.get(&old.queue) {
+                h.addr.do_send(RemoveConsumer {
+                    key: msg.key.clone(),
+                });
+            }
+        }
+        // Mailboxes are FIFO: a read sent after this reply finds the consumer in place.
+        handle.addr.do_send(AddConsumer {
+            key: msg.key.clone(),
+        });
+        self.consumers.insert(
+            msg.key,
+            ConsumerEntry {
+                queue: msg.queue,
+                disconnected: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Handler<Unlisten> for Hub {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, msg: Unlisten, _: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .consumers
+            .remove(&msg.key)
+            .ok_or_else(|| Error::ClientNotFound {
+                client: msg.key.client.clone(),
+            })?;
+        if let Some(h) = self.queues.get(&entry.queue) {
+            h.addr.do_send(RemoveConsumer { key: msg.key });
+        }
+        Ok(())
+    }
+}
+
+impl Handler<ResolveConsumer> for Hub {
+    type Result = Result<QueueHandle, Error>;
+
+    fn handle(&mut self, msg: ResolveConsumer, _: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .consumers
+            .get(&msg.key)
+            .ok_or_else(|| Error::ClientNotFound {
+                client: msg.key.client.clone(),
+            })?;
+        if let Some(reason) = entry.disconnected {
+            return Err(Error::ClientDisconnected {
+                client: msg.key.client,
+                reason: reason.to_owned(),
+            });
+        }
+        let queue = entry.queue.clone();
+        self.queue(&queue).ok_or(Error::ClientDisconnected {
+            client: msg.key.client,
+            reason: QUEUE_REMOVED.to_owned(),
+        })
+    }
+}
+
+impl Handler<ApplySettings> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplySettings, _: &mut Self::Context) {
+        self.settings = msg.settings;
+        let mut removed = Vec::new();
+        for (name, handle) in &self.queues {
+            match self.settings.queue(name) {
+                Some(spec) => handle.addr.do_send(Reconfigure { spec: spec.clone() }),
+                None => removed.push(name.clone()),
+            }
+        }
+        for name in &removed {
+            // Dropping the last address stops the actor; in-flight readers keep it until done.
+            self.queues.remove(name);
+            self.store.remove(name);
+        }
+        self.start_named_queues();
+        let settings = self.settings.clone();
+        self.consumers.retain(|key, entry| {
+            let Some(user) = settings.users.get(&key.user) else {
+                return false; // the user is gone, and with it its clients
+            };
+            if entry.disconnected.is_none() {
+                if settings.queue(&entry.queue).is_none() {
+                    entry.disconnected = Some(QUEUE_REMOVED);
+                } else if !user.may_read(&entry.queue) {
+                    entry.disconnected = Some(GRANT_REVOKED);
+                }
+            }
+            true
+        });
+    }
+}

@@ -1,0 +1,768 @@
+//! `Queue`: one queue's bounded, ordered log.
+//!
+//! It assigns offsets, hands appends to the store and makes them visible (in offset
+//! order) once the store has them, drops the oldest messages past the limits, and keeps
+//! the cursors of the poll consumers that read it, so that a read and its cursor move
+//! are one step. Readers that wait (long-poll) watch the `changes` channel, which is
+//! bumped whenever something a reader could see changes: no per-waiter bookkeeping here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use crate::error::{Error, Rejection};
+use crate::message::{now_ms, Message, NewMessage};
+use crate::metrics::Metrics;
+use crate::settings::QueueSpec;
+use crate::store::{Store, StoredQueue};
+
+/// Mailbox capacity: publishers and readers `send` (never `do_send`), so a busy queue
+/// pushes back on them instead of growing without bound.
+const MAILBOX_CAPACITY: usize = 4096;
+
+/// webhook-queue's wording for a consumer whose unread messages rolled off.
+const ROLLED_OFF: &str = "It's been too long since you've read from the queue. As such, at least one message has been discarded. Please refresh your local state";
+/// webhook-queue's wording for a consumer that missed a message rejected for its size.
+const SIZE_DROPPED: &str = "One or more messages have been dropped from the queue due to size constraints. If this continues to happen, consider reconfiguring your max queue sizes. Please refresh your local state";
+
+/// Identifies a poll consumer: client names are unique per user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConsumerKey {
+    /// The user that owns it.
+    pub user: String,
+    /// The client name the user chose.
+    pub client: String,
+}
+
+/// Result of a successful publish.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Offset of the first message published.
+    pub first_offset: u64,
+    /// Offset of the last message published.
+    pub last_offset: u64,
+    /// The queue's epoch.
+    pub epoch: Arc<str>,
+}
+
+/// What a read returns.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The queue's epoch.
+    pub epoch: Arc<str>,
+    /// The newest offset visible in the queue (0 when nothing was ever published).
+    pub head: u64,
+    /// The messages, oldest first.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// Appends messages (all or none).
+#[derive(Message)]
+#[rtype(result = "Result<Published, Error>")]
+pub struct Publish {
+    /// The messages, in order.
+    pub messages: Vec<NewMessage>,
+}
+
+/// Reads the messages after `since` (the last offset the reader has seen).
+#[derive(Message)]
+#[rtype(result = "Result<Batch, Error>")]
+pub struct Read {
+    /// Last offset seen; 0 reads from the oldest retained message.
+    pub since: u64,
+    /// The epoch the reader's `since` belongs to, if it knows it.
+    pub epoch: Option<String>,
+    /// Most messages to return.
+    pub limit: usize,
+}
+
+/// Creates (or resets) a poll consumer positioned after the newest message.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddConsumer {
+    /// The consumer.
+    pub key: ConsumerKey,
+}
+
+/// Forgets a poll consumer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoveConsumer {
+    /// The consumer.
+    pub key: ConsumerKey,
+}
+
+/// Reads a poll consumer's unread messages and moves its cursor past them.
+#[derive(Message)]
+#[rtype(result = "Result<Batch, Error>")]
+pub struct ConsumerRead {
+    /// The consumer.
+    pub key: ConsumerKey,
+    /// Most messages to return.
+    pub limit: usize,
+}
+
+/// Applies new limits after a reload (dropping what no longer fits).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure {
+    /// The queue's new spec.
+    pub spec: Arc<QueueSpec>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    last_seen: u64,
+    losses_seen: u64,
+}
+
+struct Inflight {
+    messages: Vec<Arc<Message>>,
+    outcome: Option<Result<(), ()>>,
+}
+
+/// One queue. Created by the `Hub`.
+pub struct Queue {
+    name: Arc<str>,
+    spec: Arc<QueueSpec>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    changes: watch::Sender<u64>,
+    epoch: Arc<str>,
+    log: VecDeque<Arc<Message>>,
+    bytes: usize,
+    /// Newest visible offset.
+    head: u64,
+    /// Offset the next publish gets (ahead of `head` while appends are in flight).
+    next_offset: u64,
+    inflight: VecDeque<Inflight>,
+    /// Count of losses poll consumers must be told about (webhook-queue's rule: a message
+    /// rejected for its size puts every existing consumer into refresh).
+    losses: u64,
+    consumers: HashMap<ConsumerKey, Cursor>,
+}
+
+impl Queue {
+    /// A queue that loads its state from `store` when it starts.
+    pub fn new(
+        name: Arc<str>,
+        spec: Arc<QueueSpec>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        changes: watch::Sender<u64>,
+    ) -> Self {
+        Self {
+            name,
+            spec,
+            store,
+            metrics,
+            changes,
+            epoch: Arc::from(""),
+            log: VecDeque::new(),
+            bytes: 0,
+            head: 0,
+            next_offset: 1,
+            inflight: VecDeque::new(),
+            losses: 0,
+            consumers: HashMap::new(),
+        }
+    }
+
+    fn label(&self) -> &str {
+        self.spec.label()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn first_retained(&self) -> u64 {
+        self.log.front().map_or(self.head + 1, |m| m.offset)
+    }
+
+    fn restore(&mut self, state: StoredQueue) {
+        self.epoch = state.epoch;
+        self.next_offset = state.next_offset;
+        self.head = state.next_offset - 1;
+        for m in state.messages {
+            self.bytes += m.body.len();
+            self.log.push_back(m);
+        }
+        let label = self.label().to_owned();
+        self.metrics
+            .depth
+            .with_label_values(&[&label])
+            .add(self.log.len() as i64);
+        self.metrics
+            .bytes
+            .with_label_values(&[&label])
+            .add(self.bytes as i64);
+        self.set_limit_gauges();
+        self.enforce_limits();
+    }
+
+    fn set_limit_gauges(&self) {
+        let l = &self.spec.limits;
+        self.metrics
+            .limit_messages
+            .with_label_values(&[self.label()])
+            .set(l.max_message_count as i64);
+        self.metrics
+            .limit_bytes
+            .with_label_values(&[self.label()])
+            .set(l.max_queue_size as i64);
+    }
+
+    /// Drops the oldest messages until the queue is within its limits.
+    fn enforce_limits(&mut self) {
+        let limits = self.spec.limits;
+        let mut dropped = false;
+        while let Some(front) = self.log.front() {
+            let reason = if self.log.len() > limits.max_message_count {
+                "count"
+            } else if self.bytes > limits.max_queue_size {
+                "size"
+            } else {
+                break;
+            };
+            let size = front.body.len();
+            self.log.pop_front();
+            self.bytes -= size;
+            dropped = true;
+            let label = self.spec.label();
+            self.metrics
+                .dropped
+                .with_label_values(&[label, reason])
+                .inc();
+            self.metrics.depth.with_label_values(&[label]).dec();
+            self.metrics
+                .bytes
+                .with_label_values(&[label])
+                .sub(size as i64);
+        }
+        if dropped {
+            self.store.trim(&self.name, self.first_retained());
+        }
+    }
+
+    /// Makes acknowledged appends visible, strictly in offset order.
+    fn apply_acknowledged(&mut self) {
+        let mut changed = false;
+        while self.inflight.front().is_some_and(|i| i.outcome.is_some()) {
+            let done = self.inflight.pop_front().expect("checked above");
+            changed = true;
+            match done.outcome {
+                Some(Ok(())) => {
+                    let n = done.messages.len();
+                    let size: usize = done.messages.iter().map(|m| m.body.len()).sum();
+                    if let Some(last) = done.messages.last() {
+                        self.head = last.offset;
+                    }
+                    self.bytes += size;
+                    self.log.extend(done.messages);
+                    let label = self.spec.label();
+                    self.metrics
+                        .published
+                        .with_label_values(&[label])
+                        .inc_by(n as u64);
+                    self.metrics.depth.with_label_values(&[label]).add(n as i64);
+                    self.metrics
+                        .bytes
+                        .with_label_values(&[label])
+                        .add(size as i64);
+                    self.enforce_limits();
+                }
+                // The store refused: those offsets never become visible. Consumers that
+                // were positioned before them are told to refresh rather than skip.
+                _ => self.losses += 1,
+            }
+        }
+        if changed {
+            self.notify();
+        }
+    }
+
+    fn batch_after(&self, since: u64, limit: usize) -> Vec<Arc<Message>> {
+        let start = self.log.partition_point(|m| m.offset <= since);
+        self.log.range(start..).take(limit).cloned().collect()
+    }
+}
+
+impl Actor for Queue {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        // Nothing else is handled until the queue's state is loaded.
+        ctx.wait(
+            self.store
+                .open(&self.name)
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(state) => act.restore(state),
+                    Err(e) => {
+                        tracing::error!(queue = %act.name, error = %e, "cannot open queue");
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        let label = self.spec.label();
+        self.metrics
+            .depth
+            .with_label_values(&[label])
+            .sub(self.log.len() as i64);
+        self.metrics
+            .bytes
+            .with_label_values(&[label])
+            .sub(self.bytes as i64);
+    }
+}
+
+impl Handler<Publish> for Queue {
+    type Result = ResponseActFuture<Self, Result<Published, Error>>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        let max = self.spec.limits.max_message_size;
+        if let Some(big) = msg.messages.iter().find(|m| m.body.len() > max) {
+            // webhook-queue: the message is lost and existing consumers must refresh.
+            self.losses += 1;
+            self.notify();
+            let err = Error::rejected(
+                Rejection::MessageTooLarge,
+                format!(
+                    "Message was too large: {} bytes, queue `{}` takes at most {max}",
+                    big.body.len(),
+                    self.name
+                ),
+            );
+            return Box::pin(fut::ready(Err(err)));
+        }
+        if msg.messages.is_empty() {
+            let epoch = self.epoch.clone();
+            let head = self.next_offset - 1;
+            return Box::pin(fut::ready(Ok(Published {
+                first_offset: head,
+                last_offset: head,
+                epoch,
+            })));
+        }
+        let now = now_ms();
+        let first = self.next_offset;
+        let messages: Vec<Arc<Message>> = msg
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Arc::new(Message {
+                    queue: self.name.clone(),
+                    offset: first + i as u64,
+                    body: m.body,
+                    content_type: m.content_type,
+                    headers: m.headers,
+                    received_at_ms: now,
+                })
+            })
+            .collect();
+        let last = first + messages.len() as u64 - 1;
+        self.next_offset = last + 1;
+        let append = self.store.append(&self.name, messages.clone());
+        self.inflight.push_back(Inflight {
+            messages,
+            outcome: None,
+        });
+        Box::pin(append.into_actor(self).map(move |res, act, _| {
+            let ok = res.is_ok();
+            if let Some(entry) = act
+                .inflight
+                .iter_mut()
+                .find(|i| i.messages.first().is_some_and(|m| m.offset == first))
+            {
+                entry.outcome = Some(if ok { Ok(()) } else { Err(()) });
+            }
+            act.apply_acknowledged();
+            res.map(|()| Published {
+                first_offset: first,
+                last_offset: last,
+                epoch: act.epoch.clone(),
+            })
+        }))
+    }
+}
+
+impl Handler<Read> for Queue {
+    type Result = Result<Batch, Error>;
+
+    fn handle(&mut self, msg: Read, _: &mut Self::Context) -> Self::Result {
+        let unrecoverable = || Error::UnrecoverablePosition {
+            queue: self.name.to_string(),
+            since: msg.since,
+            offset: self.head,
+            epoch: self.epoch.to_string(),
+        };
+        if msg.epoch.as_deref().is_some_and(|e| e != &*self.epoch) {
+            return Err(unrecoverable());
+        }
+        // `since` ahead of the queue (another epoch), or before what is retained.
+        if msg.since > self.head || msg.since + 1 < self.first_retained() {
+            return Err(unrecoverable());
+        }
+        Ok(Batch {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            messages: self.batch_after(msg.since, msg.limit),
+        })
+    }
+}
+
+impl Handler<AddConsumer> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddConsumer, _: &mut Self::Context) {
+        let cursor = Cursor {
+            last_seen: self.head,
+            losses_seen: self.losses,
+        };
+        self.consumers.insert(msg.key, cursor);
+    }
+}
+
+impl Handler<RemoveConsumer> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoveConsumer, _: &mut Self::Context) {
+        self.consumers.remove(&msg.key);
+    }
+}
+
+impl Handler<ConsumerRead> for Queue {
+    type Result = Result<Batch, Error>;
+
+    fn handle(&mut self, msg: ConsumerRead, _: &mut Self::Context) -> Self::Result {
+        let (head, losses, first) = (self.head, self.losses, self.first_retained());
+        let Some(cursor) = self.consumers.get(&msg.key).copied() else {
+            return Err(Error::ClientNotFound {
+                client: msg.key.client,
+            });
+        };
+        let reason = if cursor.losses_seen < losses {
+            Some(SIZE_DROPPED)
+        } else if cursor.last_seen + 1 < first {
+            Some(ROLLED_OFF)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            // Told once; the cursor jumps to the newest message.
+            let jumped = Cursor {
+                last_seen: head,
+                losses_seen: losses,
+            };
+            self.consumers.insert(msg.key, jumped);
+            self.metrics
+                .poll_reads
+                .with_label_values(&[self.spec.label(), "refresh"])
+                .inc();
+            return Err(Error::Refresh {
+                queue: self.name.to_string(),
+                reason: reason.to_owned(),
+                offset: head,
+                epoch: self.epoch.to_string(),
+            });
+        }
+        let messages = self.batch_after(cursor.last_seen, msg.limit);
+        if let Some(last) = messages.last() {
+            let moved = Cursor {
+                last_seen: last.offset,
+                ..cursor
+            };
+            self.consumers.insert(msg.key, moved);
+        }
+        let outcome = if messages.is_empty() {
+            "empty"
+        } else {
+            "messages"
+        };
+        self.metrics
+            .poll_reads
+            .with_label_values(&[self.spec.label(), outcome])
+            .inc();
+        Ok(Batch {
+            epoch: self.epoch.clone(),
+            head,
+            messages,
+        })
+    }
+}
+
+impl Handler<Reconfigure> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Self::Context) {
+        self.spec = msg.spec;
+        self.set_limit_gauges();
+        let before = self.log.len();
+        self.enforce_limits();
+        if self.log.len() != before {
+            self.notify();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::IngestAuth;
+    use crate::config::LimitsConfig;
+    use crate::store::MemoryStore;
+    use bytes::Bytes;
+
+    fn spawn(limits: LimitsConfig) -> (Addr<Queue>, watch::Receiver<u64>) {
+        let spec = Arc::new(QueueSpec {
+            name: "q".into(),
+            limits,
+            allow_ips: vec![],
+            auth: IngestAuth::None,
+            json_only: false,
+        });
+        let (tx, rx) = watch::channel(0);
+        let q = Queue::new(
+            "q".into(),
+            spec,
+            Arc::new(MemoryStore::default()),
+            Arc::new(Metrics::new()),
+            tx,
+        );
+        (q.start(), rx)
+    }
+
+    fn body(n: usize) -> NewMessage {
+        NewMessage {
+            body: Bytes::from(vec![b'x'; n]),
+            content_type: None,
+            headers: vec![],
+        }
+    }
+
+    async fn publish(q: &Addr<Queue>, sizes: &[usize]) -> Result<Published, Error> {
+        q.send(Publish {
+            messages: sizes.iter().map(|n| body(*n)).collect(),
+        })
+        .await
+        .unwrap()
+    }
+
+    fn limits(count: usize, size: usize, total: usize) -> LimitsConfig {
+        LimitsConfig {
+            max_message_count: count,
+            max_message_size: size,
+            max_queue_size: total,
+        }
+    }
+
+    fn key() -> ConsumerKey {
+        ConsumerKey {
+            user: "u".into(),
+            client: "c".into(),
+        }
+    }
+
+    async fn consumer_read(q: &Addr<Queue>) -> Result<Vec<u64>, String> {
+        match q
+            .send(ConsumerRead {
+                key: key(),
+                limit: 100,
+            })
+            .await
+            .unwrap()
+        {
+            Ok(b) => Ok(b.messages.iter().map(|m| m.offset).collect()),
+            Err(Error::Refresh { reason, offset, .. }) => {
+                Err(format!("refresh@{offset}:{}", &reason[..10]))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[actix::test]
+    async fn offsets_are_dense_and_reads_resume() {
+        let (q, mut changes) = spawn(limits(100, 100, 10_000));
+        changes.borrow_and_update();
+        let p = publish(&q, &[1, 2, 3]).await.unwrap();
+        assert_eq!((p.first_offset, p.last_offset), (1, 3));
+        assert!(changes.has_changed().unwrap(), "readers are woken");
+        let b = q
+            .send(Read {
+                since: 1,
+                epoch: Some(p.epoch.to_string()),
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            b.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(b.head, 3);
+        let b = q
+            .send(Read {
+                since: 0,
+                epoch: None,
+                limit: 2,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.messages.len(), 2);
+        let wrong_epoch = q
+            .send(Read {
+                since: 1,
+                epoch: Some("other".into()),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            wrong_epoch,
+            Err(Error::UnrecoverablePosition { offset: 3, .. })
+        ));
+        let ahead = q
+            .send(Read {
+                since: 4,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(ahead, Err(Error::UnrecoverablePosition { .. })));
+    }
+
+    #[actix::test]
+    async fn count_and_size_limits_drop_oldest() {
+        let (q, _) = spawn(limits(3, 10, 25));
+        publish(&q, &[10, 10, 1, 1]).await.unwrap(); // count: drops 1
+        let b = q
+            .send(Read {
+                since: 1,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            b.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        publish(&q, &[10, 10]).await.unwrap(); // size: 1+1+10+10=22 after dropping 2 (and 3 by count)
+        let gone = q
+            .send(Read {
+                since: 1,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(gone, Err(Error::UnrecoverablePosition { .. })));
+        let b = q
+            .send(Read {
+                since: 3,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            b.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
+        let big = publish(&q, &[11]).await;
+        assert!(matches!(
+            big,
+            Err(Error::Rejected {
+                reason: Rejection::MessageTooLarge,
+                ..
+            })
+        ));
+        let batch_with_big = publish(&q, &[1, 11]).await;
+        assert!(batch_with_big.is_err());
+        let b = q
+            .send(Read {
+                since: 5,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.head, 6, "rejected messages take no offset");
+    }
+
+    #[actix::test]
+    async fn consumer_refresh_rules_of_webhook_queue() {
+        let (q, _) = spawn(limits(2, 10, 100));
+        publish(&q, &[1]).await.unwrap();
+        q.send(AddConsumer { key: key() }).await.unwrap();
+        assert_eq!(
+            consumer_read(&q).await,
+            Ok(vec![]),
+            "a new consumer starts after the newest"
+        );
+        publish(&q, &[1, 1]).await.unwrap();
+        assert_eq!(consumer_read(&q).await, Ok(vec![2, 3]));
+        // Roll-off: 4,5,6 published, only 5,6 kept; 4 was unread.
+        publish(&q, &[1, 1, 1]).await.unwrap();
+        assert_eq!(consumer_read(&q).await, Err("refresh@6:It's been ".into()));
+        assert_eq!(
+            consumer_read(&q).await,
+            Ok(vec![]),
+            "told once, then resumes from the newest"
+        );
+        publish(&q, &[1]).await.unwrap();
+        assert_eq!(consumer_read(&q).await, Ok(vec![7]));
+        // An oversized message after the consumer listened.
+        assert!(publish(&q, &[11]).await.is_err());
+        assert_eq!(consumer_read(&q).await, Err("refresh@7:One or mor".into()));
+        publish(&q, &[1]).await.unwrap();
+        assert_eq!(consumer_read(&q).await, Ok(vec![8]));
+        // A consumer added after the oversized message is not affected by it.
+        q.send(RemoveConsumer { key: key() }).await.unwrap();
+        assert!(consumer_read(&q)
+            .await
+            .unwrap_err()
+            .starts_with("no client"));
+    }
+
+    #[actix::test]
+    async fn reconfigure_applies_lower_limits() {
+        let (q, _) = spawn(limits(10, 10, 100));
+        publish(&q, &[1, 1, 1, 1]).await.unwrap();
+        let spec = Arc::new(QueueSpec {
+            name: "q".into(),
+            limits: limits(2, 10, 100),
+            allow_ips: vec![],
+            auth: IngestAuth::None,
+            json_only: false,
+        });
+        q.send(Reconfigure { spec }).await.unwrap();
+        let b = q
+            .send(Read {
+                since: 2,
+                epoch: None,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            b.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Authentication: ingest verifiers (who may publish), user passwords (who may read),
+//! and the client address behind trusted proxies.
+
+pub mod client_ip;
+pub mod ingest;
+pub mod password;
+
+pub use client_ip::{client_ip, parse_nets};
+pub use ingest::{sign_hex, HmacAlgo, IngestAuth};
+pub use password::{hash_password, CredentialCache, PasswordHash};

@@ -1,0 +1,183 @@
+//! The running broker: settings that can be swapped by a reload, the hub, metrics,
+//! login checks and the shutdown signal. The HTTP layer holds one `Arc<Broker>`.
+
+use std::sync::{Arc, RwLock};
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use crate::actors::{ApplySettings, GetQueue, Hub, QueueHandle};
+use crate::auth::{hash_password, CredentialCache};
+use crate::config;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::settings::{Settings, UserSpec};
+use crate::store;
+
+/// webhook-queue's minimum password length for `/setPassword`.
+pub const MIN_PASSWORD_LEN: usize = 6;
+
+/// The running broker.
+pub struct Broker {
+    hub: Addr<Hub>,
+    settings: RwLock<Arc<Settings>>,
+    metrics: Arc<Metrics>,
+    credentials: CredentialCache,
+    started_at: i64,
+    shutdown: watch::Sender<bool>,
+    /// Serialises reloads and password changes (each reads, edits and swaps the config).
+    config_lock: tokio::sync::Mutex<()>,
+}
+
+impl Broker {
+    /// Opens the store and starts the hub. Call inside a running actix system.
+    pub fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
+        let store = store::open(&settings.config.storage.url)?;
+        let metrics = Arc::new(Metrics::new());
+        warn_weak_passwords(&settings);
+        let settings = Arc::new(settings);
+        let hub = Hub::new(settings.clone(), store, metrics.clone()).start();
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Broker {
+            hub,
+            settings: RwLock::new(settings),
+            metrics,
+            credentials: CredentialCache::default(),
+            started_at: chrono::Utc::now().timestamp(),
+            shutdown,
+            config_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The hub actor.
+    pub fn hub(&self) -> &Addr<Hub> {
+        &self.hub
+    }
+
+    /// The current settings (one consistent version; a reload swaps them whole).
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Unix time (seconds) at which the broker started; webhook-queue's `/time`.
+    pub fn started_at(&self) -> i64 {
+        self.started_at
+    }
+
+    /// The queue `name`, created on first use if configured or matching a pattern.
+    pub async fn queue(&self, name: &str) -> Result<QueueHandle, Error> {
+        self.hub
+            .send(GetQueue {
+                name: name.to_owned(),
+            })
+            .await?
+            .ok_or_else(|| Error::UnknownQueue {
+                queue: name.to_owned(),
+            })
+    }
+
+    /// Checks a login. Argon2 runs on the blocking pool; successes are cached briefly.
+    pub async fn authenticate(&self, user: &str, password: &str) -> Result<Arc<UserSpec>, Error> {
+        let spec = self
+            .settings()
+            .users
+            .get(user)
+            .cloned()
+            .ok_or(Error::BadLogin)?;
+        if self.credentials.contains(user, password) {
+            return Ok(spec);
+        }
+        let (check, pw) = (spec.clone(), password.to_owned());
+        let ok = tokio::task::spawn_blocking(move || check.password.verify(&pw))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        if !ok {
+            return Err(Error::BadLogin);
+        }
+        self.credentials.insert(user, password);
+        Ok(spec)
+    }
+
+    /// Re-reads the config from where it came from; on any error the old one stays.
+    pub async fn reload(&self) -> Result<(), Error> {
+        let _guard = self.config_lock.lock().await;
+        let path = self.settings().source.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Settings::load(path.as_deref()))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        self.finish_reload(loaded).await
+    }
+
+    /// webhook-queue's `/setPassword`: hashes with argon2id, writes the hash into the
+    /// config file atomically, and swaps the settings so the old password stops working.
+    pub async fn set_password(&self, user: &str, password: &str) -> Result<(), Error> {
+        if password.chars().count() < MIN_PASSWORD_LEN {
+            return Err(Error::PasswordTooShort {
+                min: MIN_PASSWORD_LEN,
+            });
+        }
+        let _guard = self.config_lock.lock().await;
+        let source = self.settings().source.clone();
+        let (user, password) = (user.to_owned(), password.to_owned());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let hash = hash_password(&password);
+            let (path, text) = config::with_user_pass_hash(&source, &user, &hash)?;
+            // Validate the edited file before it replaces the old one.
+            let (cfg, source) = config::parse(Some(&path), &text, std::env::vars())?;
+            let settings = Settings::compile(cfg, source)?;
+            config::write_atomically(&path, text.as_bytes())?;
+            Ok(settings)
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+        self.finish_reload(loaded).await
+    }
+
+    async fn finish_reload(&self, loaded: Result<Settings, Error>) -> Result<(), Error> {
+        let outcome = |o: &str| self.metrics.reloads.with_label_values(&[o]).inc();
+        let new = match loaded {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                outcome("error");
+                tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                return Err(e);
+            }
+        };
+        let old = self.settings();
+        if new.listen != old.listen || new.config.storage.url != old.config.storage.url {
+            tracing::warn!("server.listen and storage.url take effect at the next restart");
+        }
+        warn_weak_passwords(&new);
+        *self.settings.write().expect("settings lock") = new.clone();
+        self.credentials.clear();
+        self.hub.send(ApplySettings { settings: new }).await?;
+        outcome("ok");
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Starts shutting down: long-polls return at once.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves when shutdown begins; long-polls select on it.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+fn warn_weak_passwords(settings: &Settings) {
+    for user in settings.weak_password_users() {
+        tracing::warn!(
+            user,
+            "user has a plain or SHA password hash; set a new password (POST /setPassword) \
+             or `broker hash-password` to switch to argon2id"
+        );
+    }
+}

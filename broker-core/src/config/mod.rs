@@ -1,0 +1,330 @@
+//! The configuration model, loading and validation.
+//!
+//! One file (TOML, YAML or JSON, chosen by extension; a `.conf` or other extension is
+//! sniffed: `{` means JSON) is read with the `config` crate and overridden by
+//! `BROKER__SECTION__KEY` environment variables. A file in webhook-queue's shape (it has
+//! `listen_host`/`listen_port` at the top level) is converted to the native shape first,
+//! so both shapes accept the same environment overrides. Every struct rejects unknown
+//! keys, and [`Settings::compile`](crate::settings::Settings::compile) validates the
+//! values with errors that name the key.
+
+mod legacy;
+mod secret;
+mod writeback;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use secret::Secret;
+pub use writeback::{set_user_pass_hash, with_user_pass_hash, write_atomically};
+
+use crate::error::Error;
+
+/// The commented example configuration: what `broker config example` prints and what
+/// `broker serve` runs when no file is given.
+pub const EXAMPLE: &str = include_str!("example.toml");
+
+/// The whole configuration, native shape.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, proxies, request limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where messages are kept.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Admin API credentials.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Default limits of every queue.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Users that read queues (HTTP Basic).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Queues and queue patterns.
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` header is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Largest request body read at all, in bytes; larger bodies get 413 before buffering.
+    pub max_body_size: usize,
+    /// Longest `wait=` a long-poll may ask for; longer values are clamped.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// How long a shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            trusted_proxies: Vec::new(),
+            max_body_size: 1024 * 1024,
+            max_wait: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `memory://` (nothing survives a restart). Durable backends come later.
+    pub url: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: "memory://".into(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API and `/reload`; no token disables both for admins.
+    pub token: Option<Secret>,
+}
+
+/// `[limits]`: per-queue defaults; a queue may override each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most messages a queue keeps; past it the oldest are dropped.
+    pub max_message_count: usize,
+    /// Largest message body in bytes; larger ones are rejected with 413.
+    pub max_message_size: usize,
+    /// Most bytes of bodies a queue keeps; past it the oldest are dropped.
+    pub max_queue_size: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        // webhook-queue's defaults, so its configs without limits behave the same.
+        Self {
+            max_message_count: 100,
+            max_message_size: 20_000,
+            max_queue_size: 1_000_000,
+        }
+    }
+}
+
+/// `[[users]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Login name.
+    pub name: String,
+    /// `$argon2id$…` (PHC), or webhook-queue's `sha512;SALT;HEX` / `plain;;PASSWORD`.
+    pub pass_hash: Secret,
+    /// Queue names or patterns (`chat.*`) this user may read.
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// Whether this user may call `/reload`.
+    #[serde(default)]
+    pub can_reload: bool,
+}
+
+/// `[[queues]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Queue name, or a pattern ending in `.*` whose queues are created on first use.
+    pub name: String,
+    /// Ingest authentication; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    /// Client addresses (IPs or CIDRs) allowed to publish; empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_ips: Vec<String>,
+    /// `json` rejects bodies that are not valid JSON with 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<ContentRule>,
+    /// Overrides `limits.max_message_count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_count: Option<usize>,
+    /// Overrides `limits.max_message_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_size: Option<usize>,
+    /// Overrides `limits.max_queue_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_size: Option<usize>,
+}
+
+/// Body validation of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentRule {
+    /// Any bytes.
+    Any,
+    /// Valid JSON only.
+    Json,
+}
+
+/// Ingest authentication of a queue.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none`, `bearer`, `hmac-sha256`, `hmac-sha512`, `github`, `stripe`, `slack`,
+    /// `standard-webhooks`.
+    pub method: String,
+    /// The secret (or one of them, see `keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Secret>,
+    /// More accepted secrets, for rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<Secret>,
+    /// Header carrying the signature (`hmac-*` methods only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_name: Option<String>,
+    /// Accepted clock skew of signed timestamps (`stripe`, `slack`, `standard-webhooks`).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tolerance: Option<Duration>,
+}
+
+/// On-disk format of a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TOML.
+    Toml,
+    /// JSON (also webhook-queue's `options.conf`).
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+impl Format {
+    fn detect(path: Option<&Path>, text: &str) -> Format {
+        let ext = path
+            .and_then(|p| p.extension())
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("toml") => Format::Toml,
+            Some("json") => Format::Json,
+            Some("yaml" | "yml") => Format::Yaml,
+            _ if text.trim_start().starts_with('{') => Format::Json,
+            _ => Format::Toml,
+        }
+    }
+
+    fn file_format(self) -> config::FileFormat {
+        match self {
+            Format::Toml => config::FileFormat::Toml,
+            Format::Json => config::FileFormat::Json,
+            Format::Yaml => config::FileFormat::Yaml,
+        }
+    }
+}
+
+/// Where the running configuration came from, so reload and setPassword can go back to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The file, or `None` for the built-in example.
+    pub path: Option<PathBuf>,
+    /// Its format.
+    pub format: Format,
+    /// Whether it was in webhook-queue's shape.
+    pub legacy: bool,
+}
+
+/// Reads and parses a config file (or the built-in example), applies environment
+/// overrides, and returns the raw model. Call [`crate::settings::Settings::load`] to get
+/// validated settings.
+pub fn read(path: Option<&Path>) -> Result<(Config, Source), Error> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| Error::Io {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })?,
+        None => EXAMPLE.to_owned(),
+    };
+    parse(path, &text, std::env::vars())
+}
+
+/// [`read`] with the text and environment given: the testable core.
+pub fn parse(
+    path: Option<&Path>,
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Config, Source), Error> {
+    let format = Format::detect(path, text);
+    let file = config::Config::builder()
+        .add_source(config::File::from_str(text, format.file_format()))
+        .build()
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    let legacy = legacy::is_legacy(&file);
+    let base = if legacy {
+        let old: legacy::LegacyConfig = deserialize(file)?;
+        let native = old.into_native();
+        config::Config::try_from(&native).map_err(|e| Error::Parse(e.to_string()))?
+    } else {
+        file
+    };
+    let overrides: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("BROKER__"))
+        .collect();
+    let merged = config::Config::builder()
+        .add_source(base)
+        .add_source(
+            config::Environment::with_prefix("BROKER")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build()
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    let cfg: Config = deserialize(merged)?;
+    Ok((
+        cfg,
+        Source {
+            path: path.map(Path::to_path_buf),
+            format,
+            legacy,
+        },
+    ))
+}
+
+/// Deserializes with the path of the failing key in the error.
+fn deserialize<T: serde::de::DeserializeOwned>(c: config::Config) -> Result<T, Error> {
+    // `config` keeps values as a tree; going through serde_path_to_error names the key
+    // (`queues[0].auth.method`) in unknown-field and wrong-type errors.
+    let value: config::Value = c
+        .try_deserialize()
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        Error::Invalid(vec![crate::error::KeyError {
+            key: if path == "." { String::new() } else { path },
+            message: inner,
+        }])
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+//! The one error type of broker-core. broker-http maps each variant to a status and a
+//! `{"code","message","refresh"}` body in one place.
+
+use std::fmt;
+
+/// A configuration problem at one key (`queues[0].auth.method`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    /// Dotted path of the offending key; empty for the document itself.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why an ingest request was refused; also the `reason` label of `broker_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No queue of that name or pattern.
+    UnknownQueue,
+    /// Client address outside `allow_ips`.
+    IpNotAllowed,
+    /// The credential or signature header is absent or malformed.
+    MissingCredentials,
+    /// The secret or signature does not match.
+    InvalidSignature,
+    /// A signed timestamp outside the tolerance window.
+    StaleTimestamp,
+    /// Request body over `server.max_body_size` (not read).
+    BodyTooLarge,
+    /// Message over the queue's `max_message_size`.
+    MessageTooLarge,
+    /// Body is not valid JSON on a `content_type = "json"` queue, or a malformed batch.
+    InvalidBody,
+}
+
+impl Rejection {
+    /// The metric label and the error `code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::UnknownQueue => "unknown_queue",
+            Rejection::IpNotAllowed => "ip_not_allowed",
+            Rejection::MissingCredentials => "missing_credentials",
+            Rejection::InvalidSignature => "invalid_signature",
+            Rejection::StaleTimestamp => "stale_timestamp",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::MessageTooLarge => "message_too_large",
+            Rejection::InvalidBody => "invalid_body",
+        }
+    }
+}
+
+/// Everything that can go wrong in broker-core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read or written.
+    #[error("config file {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        message: String,
+    },
+    /// The config file is not valid TOML/JSON/YAML.
+    #[error("config does not parse: {0}")]
+    Parse(String),
+    /// One or more keys have bad values.
+    #[error("invalid config: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<KeyError>),
+    /// The config cannot be rewritten (setPassword).
+    #[error("config is not writable: {0}")]
+    NotWritable(String),
+    /// An ingest request was refused.
+    #[error("{message}")]
+    Rejected {
+        /// Why.
+        reason: Rejection,
+        /// Human explanation.
+        message: String,
+    },
+    /// No queue of that name.
+    #[error("unknown queue `{queue}`")]
+    UnknownQueue {
+        /// The name asked for.
+        queue: String,
+    },
+    /// A reader asked for a position the queue no longer has (or never had).
+    #[error("position {since} of queue `{queue}` is not available (epoch {epoch}, newest offset {offset})")]
+    UnrecoverablePosition {
+        /// The queue.
+        queue: String,
+        /// What was asked for.
+        since: u64,
+        /// The queue's newest offset.
+        offset: u64,
+        /// The queue's epoch.
+        epoch: String,
+    },
+    /// A poll consumer missed messages; its cursor now points at the newest one.
+    #[error("{reason}")]
+    Refresh {
+        /// The queue.
+        queue: String,
+        /// Why (webhook-queue's wording).
+        reason: String,
+        /// The newest offset, where the cursor now is.
+        offset: u64,
+        /// The queue's epoch.
+        epoch: String,
+    },
+    /// No poll consumer of that name for this user.
+    #[error("no client `{client}`")]
+    ClientNotFound {
+        /// The client name.
+        client: String,
+    },
+    /// A consumer of that name exists already.
+    #[error("client `{client}` is already listening to queue `{queue}`")]
+    ClientExists {
+        /// The client name.
+        client: String,
+        /// Its queue.
+        queue: String,
+    },
+    /// A reload removed the consumer's queue or its grant.
+    #[error("that client has been disconnected because: {reason}")]
+    ClientDisconnected {
+        /// The client name.
+        client: String,
+        /// Why.
+        reason: String,
+    },
+    /// Unknown user or wrong password.
+    #[error("Unrecognized login")]
+    BadLogin,
+    /// The user may not read that queue.
+    #[error("user may not read queue `{queue}`")]
+    NotGranted {
+        /// The queue.
+        queue: String,
+    },
+    /// The user may not reload the configuration.
+    #[error("User does not have reload permissions")]
+    ReloadNotAllowed,
+    /// A new password under the minimum length.
+    #[error("Password must be at least {min} characters long")]
+    PasswordTooShort {
+        /// The minimum.
+        min: usize,
+    },
+    /// The store could not take or give data.
+    #[error("store unavailable: {0}")]
+    Store(String),
+    /// An actor is gone (shutting down).
+    #[error("broker is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Shorthand for an ingest rejection.
+    pub fn rejected(reason: Rejection, message: impl Into<String>) -> Self {
+        Error::Rejected {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(_: actix::MailboxError) -> Self {
+        Error::ShuttingDown
+    }
+}

@@ -1,0 +1,339 @@
+//! Validated, compiled configuration: what the actors and the HTTP layer read at run time.
+//! Built once per load or reload; swapped whole, so a request sees one consistent version.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::auth::{parse_nets, IngestAuth, PasswordHash};
+use crate::config::{self, Config, ContentRule, LimitsConfig, Secret, Source};
+use crate::error::{Error, KeyError};
+
+/// Everything about one configured queue or queue pattern.
+#[derive(Debug)]
+pub struct QueueSpec {
+    /// The configured name: a queue name or a `prefix.*` pattern.
+    pub name: String,
+    /// Effective limits (defaults merged with overrides).
+    pub limits: LimitsConfig,
+    /// Client networks allowed to publish; empty allows all.
+    pub allow_ips: Vec<IpNet>,
+    /// Ingest verifier.
+    pub auth: IngestAuth,
+    /// Reject bodies that are not JSON.
+    pub json_only: bool,
+}
+
+impl QueueSpec {
+    /// The `queue` label of metrics: the configured name, so that pattern queues share
+    /// their pattern and label cardinality stays bounded by the config.
+    pub fn label(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A user that may read queues.
+#[derive(Debug)]
+pub struct UserSpec {
+    /// Login name.
+    pub name: String,
+    /// Password verifier.
+    pub password: PasswordHash,
+    /// Granted queue names and patterns.
+    pub grants: Vec<String>,
+    /// May call /reload.
+    pub can_reload: bool,
+}
+
+impl UserSpec {
+    /// Whether this user may read `queue`.
+    pub fn may_read(&self, queue: &str) -> bool {
+        self.grants.iter().any(|g| name_matches(g, queue))
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Settings {
+    /// The model it was built from.
+    pub config: Config,
+    /// Where it came from.
+    pub source: Source,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Admin bearer token.
+    pub admin_token: Option<Secret>,
+    /// Exact queue names.
+    queues: HashMap<String, Arc<QueueSpec>>,
+    /// `prefix.*` patterns, longest prefix first.
+    patterns: Vec<(String, Arc<QueueSpec>)>,
+    /// Users by name.
+    pub users: HashMap<String, Arc<UserSpec>>,
+}
+
+/// Whether a queue name or `prefix.*` pattern covers `name`.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.len() > prefix.len() && name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+fn valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+impl Settings {
+    /// Reads a file (or the built-in example) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Settings, Error> {
+        let (cfg, source) = config::read(path)?;
+        Settings::compile(cfg, source)
+    }
+
+    /// Validates a parsed config. Collects every problem, each naming its key.
+    pub fn compile(cfg: Config, source: Source) -> Result<Settings, Error> {
+        let mut errs = Vec::new();
+        let mut err = |key: String, message: String| errs.push(KeyError { key, message });
+
+        let listen = cfg.server.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            err(
+                "server.listen".into(),
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8080",
+                    cfg.server.listen
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let trusted_proxies = parse_nets(&cfg.server.trusted_proxies).unwrap_or_else(|(i, m)| {
+            err(format!("server.trusted_proxies[{i}]"), m);
+            Vec::new()
+        });
+        if cfg.server.max_body_size == 0 {
+            err(
+                "server.max_body_size".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if cfg.storage.url != "memory://" {
+            err(
+                "storage.url".into(),
+                format!(
+                    "`{}` is not supported yet: this version keeps messages in memory only \
+                     (`memory://`)",
+                    cfg.storage.url
+                ),
+            );
+        }
+        let admin_token = match &cfg.admin.token {
+            Some(t) => match t.resolve() {
+                Ok(t) if t.expose().len() >= 16 => Some(t),
+                Ok(_) => {
+                    err(
+                        "admin.token".into(),
+                        "must be at least 16 characters".into(),
+                    );
+                    None
+                }
+                Err(m) => {
+                    err("admin.token".into(), m);
+                    None
+                }
+            },
+            None => None,
+        };
+        check_limits("limits", &cfg.limits, cfg.server.max_body_size, &mut err);
+
+        let mut queues = HashMap::new();
+        let mut patterns = Vec::new();
+        for (i, q) in cfg.queues.iter().enumerate() {
+            let key = format!("queues[{i}]");
+            let is_pattern = q.name.ends_with(".*");
+            let base = q.name.strip_suffix(".*").unwrap_or(&q.name);
+            if !valid_queue_name(base) {
+                err(
+                    format!("{key}.name"),
+                    format!(
+                        "`{}` is not a queue name (letters, digits, `.` `_` `-` `:`) or a \
+                         pattern ending in `.*`",
+                        q.name
+                    ),
+                );
+                continue;
+            }
+            let limits = LimitsConfig {
+                max_message_count: q.max_message_count.unwrap_or(cfg.limits.max_message_count),
+                max_message_size: q.max_message_size.unwrap_or(cfg.limits.max_message_size),
+                max_queue_size: q.max_queue_size.unwrap_or(cfg.limits.max_queue_size),
+            };
+            check_limits(&key, &limits, cfg.server.max_body_size, &mut err);
+            let allow_ips = parse_nets(&q.allow_ips).unwrap_or_else(|(j, m)| {
+                err(format!("{key}.allow_ips[{j}]"), m);
+                Vec::new()
+            });
+            let auth = match q.auth.as_ref().map(resolve_auth).transpose() {
+                Ok(a) => IngestAuth::compile(a.as_ref()).unwrap_or_else(|(sub, m)| {
+                    err(format!("{key}.auth.{sub}"), m);
+                    IngestAuth::None
+                }),
+                Err((sub, m)) => {
+                    err(format!("{key}.auth.{sub}"), m);
+                    IngestAuth::None
+                }
+            };
+            let spec = Arc::new(QueueSpec {
+                name: q.name.clone(),
+                limits,
+                allow_ips,
+                auth,
+                json_only: q.content_type == Some(ContentRule::Json),
+            });
+            let dup = queues.contains_key(&q.name) || patterns.iter().any(|(p, _)| *p == q.name);
+            if dup {
+                err(
+                    format!("{key}.name"),
+                    format!("queue `{}` is defined twice", q.name),
+                );
+            } else if is_pattern {
+                patterns.push((q.name.clone(), spec));
+            } else {
+                queues.insert(q.name.clone(), spec);
+            }
+        }
+        patterns.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+
+        let mut users = HashMap::new();
+        for (i, u) in cfg.users.iter().enumerate() {
+            let key = format!("users[{i}]");
+            if u.name.is_empty() || u.name.contains(':') {
+                err(
+                    format!("{key}.name"),
+                    "must be non-empty and contain no `:`".into(),
+                );
+                continue;
+            }
+            let password = match u.pass_hash.resolve().and_then(|s| PasswordHash::parse(&s)) {
+                Ok(p) => p,
+                Err(m) => {
+                    err(format!("{key}.pass_hash"), m);
+                    continue;
+                }
+            };
+            if users.contains_key(&u.name) {
+                err(
+                    format!("{key}.name"),
+                    format!("user `{}` is defined twice", u.name),
+                );
+                continue;
+            }
+            users.insert(
+                u.name.clone(),
+                Arc::new(UserSpec {
+                    name: u.name.clone(),
+                    password,
+                    grants: u.queues.clone(),
+                    can_reload: u.can_reload,
+                }),
+            );
+        }
+
+        if !errs.is_empty() {
+            return Err(Error::Invalid(errs));
+        }
+        Ok(Settings {
+            config: cfg,
+            source,
+            listen,
+            trusted_proxies,
+            admin_token,
+            queues,
+            patterns,
+            users,
+        })
+    }
+
+    /// The spec of queue `name`: an exact entry, else the longest matching pattern.
+    pub fn queue(&self, name: &str) -> Option<&Arc<QueueSpec>> {
+        self.queues.get(name).or_else(|| {
+            if !valid_queue_name(name) {
+                return None;
+            }
+            self.patterns
+                .iter()
+                .find(|(p, _)| name_matches(p, name))
+                .map(|(_, s)| s)
+        })
+    }
+
+    /// Every exactly named queue (pattern queues exist only once used).
+    pub fn named_queues(&self) -> impl Iterator<Item = &Arc<QueueSpec>> {
+        self.queues.values()
+    }
+
+    /// Users whose hash format is weak (warned about at load).
+    pub fn weak_password_users(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .users
+            .values()
+            .filter(|u| u.password.is_weak())
+            .map(|u| u.name.as_str())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+fn resolve_auth(a: &config::AuthConfig) -> Result<config::AuthConfig, (String, String)> {
+    let mut a = a.clone();
+    if let Some(k) = &a.key {
+        a.key = Some(k.resolve().map_err(|m| ("key".to_owned(), m))?);
+    }
+    for (i, k) in a.keys.iter_mut().enumerate() {
+        *k = k.resolve().map_err(|m| (format!("keys[{i}]"), m))?;
+    }
+    Ok(a)
+}
+
+fn check_limits(
+    key: &str,
+    l: &LimitsConfig,
+    max_body: usize,
+    err: &mut impl FnMut(String, String),
+) {
+    for (name, v) in [
+        ("max_message_count", l.max_message_count),
+        ("max_message_size", l.max_message_size),
+        ("max_queue_size", l.max_queue_size),
+    ] {
+        if v == 0 {
+            err(format!("{key}.{name}"), "must be greater than 0".into());
+        }
+    }
+    if l.max_message_size > l.max_queue_size {
+        err(
+            format!("{key}.max_message_size"),
+            format!(
+                "{} is larger than max_queue_size ({}): such a message could never be kept",
+                l.max_message_size, l.max_queue_size
+            ),
+        );
+    }
+    if l.max_message_size > max_body {
+        err(
+            format!("{key}.max_message_size"),
+            format!(
+                "{} is larger than server.max_body_size ({max_body})",
+                l.max_message_size
+            ),
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! `memory://`: contents live as long as the process, as with webhook-queue. A restart
+//! gives every queue a new epoch, so readers that resume are told to refresh.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{self, BoxFuture, FutureExt};
+
+use super::{random_epoch, Store, StoredQueue};
+use crate::error::Error;
+use crate::message::Message;
+
+#[derive(Default)]
+struct MemQueue {
+    epoch: Option<Arc<str>>,
+    messages: VecDeque<Arc<Message>>,
+    next_offset: u64,
+}
+
+/// The in-memory store. Messages are shared `Arc`s with the queue's window: no copies.
+#[derive(Default)]
+pub struct MemoryStore {
+    queues: Mutex<HashMap<String, MemQueue>>,
+}
+
+impl MemoryStore {
+    fn with<R>(&self, queue: &str, f: impl FnOnce(&mut MemQueue) -> R) -> R {
+        let mut map = self.queues.lock().expect("memory store lock");
+        let q = map.entry(queue.to_owned()).or_insert_with(|| MemQueue {
+            next_offset: 1,
+            ..MemQueue::default()
+        });
+        f(q)
+    }
+}
+
+impl Store for MemoryStore {
+    fn open(&self, queue: &str) -> BoxFuture<'static, Result<StoredQueue, Error>> {
+        let state = self.with(queue, |q| StoredQueue {
+            epoch: q.epoch.get_or_insert_with(random_epoch).clone(),
+            messages: q.messages.iter().cloned().collect(),
+            next_offset: q.next_offset,
+        });
+        future::ready(Ok(state)).boxed()
+    }
+
+    fn append(
+        &self,
+        queue: &str,
+        messages: Vec<Arc<Message>>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        self.with(queue, |q| {
+            if let Some(last) = messages.last() {
+                q.next_offset = last.offset + 1;
+            }
+            q.messages.extend(messages);
+        });
+        future::ready(Ok(())).boxed()
+    }
+
+    fn trim(&self, queue: &str, first_kept: u64) {
+        self.with(queue, |q| {
+            while q.messages.front().is_some_and(|m| m.offset < first_kept) {
+                q.messages.pop_front();
+            }
+        });
+    }
+
+    fn remove(&self, queue: &str) {
+        self.queues.lock().expect("memory store lock").remove(queue);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(offset: u64) -> Arc<Message> {
+        Arc::new(Message {
+            queue: "q".into(),
+            offset,
+            body: Bytes::from_static(b"x"),
+            content_type: None,
+            headers: vec![],
+            received_at_ms: 0,
+        })
+    }
+
+    #[actix::test]
+    async fn append_trim_reopen() {
+        let s = MemoryStore::default();
+        let first = s.open("q").await.unwrap();
+        assert_eq!(first.next_offset, 1);
+        s.append("q", vec![msg(1), msg(2), msg(3)]).await.unwrap();
+        s.trim("q", 2);
+        let again = s.open("q").await.unwrap();
+        assert_eq!(again.epoch, first.epoch);
+        assert_eq!(
+            again.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(again.next_offset, 4);
+        s.remove("q");
+        let fresh = s.open("q").await.unwrap();
+        assert_ne!(fresh.epoch, first.epoch);
+        assert_eq!(fresh.next_offset, 1);
+    }
+}
