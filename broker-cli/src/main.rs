@@ -1,1 +1,104 @@
-fn main() {}
+//! `broker`: the command line of the broker. Business logic lives in broker-core and
+//! broker-http; this crate parses arguments, sets up logging and TLS, and calls them.
+
+mod cmd;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// An actor-based event broker: HTTP in; HTTP polling out.
+#[derive(Parser)]
+#[command(name = "broker", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info,broker_core=debug`).
+    #[arg(long, global = true, env = "BROKER_LOG", default_value = "info")]
+    log: String,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "BROKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker. Without --config it runs the built-in example (`broker config example`).
+    Serve {
+        /// Config file: TOML, YAML or JSON (webhook-queue's options.conf works unchanged).
+        #[arg(long, short, env = "BROKER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Publish one message to a queue over HTTP.
+    Publish(cmd::publish::Args),
+    /// Read a password from the terminal (or stdin) and print its argon2id hash for `pass_hash`.
+    HashPassword {
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Print the commented example config, or check a config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the commented example configuration.
+    Example,
+    /// Validate a config file (with BROKER__* overrides applied); exit 1 naming each bad key.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_format);
+    // One TLS crypto provider for the whole process (reqwest, later sqlx and JWT).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let result = match cli.command {
+        Command::Serve { config } => cmd::serve::run(config),
+        Command::Publish(args) => cmd::publish::run(args),
+        Command::HashPassword { stdin } => cmd::hash_password(stdin),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", broker_core::config::EXAMPLE);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => cmd::config_check(&file),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

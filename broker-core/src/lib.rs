@@ -13,7 +13,7 @@
 
 pub mod actors;
 pub mod auth;
-mod broker;
+pub mod broker;
 pub mod config;
 pub mod error;
 pub mod message;

@@ -1,0 +1,216 @@
+//! The one error type of the HTTP layer and the one place that turns errors into
+//! responses: `{"code","message","refresh"}` with the statuses of the contract.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use broker_core::{Error, Rejection};
+
+use crate::wire::ErrorBody;
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// From broker-core.
+    #[error(transparent)]
+    Core(#[from] Error),
+    /// No `Authorization` header where a login is required.
+    #[error("credentials required: HTTP Basic ({0})")]
+    MissingLogin(&'static str),
+    /// Malformed input.
+    #[error("{message}")]
+    BadRequest {
+        /// snake_case code.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A JSON request body over its limit.
+    #[error("request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    /// Wrong or missing admin token (or a user without the right).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// No route.
+    #[error("no such route")]
+    NotFound,
+    /// Route exists, method does not.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    /// Shorthand for a 400.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, bool) {
+        use StatusCode as S;
+        match self {
+            ApiError::Core(e) => match e {
+                Error::Rejected { reason, .. } => (
+                    match reason {
+                        Rejection::UnknownQueue => S::NOT_FOUND,
+                        Rejection::MissingCredentials => S::UNAUTHORIZED,
+                        Rejection::IpNotAllowed
+                        | Rejection::InvalidSignature
+                        | Rejection::StaleTimestamp => S::FORBIDDEN,
+                        Rejection::BodyTooLarge | Rejection::MessageTooLarge => {
+                            S::PAYLOAD_TOO_LARGE
+                        }
+                        Rejection::InvalidBody => S::BAD_REQUEST,
+                    },
+                    reason.as_str(),
+                    false,
+                ),
+                Error::UnknownQueue { .. } => (S::NOT_FOUND, "unknown_queue", false),
+                Error::UnrecoverablePosition { .. } => (S::GONE, "unrecoverable_position", true),
+                Error::Refresh { .. } => (S::GONE, "refresh", true),
+                Error::ClientNotFound { .. } => (S::NOT_FOUND, "unknown_client", false),
+                Error::ClientExists { .. } => (S::CONFLICT, "client_exists", false),
+                // webhook-queue answers 410 without `refresh` here: listen again.
+                Error::ClientDisconnected { .. } => (S::GONE, "client_disconnected", false),
+                Error::BadLogin => (S::FORBIDDEN, "bad_login", false),
+                Error::NotGranted { .. } => (S::FORBIDDEN, "not_granted", false),
+                Error::ReloadNotAllowed => (S::FORBIDDEN, "reload_not_allowed", false),
+                Error::PasswordTooShort { .. } => (S::BAD_REQUEST, "password_too_short", false),
+                Error::NotWritable(_) => (S::CONFLICT, "config_not_writable", false),
+                Error::Io { .. } | Error::Parse(_) | Error::Invalid(_) => {
+                    (S::INTERNAL_SERVER_ERROR, "invalid_config", false)
+                }
+                Error::Store(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", false),
+                Error::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", false),
+            },
+            ApiError::MissingLogin(_) => (S::UNAUTHORIZED, "missing_credentials", false),
+            ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, code, false),
+            ApiError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large", false),
+            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", false),
+            ApiError::NotFound => (S::NOT_FOUND, "not_found", false),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", false),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let (status, code, refresh) = self.parts();
+        let (offset, epoch) = match self {
+            ApiError::Core(
+                Error::UnrecoverablePosition { offset, epoch, .. }
+                | Error::Refresh { offset, epoch, .. },
+            ) => (Some(*offset), Some(epoch.clone())),
+            _ => (None, None),
+        };
+        let mut res = HttpResponse::build(status);
+        if matches!(self, ApiError::MissingLogin(_)) {
+            res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="broker""#));
+        }
+        res.json(ErrorBody {
+            code: code.to_owned(),
+            message: self.to_string(),
+            refresh,
+            offset,
+            epoch,
+        })
+    }
+}
+
+impl From<actix::MailboxError> for ApiError {
+    fn from(e: actix::MailboxError) -> Self {
+        ApiError::Core(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        let cases: Vec<(ApiError, u16, &str, bool)> = vec![
+            (
+                Error::rejected(Rejection::MissingCredentials, "m").into(),
+                401,
+                "missing_credentials",
+                false,
+            ),
+            (
+                Error::rejected(Rejection::InvalidSignature, "m").into(),
+                403,
+                "invalid_signature",
+                false,
+            ),
+            (
+                Error::rejected(Rejection::IpNotAllowed, "m").into(),
+                403,
+                "ip_not_allowed",
+                false,
+            ),
+            (
+                Error::rejected(Rejection::MessageTooLarge, "m").into(),
+                413,
+                "message_too_large",
+                false,
+            ),
+            (
+                Error::rejected(Rejection::InvalidBody, "m").into(),
+                400,
+                "invalid_body",
+                false,
+            ),
+            (
+                Error::UnknownQueue { queue: "q".into() }.into(),
+                404,
+                "unknown_queue",
+                false,
+            ),
+            (
+                Error::Refresh {
+                    queue: "q".into(),
+                    reason: "r".into(),
+                    offset: 1,
+                    epoch: "e".into(),
+                }
+                .into(),
+                410,
+                "refresh",
+                true,
+            ),
+            (
+                Error::ClientExists {
+                    client: "c".into(),
+                    queue: "q".into(),
+                }
+                .into(),
+                409,
+                "client_exists",
+                false,
+            ),
+            (
+                Error::Store("x".into()).into(),
+                503,
+                "store_unavailable",
+                false,
+            ),
+            (
+                ApiError::MissingLogin("x"),
+                401,
+                "missing_credentials",
+                false,
+            ),
+        ];
+        for (err, status, code, refresh) in cases {
+            let res = err.error_response();
+            assert_eq!(res.status().as_u16(), status, "{err}");
+            let (_, c, r) = err.parts();
+            assert_eq!((c, r), (code, refresh));
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What handlers need from a request: the client address, the login, a size-limited
+//! body, and a long-poll loop.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{http::header, web, HttpRequest};
+use base64::Engine;
+use broker_core::actors::{Batch, QueueHandle};
+use broker_core::settings::{Settings, UserSpec};
+use broker_core::{Broker, Error};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// The client's address: the TCP peer, or `X-Forwarded-For` when the peer is trusted.
+pub fn client_ip(req: &HttpRequest, settings: &Settings) -> IpAddr {
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let xff = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    broker_core::auth::client_ip(peer, xff, &settings.trusted_proxies)
+}
+
+/// A header's value as text, by name.
+pub fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Authorization: Basic …` decoded into user and password.
+pub fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+    let value = header_str(req, header::AUTHORIZATION.as_str())?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+/// The logged-in user (HTTP Basic), or 401/403.
+pub async fn require_user(req: &HttpRequest, broker: &Broker) -> Result<Arc<UserSpec>, ApiError> {
+    let (user, pass) =
+        basic_credentials(req).ok_or(ApiError::MissingLogin("Authorization: Basic"))?;
+    Ok(broker.authenticate(&user, &pass).await?)
+}
+
+/// Whether the request carries the admin token (`Authorization: Bearer …`).
+pub fn is_admin(req: &HttpRequest, settings: &Settings) -> bool {
+    let Some(token) = settings.admin_token.as_ref() else {
+        return false;
+    };
+    let Some(given) =
+        header_str(req, header::AUTHORIZATION.as_str()).and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    use sha2::{Digest, Sha256};
+    let a: [u8; 32] = Sha256::digest(token.expose()).into();
+    let b: [u8; 32] = Sha256::digest(given.trim()).into();
+    bool::from(a.ct_eq(&b))
+}
+
+/// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the
+/// limit is refused before anything is read; a stream that grows past it stops there.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, Error> {
+    let too_large = || {
+        Error::rejected(
+            broker_core::Rejection::BodyTooLarge,
+            format!("request body is larger than server.max_body_size ({limit} bytes)"),
+        )
+    };
+    let declared =
+        header_str(req, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            Error::rejected(
+                broker_core::Rejection::InvalidBody,
+                format!("cannot read body: {e}"),
+            )
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Parses `wait=`: a duration such as `20s` or `1m`, or a bare number of seconds.
+pub fn parse_wait(wait: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
+    let Some(w) = wait.map(str::trim).filter(|w| !w.is_empty()) else {
+        return Ok(Duration::ZERO);
+    };
+    let d = match w.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(w).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_wait",
+                format!("`wait={w}` is not a duration like 20s"),
+            )
+        })?,
+    };
+    Ok(d.min(max))
+}
+
+/// Runs `read` until it returns messages, `wait` passes, the queue goes away or the
+/// broker shuts down. Wakes on the queue's change channel, not on a timer.
+pub async fn long_poll<F, Fut>(
+    broker: &Broker,
+    handle: &QueueHandle,
+    wait: Duration,
+    mut read: F,
+) -> Result<Batch, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Result<Batch, Error>, actix::MailboxError>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = handle.changes.clone();
+    let mut shutdown = broker.shutdown_signal();
+    loop {
+        // Mark the current version seen *before* reading, so a publish that lands
+        // between the read and the wait still wakes us.
+        changes.borrow_and_update();
+        let batch = read().await??;
+        if !batch.messages.is_empty() || wait.is_zero() || *shutdown.borrow() {
+            return Ok(batch);
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(batch) },
+            _ = tokio::time::sleep_until(deadline) => return Ok(batch),
+            _ = shutdown.changed() => return Ok(batch),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_parsing() {
+        let max = Duration::from_secs(60);
+        assert_eq!(parse_wait(None, max).unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_wait(Some("20s"), max).unwrap(),
+            Duration::from_secs(20)
+        );
+        assert_eq!(parse_wait(Some("5"), max).unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_wait(Some("10m"), max).unwrap(), max, "clamped");
+        assert!(parse_wait(Some("soon"), max).is_err());
+    }
+
+    #[test]
+    fn basic_credentials_decode() {
+        let req = actix_web::test::TestRequest::default()
+            .insert_header(("Authorization", "Basic Sm9obiBEb2U6aW5zZWN1cmU="))
+            .to_http_request();
+        assert_eq!(
+            basic_credentials(&req),
+            Some(("John Doe".into(), "insecure".into()))
+        );
+        let req = actix_web::test::TestRequest::default()
+            .insert_header(("Authorization", "Bearer x"))
+            .to_http_request();
+        assert_eq!(basic_credentials(&req), None);
+    }
+}

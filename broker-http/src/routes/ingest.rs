@@ -1,0 +1,210 @@
+//! Publishing: `POST /v1/queues/{q}/messages`, `POST /v1/queues/{q}/batch`, and
+//! webhook-queue's `POST /q/{name}`.
+//!
+//! Order of checks, cheapest first and nothing buffered before it must be: queue exists
+//! → client address allowed → header-only credentials → body read up to
+//! `server.max_body_size` → signature over the raw body → content rules → the queue
+//! (which enforces `max_message_size`). Every refusal is counted by reason.
+
+use std::sync::Arc;
+
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use broker_core::actors::{Publish, QueueHandle};
+use broker_core::message::NewMessage;
+use broker_core::metrics::UNKNOWN_QUEUE_LABEL;
+use broker_core::settings::QueueSpec;
+use broker_core::{Broker, Error, Rejection};
+use bytes::Bytes;
+
+use crate::error::ApiError;
+use crate::request::{client_ip, header_str, read_body};
+use crate::wire::{BatchPublished, BatchRequest, Published};
+
+/// A request that passed every check that does not depend on the message itself.
+struct Admitted {
+    spec: Arc<QueueSpec>,
+    handle: QueueHandle,
+    body: Bytes,
+    content_type: Option<Arc<str>>,
+}
+
+/// Counts a refusal under its reason, then returns it.
+fn counted(broker: &Broker, label: &str, e: Error) -> ApiError {
+    match &e {
+        Error::Rejected { reason, .. } => broker.metrics().reject(label, *reason),
+        Error::UnknownQueue { .. } => broker
+            .metrics()
+            .reject(UNKNOWN_QUEUE_LABEL, Rejection::UnknownQueue),
+        _ => {}
+    }
+    e.into()
+}
+
+async fn admit(
+    req: &HttpRequest,
+    payload: web::Payload,
+    broker: &Broker,
+    queue: &str,
+) -> Result<Admitted, ApiError> {
+    let settings = broker.settings();
+    let Some(spec) = settings.queue(queue).cloned() else {
+        return Err(counted(
+            broker,
+            UNKNOWN_QUEUE_LABEL,
+            Error::UnknownQueue {
+                queue: queue.to_owned(),
+            },
+        ));
+    };
+    let label = spec.label();
+    let reject = |reason, msg: String| counted(broker, label, Error::rejected(reason, msg));
+    if !spec.allow_ips.is_empty() {
+        let ip = client_ip(req, &settings);
+        if !spec.allow_ips.iter().any(|n| n.contains(&ip)) {
+            return Err(reject(
+                Rejection::IpNotAllowed,
+                format!("address {ip} may not publish to this queue"),
+            ));
+        }
+    }
+    let now = chrono::Utc::now().timestamp();
+    let lookup = |name: &str| header_str(req, name);
+    if !spec.auth.needs_body() {
+        spec.auth
+            .verify(lookup, b"", now)
+            .map_err(|e| counted(broker, label, e))?;
+    }
+    let body = read_body(req, payload, settings.config.server.max_body_size)
+        .await
+        .map_err(|e| counted(broker, label, e))?;
+    if spec.auth.needs_body() {
+        spec.auth
+            .verify(lookup, &body, now)
+            .map_err(|e| counted(broker, label, e))?;
+    }
+    let handle = broker
+        .queue(queue)
+        .await
+        .map_err(|e| counted(broker, label, e))?;
+    let content_type = header_str(req, header::CONTENT_TYPE.as_str()).map(Arc::from);
+    Ok(Admitted {
+        spec,
+        handle,
+        body,
+        content_type,
+    })
+}
+
+fn check_json(spec: &QueueSpec, body: &[u8], what: &str) -> Result<(), Error> {
+    if spec.json_only {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            return Err(Error::rejected(
+                Rejection::InvalidBody,
+                format!("{what} is not valid JSON: {e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn publish(
+    broker: &Broker,
+    a: &Admitted,
+    messages: Vec<NewMessage>,
+) -> Result<broker_core::actors::Published, ApiError> {
+    a.handle
+        .addr
+        .send(Publish { messages })
+        .await?
+        .map_err(|e| counted(broker, a.spec.label(), e))
+}
+
+async fn publish_one(
+    broker: &Broker,
+    a: Admitted,
+) -> Result<broker_core::actors::Published, ApiError> {
+    check_json(&a.spec, &a.body, "the body").map_err(|e| counted(broker, a.spec.label(), e))?;
+    let msg = NewMessage {
+        body: a.body.clone(),
+        content_type: a.content_type.clone(),
+        headers: Vec::new(),
+    };
+    publish(broker, &a, vec![msg]).await
+}
+
+/// Query parameters of a publish. None exist yet; unknown ones are refused rather than
+/// ignored (a `delay=` that silently published at once would be worse than an error).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishQuery {}
+
+/// `POST /v1/queues/{q}/messages`
+pub async fn publish_message(
+    req: HttpRequest,
+    path: web::Path<String>,
+    _query: web::Query<PublishQuery>,
+    payload: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let queue = path.into_inner();
+    let admitted = admit(&req, payload, &broker, &queue).await?;
+    let p = publish_one(&broker, admitted).await?;
+    Ok(HttpResponse::Ok().json(Published {
+        success: true,
+        queue,
+        offset: p.last_offset,
+        epoch: p.epoch.to_string(),
+    }))
+}
+
+/// `POST /v1/queues/{q}/batch`: all messages or none.
+pub async fn publish_batch(
+    req: HttpRequest,
+    path: web::Path<String>,
+    _query: web::Query<PublishQuery>,
+    payload: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let queue = path.into_inner();
+    let a = admit(&req, payload, &broker, &queue).await?;
+    let label = a.spec.label().to_owned();
+    let invalid = |m: String| counted(&broker, &label, Error::rejected(Rejection::InvalidBody, m));
+    let parsed: BatchRequest =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&a.body))
+            .map_err(|e| invalid(format!("invalid batch at `{}`: {}", e.path(), e.inner())))?;
+    if parsed.messages.is_empty() {
+        return Err(invalid("`messages` is empty".into()));
+    }
+    let mut messages = Vec::with_capacity(parsed.messages.len());
+    for (i, el) in parsed.messages.into_iter().enumerate() {
+        let m = el
+            .into_message()
+            .map_err(|m| invalid(format!("messages[{i}]: {m}")))?;
+        check_json(&a.spec, &m.body, &format!("messages[{i}]"))
+            .map_err(|e| counted(&broker, &label, e))?;
+        messages.push(m);
+    }
+    let count = messages.len();
+    let p = publish(&broker, &a, messages).await?;
+    Ok(HttpResponse::Ok().json(BatchPublished {
+        success: true,
+        queue,
+        first_offset: p.first_offset,
+        offset: p.last_offset,
+        count,
+        epoch: p.epoch.to_string(),
+    }))
+}
+
+/// webhook-queue's `POST /q/{name}`: an empty 200 body on success. Unlike webhook-queue,
+/// an unknown queue is a 404 rather than a silent drop (see docs/compatibility.md).
+pub async fn webhook_queue_enqueue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let admitted = admit(&req, payload, &broker, &path).await?;
+    publish_one(&broker, admitted).await?;
+    Ok(HttpResponse::Ok().finish())
+}

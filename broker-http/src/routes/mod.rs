@@ -1,0 +1,6 @@
+//! Route handlers, grouped by audience.
+
+pub mod compat;
+pub mod ingest;
+pub mod ops;
+pub mod read;

@@ -1,0 +1,26 @@
+//! Operations: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz`
+//! (it should get traffic: not shutting down).
+
+use actix_web::{web, HttpResponse};
+use broker_core::Broker;
+
+/// `GET /metrics` in the Prometheus text format.
+pub async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(broker.metrics().render())
+}
+
+/// `GET /healthz`
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 503 once shutdown has begun, so load balancers drain this instance.
+pub async fn readyz(broker: web::Data<Broker>) -> HttpResponse {
+    if *broker.shutdown_signal().borrow() {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "shutting_down" }))
+    } else {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    }
+}

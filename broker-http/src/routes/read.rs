@@ -1,0 +1,177 @@
+//! Reading, native API: `GET /v1/queues/{q}/messages?since=&limit=&wait=&epoch=` and the
+//! named cursors `PUT|DELETE /v1/consumers/{client}`, `GET /v1/consumers/{client}/messages`.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use broker_core::actors::{ConsumerKey, ConsumerRead, Listen, Read, ResolveConsumer, Unlisten};
+use broker_core::{Broker, Error};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::request::{long_poll, parse_wait, require_user};
+use crate::wire::{ConsumerRequest, ReadReply};
+
+/// Default and largest `limit`.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// Query of a native read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// Last offset the reader has seen (0: from the oldest retained).
+    #[serde(default)]
+    since: u64,
+    /// The epoch `since` belongs to; a different epoch is a 410.
+    epoch: Option<String>,
+    /// Most messages (default 100, at most 1000).
+    limit: Option<usize>,
+    /// Long-poll up to this long when nothing is there yet.
+    wait: Option<String>,
+}
+
+/// Query of a consumer read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerQuery {
+    /// Most messages (default 100, at most 1000).
+    limit: Option<usize>,
+    /// Long-poll up to this long.
+    wait: Option<String>,
+}
+
+fn limit(l: Option<usize>) -> Result<usize, ApiError> {
+    match l.unwrap_or(DEFAULT_LIMIT) {
+        0 => Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be at least 1",
+        )),
+        n => Ok(n.min(MAX_LIMIT)),
+    }
+}
+
+/// `GET /v1/queues/{q}/messages`
+pub async fn read_queue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<ReadQuery>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let queue = path.into_inner();
+    let user = require_user(&req, &broker).await?;
+    if !user.may_read(&queue) {
+        return Err(Error::NotGranted { queue }.into());
+    }
+    let q = query.into_inner();
+    let limit = limit(q.limit)?;
+    let wait = parse_wait(q.wait.as_deref(), broker.settings().config.server.max_wait)?;
+    let handle = broker.queue(&queue).await?;
+    let batch = long_poll(&broker, &handle, wait, || {
+        handle.addr.send(Read {
+            since: q.since,
+            epoch: q.epoch.clone(),
+            limit,
+        })
+    })
+    .await?;
+    let outcome = if batch.messages.is_empty() {
+        "empty"
+    } else {
+        "messages"
+    };
+    if let Some(spec) = broker.settings().queue(&queue) {
+        broker
+            .metrics()
+            .poll_reads
+            .with_label_values(&[spec.label(), outcome])
+            .inc();
+    }
+    Ok(HttpResponse::Ok().json(ReadReply::of(&queue, &batch)))
+}
+
+/// `PUT /v1/consumers/{client}` with `{"queue"}`: creates the cursor, positioned after
+/// the newest message. Idempotent for the same queue; another queue is a 409.
+pub async fn put_consumer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<ConsumerRequest>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let user = require_user(&req, &broker).await?;
+    let queue = body.into_inner().queue;
+    if !user.may_read(&queue) {
+        return Err(Error::NotGranted { queue }.into());
+    }
+    let client = path.into_inner();
+    broker
+        .hub()
+        .send(Listen {
+            key: ConsumerKey {
+                user: user.name.clone(),
+                client: client.clone(),
+            },
+            queue: queue.clone(),
+            exclusive: false,
+        })
+        .await??;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "client": client, "queue": queue })))
+}
+
+/// `DELETE /v1/consumers/{client}`
+pub async fn delete_consumer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let user = require_user(&req, &broker).await?;
+    let client = path.into_inner();
+    broker
+        .hub()
+        .send(Unlisten {
+            key: ConsumerKey {
+                user: user.name.clone(),
+                client: client.clone(),
+            },
+        })
+        .await??;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "client": client, "deleted": true })))
+}
+
+/// `GET /v1/consumers/{client}/messages`: the unread messages; the cursor moves past them.
+pub async fn read_consumer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<ConsumerQuery>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let user = require_user(&req, &broker).await?;
+    let q = query.into_inner();
+    let limit = limit(q.limit)?;
+    let wait = parse_wait(q.wait.as_deref(), broker.settings().config.server.max_wait)?;
+    let key = ConsumerKey {
+        user: user.name.clone(),
+        client: path.into_inner(),
+    };
+    let (handle, batch) = consume(&broker, key, limit, wait).await?;
+    Ok(HttpResponse::Ok().json(ReadReply::of(&handle.name, &batch)))
+}
+
+/// Resolves a consumer and long-polls its queue: shared with webhook-queue's `/read`.
+pub async fn consume(
+    broker: &Broker,
+    key: ConsumerKey,
+    limit: usize,
+    wait: std::time::Duration,
+) -> Result<(broker_core::actors::QueueHandle, broker_core::actors::Batch), ApiError> {
+    let handle = broker
+        .hub()
+        .send(ResolveConsumer { key: key.clone() })
+        .await??;
+    let batch = long_poll(broker, &handle, wait, || {
+        handle.addr.send(ConsumerRead {
+            key: key.clone(),
+            limit,
+        })
+    })
+    .await?;
+    Ok((handle, batch))
+}
