@@ -24,6 +24,8 @@ pub struct Metrics {
     pub limit_bytes: IntGaugeVec,
     /// `broker_poll_reads_total{queue,outcome}`: poll reads (`messages`, `empty`, `refresh`).
     pub poll_reads: IntCounterVec,
+    /// `broker_poll_waiting`: long-polls parked waiting for a message.
+    pub poll_waiting: prometheus::IntGauge,
     /// `broker_http_requests_total{route,method,status}`.
     pub http_requests: IntCounterVec,
     /// `broker_http_request_duration_seconds{route}`.
@@ -98,6 +100,14 @@ impl Metrics {
             "HTTP requests, by route and status.",
             &["route", "method", "status"],
         );
+        let poll_waiting = prometheus::IntGauge::new(
+            "broker_poll_waiting",
+            "Long-polls parked waiting for a message.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(poll_waiting.clone()))
+            .expect("unique metric");
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
@@ -134,6 +144,7 @@ impl Metrics {
             limit_messages,
             limit_bytes,
             poll_reads,
+            poll_waiting,
             http_requests,
             http_duration,
             reloads,

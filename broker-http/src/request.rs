@@ -147,10 +147,16 @@ where
         if !batch.messages.is_empty() || wait.is_zero() || *shutdown.borrow() {
             return Ok(batch);
         }
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return Ok(batch) },
-            _ = tokio::time::sleep_until(deadline) => return Ok(batch),
-            _ = shutdown.changed() => return Ok(batch),
+        let waiting = &broker.metrics().poll_waiting;
+        waiting.inc();
+        let woken = tokio::select! {
+            changed = changes.changed() => changed.is_ok(),
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = shutdown.changed() => false,
+        };
+        waiting.dec();
+        if !woken {
+            return Ok(batch);
         }
     }
 }

@@ -1,1 +1,6 @@
-fn main() {}
+//! broker-http integration tests: a real server on a loopback port, driven over HTTP.
+
+mod ingest;
+mod ops;
+mod read;
+mod support;

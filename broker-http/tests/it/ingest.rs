@@ -1,0 +1,535 @@
+//! Publishing: auth methods over HTTP, limits, content rules, batches, client addresses.
+
+use base64::Engine;
+
+use crate::support::{hmac_hex, json, metric, spawn_broker, USER};
+
+fn config(extra: &str) -> String {
+    format!("{USER}\n{extra}")
+}
+
+#[actix_web::test]
+async fn publish_and_read_every_body_kind() {
+    let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
+    let (s, v) = json(
+        b.post("/v1/queues/q/messages")
+            .header("content-type", "application/json")
+            .body(r#"{"n":1}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["success"].as_bool(),
+            v["queue"].as_str(),
+            v["offset"].as_u64()
+        ),
+        (Some(true), Some("q"), Some(1))
+    );
+    let epoch = v["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 16);
+    b.post("/v1/queues/q/messages")
+        .header("content-type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    b.post("/v1/queues/q/messages")
+        .body(vec![0xffu8, 0, 1])
+        .send()
+        .await
+        .unwrap();
+
+    let (s, v) = json(
+        b.read("/v1/queues/q/messages?since=0")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["epoch"], epoch.as_str());
+    assert_eq!(v["offset"], 3);
+    let m = v["messages"].as_array().unwrap();
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[0]["data"], serde_json::json!({"n": 1}));
+    assert_eq!(m[1]["body"], "hi");
+    assert_eq!(
+        m[2]["body_base64"],
+        base64::engine::general_purpose::STANDARD.encode([0xff, 0, 1])
+    );
+    let (_, v) = json(
+        b.read("/v1/queues/q/messages?since=2&limit=5")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(v["messages"][0]["offset"], 3);
+}
+
+#[actix_web::test]
+async fn batch_is_all_or_nothing() {
+    let b = spawn_broker(&config(
+        "[[queues]]\nname = \"small\"\nmax_message_size = 10\nmax_queue_size = 1000\n",
+    ))
+    .await;
+    let ok = r#"{"messages":[{"data":{"a":1}},{"body":"two"},{"body_base64":"AAE="}]}"#;
+    let (s, v) = json(
+        b.post("/v1/queues/small/batch")
+            .body(ok)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["first_offset"].as_u64(),
+            v["offset"].as_u64(),
+            v["count"].as_u64()
+        ),
+        (Some(1), Some(3), Some(3))
+    );
+
+    let too_big = r#"{"messages":[{"body":"ok"},{"body":"far too long for this queue"}]}"#;
+    let (s, v) = json(
+        b.post("/v1/queues/small/batch")
+            .body(too_big)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (413, Some("message_too_large")));
+    let malformed = r#"{"messages":[{"body":"ok"},{"body":"x","data":1}]}"#;
+    let (s, v) = json(
+        b.post("/v1/queues/small/batch")
+            .body(malformed)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")));
+    assert!(
+        v["message"].as_str().unwrap().contains("messages[1]"),
+        "{v}"
+    );
+    let (s, _) = json(
+        b.post("/v1/queues/small/batch")
+            .body(r#"{"messages":[]}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    let (_, v) = json(b.read("/v1/queues/small/messages").send().await.unwrap()).await;
+    assert_eq!(
+        v["offset"], 3,
+        "nothing of the refused batches was published"
+    );
+}
+
+#[actix_web::test]
+async fn json_content_rule() {
+    let b = spawn_broker(&config(
+        "[[queues]]\nname = \"json\"\ncontent_type = \"json\"\n",
+    ))
+    .await;
+    let (s, v) = json(
+        b.post("/v1/queues/json/messages")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")));
+    let (s, _) = json(
+        b.post("/v1/queues/json/messages")
+            .body("[1,2]")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="json",reason="invalid_body"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[actix_web::test]
+async fn bearer_rotation_and_hmac_over_http() {
+    let b = spawn_broker(&config(
+        r#"
+[[queues]]
+name = "bearer"
+auth = { method = "bearer", keys = ["old-key", "new-key"] }
+[[queues]]
+name = "hmac"
+auth = { method = "hmac-sha256", key = "12345", header_name = "Foo-Auth" }
+"#,
+    ))
+    .await;
+    for auth in ["old-key", "Bearer new-key"] {
+        let (s, v) = json(
+            b.post("/v1/queues/bearer/messages")
+                .header("Authorization", auth)
+                .body("x")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200, "{auth}: {v}");
+    }
+    let (s, v) = json(
+        b.post("/v1/queues/bearer/messages")
+            .header("Authorization", "Bearer nope")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("invalid_signature")));
+    let (s, _) = json(
+        b.post("/v1/queues/bearer/messages")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+
+    let body = br#"{"hello":"world"}"#;
+    let sig = hmac_hex(b"12345", &[body]);
+    let (s, _) = json(
+        b.post("/v1/queues/hmac/messages")
+            .header("Foo-Auth", &sig)
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = json(
+        b.post("/v1/queues/hmac/messages")
+            .header("Foo-Auth", &sig)
+            .body("tampered")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="bearer",reason="invalid_signature"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="bearer",reason="missing_credentials"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"broker_published_total{queue="hmac"}"#),
+        Some(1.0)
+    );
+}
+
+#[actix_web::test]
+async fn signature_presets_over_http() {
+    let b = spawn_broker(&config(
+        r#"
+[[queues]]
+name = "gh"
+auth = { method = "github", key = "gh-secret" }
+[[queues]]
+name = "stripe"
+auth = { method = "stripe", key = "whsec_stripe" }
+[[queues]]
+name = "slack"
+auth = { method = "slack", key = "slack-secret" }
+[[queues]]
+name = "sw"
+auth = { method = "standard-webhooks", key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }
+"#,
+    ))
+    .await;
+    let body = br#"{"event":"x"}"#;
+    let now = chrono::Utc::now().timestamp().to_string();
+    let stale = (chrono::Utc::now().timestamp() - 600).to_string();
+
+    let gh = format!("sha256={}", hmac_hex(b"gh-secret", &[body]));
+    let res = b
+        .post("/v1/queues/gh/messages")
+        .header("X-Hub-Signature-256", gh)
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let stripe = |ts: &str| {
+        format!(
+            "t={ts},v1={}",
+            hmac_hex(b"whsec_stripe", &[ts.as_bytes(), b".", body])
+        )
+    };
+    let res = b
+        .post("/v1/queues/stripe/messages")
+        .header("Stripe-Signature", stripe(&now))
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (s, v) = json(
+        b.post("/v1/queues/stripe/messages")
+            .header("Stripe-Signature", stripe(&stale))
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("stale_timestamp")));
+
+    let slack = format!(
+        "v0={}",
+        hmac_hex(b"slack-secret", &[b"v0:", now.as_bytes(), b":", body])
+    );
+    let res = b
+        .post("/v1/queues/slack/messages")
+        .header("X-Slack-Request-Timestamp", &now)
+        .header("X-Slack-Signature", slack)
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let key = base64::engine::general_purpose::STANDARD
+        .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .unwrap();
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(&key).unwrap();
+    hmac::Mac::update(&mut mac, format!("msg_1.{now}.").as_bytes());
+    hmac::Mac::update(&mut mac, body);
+    let sig =
+        base64::engine::general_purpose::STANDARD.encode(hmac::Mac::finalize(mac).into_bytes());
+    let res = b
+        .post("/v1/queues/sw/messages")
+        .header("webhook-id", "msg_1")
+        .header("webhook-timestamp", &now)
+        .header("webhook-signature", format!("v1,{sig}"))
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (s, _) = json(
+        b.post("/v1/queues/sw/messages")
+            .header("webhook-id", "msg_1")
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+}
+
+#[actix_web::test]
+async fn allow_list_and_trusted_proxies() {
+    let b = spawn_broker(&config(
+        r#"
+[server]
+trusted_proxies = ["127.0.0.1"]
+[[queues]]
+name = "local"
+allow_ips = ["127.0.0.0/8"]
+[[queues]]
+name = "proxied"
+allow_ips = ["198.51.100.0/24"]
+"#,
+    ))
+    .await;
+    // Behind the trusted proxy (the test client is 127.0.0.1) the forwarded address counts.
+    let res = b
+        .post("/v1/queues/proxied/messages")
+        .header("X-Forwarded-For", "198.51.100.7")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The left part of X-Forwarded-For is whatever the client wrote: never believed.
+    let (s, v) = json(
+        b.post("/v1/queues/proxied/messages")
+            .header("X-Forwarded-For", "198.51.100.7, 203.0.113.1")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("ip_not_allowed")));
+    let res = b
+        .post("/v1/queues/local/messages")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = b
+        .post("/v1/queues/local/messages")
+        .header("X-Forwarded-For", "203.0.113.1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
+
+#[actix_web::test]
+async fn untrusted_peer_cannot_spoof_its_address() {
+    // No trusted proxies: X-Forwarded-For is ignored entirely.
+    let b = spawn_broker(&config(
+        "[[queues]]\nname = \"proxied\"\nallow_ips = [\"198.51.100.0/24\"]\n",
+    ))
+    .await;
+    let res = b
+        .post("/v1/queues/proxied/messages")
+        .header("X-Forwarded-For", "198.51.100.7")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
+
+#[actix_web::test]
+async fn size_limits_and_unknown_queues() {
+    let b = spawn_broker(&config(
+        "[server]\nmax_body_size = 1000\n[limits]\nmax_message_size = 100\nmax_queue_size = 1000\n[[queues]]\nname = \"q\"\n",
+    ))
+    .await;
+    let (s, v) = json(
+        b.post("/v1/queues/q/messages")
+            .body(vec![b'x'; 101])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (413, Some("message_too_large")));
+    let (s, v) = json(
+        b.post("/v1/queues/q/messages")
+            .body(vec![b'x'; 5000])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (413, Some("body_too_large")));
+    let (s, v) = json(
+        b.post("/v1/queues/nope/messages")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str(), v["refresh"].as_bool()),
+        (404, Some("unknown_queue"), Some(false))
+    );
+    let (s, v) = json(
+        b.post("/v1/queues/q/messages?delay=30s")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_query")));
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="q",reason="message_too_large"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="q",reason="body_too_large"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="_unknown",reason="unknown_queue"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[actix_web::test]
+async fn pattern_queues_are_created_on_first_use() {
+    let b = spawn_broker(&config(
+        "[[queues]]\nname = \"p.*\"\nmax_message_count = 2\n",
+    ))
+    .await;
+    for q in ["p.a", "p.b", "p.a"] {
+        let res = b
+            .post(&format!("/v1/queues/{q}/messages"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let (_, v) = json(b.read("/v1/queues/p.a/messages").send().await.unwrap()).await;
+    assert_eq!(v["offset"], 2);
+    let (s, _) = json(
+        b.post("/v1/queues/p./messages")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(&m, r#"broker_published_total{queue="p.*"}"#),
+        Some(3.0),
+        "pattern queues share their label"
+    );
+}

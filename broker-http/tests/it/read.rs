@@ -1,0 +1,277 @@
+//! Reading: since/epoch semantics, long-poll, named consumers, grants, login.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{json, metric, spawn_broker, USER};
+
+fn config(extra: &str) -> String {
+    format!("{USER}\n{extra}")
+}
+
+#[actix_web::test]
+async fn since_before_retention_or_other_epoch_is_gone() {
+    let b = spawn_broker(&config("[[queues]]\nname = \"q\"\nmax_message_count = 2\n")).await;
+    for i in 0..4 {
+        b.post("/v1/queues/q/messages")
+            .body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (s, v) = json(
+        b.read("/v1/queues/q/messages?since=1")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str(), v["refresh"].as_bool()),
+        (410, Some("unrecoverable_position"), Some(true))
+    );
+    assert_eq!(v["offset"], 4);
+    let epoch = v["epoch"].as_str().unwrap().to_owned();
+    let (s, v) = json(
+        b.read(&format!("/v1/queues/q/messages?since=2&epoch={epoch}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 2);
+    let (s, _) = json(
+        b.read("/v1/queues/q/messages?since=2&epoch=0000000000000000")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 410);
+}
+
+#[actix_web::test]
+async fn long_poll_returns_when_a_message_arrives() {
+    let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
+    let start = Instant::now();
+    let reader = b.read("/v1/queues/q/messages?since=0&wait=30s").send();
+    let publisher = async {
+        // Publish only once the read is parked, so only the wake-up can deliver it.
+        b.wait_for_metric("broker_poll_waiting", 1.0).await;
+        b.post("/v1/queues/q/messages")
+            .body("wake up")
+            .send()
+            .await
+            .unwrap();
+    };
+    let (res, ()) = tokio::join!(reader, publisher);
+    let (s, v) = json(res.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"][0]["body"], "wake up");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "woken by the publish, not the timeout"
+    );
+}
+
+#[actix_web::test]
+async fn long_poll_times_out_empty() {
+    let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
+    let start = Instant::now();
+    let (s, v) = json(
+        b.read("/v1/queues/q/messages?since=0&wait=1s")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "waited for the timeout"
+    );
+    let (s, v) = json(
+        b.read("/v1/queues/q/messages?wait=later")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_wait")));
+}
+
+#[actix_web::test]
+async fn named_consumers() {
+    let b = spawn_broker(&config(
+        "[[queues]]\nname = \"q\"\nmax_message_count = 3\n[[queues]]\nname = \"q2\"\n",
+    ))
+    .await;
+    b.post("/v1/queues/q/messages")
+        .body("before")
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = json(
+        b.put("/v1/consumers/c1")
+            .basic_auth("u", Some("password1"))
+            .json(&serde_json::json!({"queue": "q"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["queue"].as_str()), (200, Some("q")));
+    let (s, _) = json(
+        b.put("/v1/consumers/c1")
+            .basic_auth("u", Some("password1"))
+            .json(&serde_json::json!({"queue": "q"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "idempotent for the same queue");
+    let (s, v) = json(
+        b.put("/v1/consumers/c1")
+            .basic_auth("u", Some("password1"))
+            .json(&serde_json::json!({"queue": "q2"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("client_exists")));
+
+    b.post("/v1/queues/q/messages")
+        .body("one")
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    let bodies: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["one"],
+        "a new consumer starts after the newest message"
+    );
+    let (_, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
+    assert_eq!(
+        v["messages"].as_array().unwrap().len(),
+        0,
+        "the cursor moved"
+    );
+
+    for i in 0..5 {
+        b.post("/v1/queues/q/messages")
+            .body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (s, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
+    assert_eq!(
+        (s, v["code"].as_str(), v["refresh"].as_bool()),
+        (410, Some("refresh"), Some(true))
+    );
+    let (s, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
+    assert_eq!((s, v["messages"].as_array().unwrap().len()), (200, 0));
+
+    let (s, _) = json(
+        b.delete("/v1/consumers/c1")
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("unknown_client")));
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_poll_reads_total{outcome="refresh",queue="q"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[actix_web::test]
+async fn logins_and_grants() {
+    let b = spawn_broker(&format!(
+        "{USER}\n[[users]]\nname = \"other\"\npass_hash = \"plain;;password2\"\nqueues = []\n[[queues]]\nname = \"q\"\n"
+    ))
+    .await;
+    let res = b.get("/v1/queues/q/messages").send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers().get("www-authenticate").is_some());
+    let (s, v) = json(
+        b.get("/v1/queues/q/messages")
+            .basic_auth("u", Some("nope"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
+    let (s, v) = json(
+        b.get("/v1/queues/q/messages")
+            .basic_auth("ghost", Some("x"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
+    let (s, v) = json(
+        b.get("/v1/queues/q/messages")
+            .basic_auth("other", Some("password2"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("not_granted")));
+    let (s, _) = json(
+        b.get("/v1/queues/q/messages")
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+}
+
+#[actix_web::test]
+async fn argon2_logins_work_and_are_cached() {
+    let hash = broker_core::auth::hash_password("s3cret-pass");
+    let b = spawn_broker(&format!(
+        "[[users]]\nname = \"a\"\npass_hash = \"{hash}\"\nqueues = [\"q\"]\n[[queues]]\nname = \"q\"\n"
+    ))
+    .await;
+    for _ in 0..3 {
+        let res = b
+            .get("/v1/queues/q/messages")
+            .basic_auth("a", Some("s3cret-pass"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let res = b
+        .get("/v1/queues/q/messages")
+        .basic_auth("a", Some("s3cret-pasS"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
