@@ -1,1 +1,6 @@
-fn main() {}
+//! End-to-end tests of the real `broker` binary: it is started as a child process on a
+//! free loopback port and driven over HTTP and through its own subcommands.
+
+mod cli;
+mod support;
+mod webhook_queue;

@@ -1,0 +1,212 @@
+//! Subcommands and process lifecycle.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use std::io::Write;
+
+use crate::support::{broker_bin, json, spawn_broker, write_config};
+
+fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(broker_bin())
+        .args(args)
+        .env("BROKER_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn publish_subcommand_signs_like_the_queue_wants() {
+    let toml = "[[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"signed\"]\n[[queues]]\nname = \"signed\"\nauth = { method = \"hmac-sha512\", key = \"k3y\", header_name = \"X-Sig\" }\n";
+    let (_dir, path) = write_config("broker.toml", toml);
+    let b = spawn_broker(&path);
+    let (code, out, err) = run(
+        &[
+            "publish",
+            "signed",
+            r#"{"n":1}"#,
+            "--url",
+            &b.url,
+            "--hmac-key",
+            "k3y",
+            "--hmac-header",
+            "X-Sig",
+            "--hmac-algo",
+            "sha512",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["success"].as_bool(), v["offset"].as_u64()),
+        (Some(true), Some(1))
+    );
+    // From stdin, as text.
+    let (code, _, err) = run(
+        &[
+            "publish",
+            "signed",
+            "-",
+            "--url",
+            &b.url,
+            "--hmac-key",
+            "k3y",
+            "--hmac-header",
+            "X-Sig",
+            "--hmac-algo",
+            "sha512",
+        ],
+        Some("plain words"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(
+        &[
+            "publish",
+            "signed",
+            "x",
+            "--url",
+            &b.url,
+            "--hmac-key",
+            "wrong",
+            "--hmac-header",
+            "X-Sig",
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("403") && err.contains("not properly authenticated"),
+        "{err}"
+    );
+
+    let (s, v) = json(
+        b.get("/v1/queues/signed/messages")
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"][0]["data"], serde_json::json!({"n": 1}));
+    assert_eq!(v["messages"][1]["body"], "plain words");
+}
+
+#[test]
+fn config_example_and_check() {
+    let (code, example, _) = run(&["config", "example"], None);
+    assert_eq!(code, 0);
+    assert!(
+        example.contains("[server]") && example.contains("# "),
+        "commented example"
+    );
+    let (_dir, path) = write_config("example.toml", &example);
+    let (code, out, err) = run(&["config", "check", path.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+
+    let (_dir, bad) = write_config(
+        "bad.toml",
+        "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 2\n[limits]\nmax_message_count = 0\n",
+    );
+    let (code, _, err) = run(&["config", "check", bad.to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("server") && err.contains("lisen"), "{err}");
+    let (_dir, bad) = write_config("bad.toml", "[limits]\nmax_message_count = 0\n");
+    let (code, _, err) = run(&["config", "check", bad.to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("limits.max_message_count"), "{err}");
+}
+
+#[test]
+fn hash_password_from_stdin() {
+    let (code, out, err) = run(&["hash-password", "--stdin"], Some("correct horse\n"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().starts_with("$argon2id$"), "{out}");
+    let (code, _, err) = run(&["hash-password", "--stdin"], Some("short\n"));
+    assert_eq!(code, 1);
+    assert!(err.contains("at least 6"), "{err}");
+}
+
+#[actix_web::test]
+async fn default_config_serves_the_demo_queue() {
+    // `broker serve` without --config: the built-in example.
+    let mut child = Command::new(broker_bin())
+        .arg("serve")
+        .env("BROKER__SERVER__LISTEN", "127.0.0.1:0")
+        .env("BROKER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{url}/v1/queues/demo/messages"))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = http
+        .get(format!("{url}/v1/queues/demo/messages"))
+        .basic_auth("demo", Some("demo-password"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[actix_web::test]
+async fn sigterm_releases_long_polls_and_exits_zero() {
+    let toml = "[[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"q\"]\n[[queues]]\nname = \"q\"\n";
+    let (_dir, path) = write_config("broker.toml", toml);
+    let mut b = spawn_broker(&path);
+    let started = Instant::now();
+    let poll = b
+        .get("/v1/queues/q/messages?wait=50s")
+        .basic_auth("u", Some("password1"))
+        .send();
+    let stopper = async {
+        b.wait_for_metric("broker_poll_waiting", 1.0).await;
+        b.signal("TERM");
+    };
+    let (res, ()) = tokio::join!(poll, stopper);
+    let (s, v) = json(res.unwrap()).await;
+    assert_eq!(s, 200, "the in-flight long-poll is answered, not cut");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 0);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let status = b.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
