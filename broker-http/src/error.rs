@@ -27,9 +27,6 @@ pub enum ApiError {
     /// A JSON request body over its limit.
     #[error("request body is larger than {0} bytes")]
     BodyTooLarge(usize),
-    /// Wrong or missing admin token (or a user without the right).
-    #[error("{0}")]
-    Forbidden(&'static str),
     /// No route.
     #[error("no such route")]
     NotFound,
@@ -87,7 +84,6 @@ impl ApiError {
             ApiError::MissingLogin(_) => (S::UNAUTHORIZED, "missing_credentials", false),
             ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, code, false),
             ApiError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large", false),
-            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", false),
             ApiError::NotFound => (S::NOT_FOUND, "not_found", false),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", false),
         }
