@@ -74,7 +74,7 @@ pub enum Error {
     #[error("config does not parse: {0}")]
     Parse(String),
     /// One or more keys have bad values.
-    #[error("invalid config: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    #[error("invalid config:{}", .0.iter().map(|k| format!("\n  {k}")).collect::<String>())]
     Invalid(Vec<KeyError>),
     /// The config cannot be rewritten (setPassword).
     #[error("config is not writable: {0}")]
