@@ -6,12 +6,17 @@ use std::sync::{Arc, RwLock};
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use crate::actors::{ApplySettings, GetQueue, Hub, QueueHandle};
+use crate::actors::registry::{NotifyConnection, NotifyUser};
+use crate::actors::{
+    ApplySettings, ConnectionRegistry, GetQueue, Hub, Notify, Publish, Published, QueueHandle,
+};
 use crate::auth::{hash_password, CredentialCache};
-use crate::config;
-use crate::error::Error;
+use crate::config::{self, QueueKind};
+use crate::error::{Error, Rejection};
+use crate::message::NewMessage;
 use crate::metrics::Metrics;
-use crate::settings::{Settings, UserSpec};
+use crate::notify::{self, Route};
+use crate::settings::{QueueSpec, Settings, UserSpec};
 use crate::store;
 
 /// webhook-queue's minimum password length for `/setPassword`.
@@ -20,6 +25,7 @@ pub const MIN_PASSWORD_LEN: usize = 6;
 /// The running broker.
 pub struct Broker {
     hub: Addr<Hub>,
+    registry: Addr<ConnectionRegistry>,
     settings: RwLock<Arc<Settings>>,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
@@ -37,9 +43,11 @@ impl Broker {
         warn_weak_passwords(&settings);
         let settings = Arc::new(settings);
         let hub = Hub::new(settings.clone(), store, metrics.clone()).start();
+        let registry = ConnectionRegistry::new(metrics.clone()).start();
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Broker {
             hub,
+            registry,
             settings: RwLock::new(settings),
             metrics,
             credentials: CredentialCache::default(),
@@ -52,6 +60,87 @@ impl Broker {
     /// The hub actor.
     pub fn hub(&self) -> &Addr<Hub> {
         &self.hub
+    }
+
+    /// The registry of live connections.
+    pub fn registry(&self) -> &Addr<ConnectionRegistry> {
+        &self.registry
+    }
+
+    /// The publish pipeline shared by HTTP ingest and WebSocket `publish`, after the
+    /// caller has authenticated the publisher: content rules, notify-kind shapes, the
+    /// queue (limits), then routing of notifications. Refusals are counted here.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        spec: &QueueSpec,
+        messages: Vec<NewMessage>,
+    ) -> Result<PublishOutcome, Error> {
+        let counted = |e: Error| {
+            if let Error::Rejected { reason, .. } = &e {
+                self.metrics.reject(spec.label(), *reason);
+            }
+            e
+        };
+        let single = messages.len() == 1;
+        let mut routes = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let what = || {
+                if single {
+                    "the body".to_owned()
+                } else {
+                    format!("messages[{i}]")
+                }
+            };
+            if spec.json_only {
+                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&m.body) {
+                    return Err(counted(Error::rejected(
+                        Rejection::InvalidBody,
+                        format!("{} is not valid JSON: {e}", what()),
+                    )));
+                }
+            }
+            match notify::route(spec.kind, &m.body) {
+                Ok(Some(r)) => routes.push(r),
+                Ok(None) => {}
+                Err(Error::Rejected { reason, message }) => {
+                    return Err(counted(Error::Rejected {
+                        reason,
+                        message: format!("{}: {message}", what()),
+                    }))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let handle = self.queue(queue).await?;
+        let published = handle
+            .addr
+            .send(Publish { messages })
+            .await?
+            .map_err(counted)?;
+        let delivered = if spec.kind == QueueKind::Queue {
+            None
+        } else {
+            let mut n = 0;
+            for (route, data) in routes {
+                // The message is stored either way; an unknown connection gets nothing.
+                n += self.notify(route, data).await.unwrap_or(0);
+            }
+            Some(n)
+        };
+        Ok(PublishOutcome {
+            published,
+            delivered,
+        })
+    }
+
+    /// Pushes JSON `data` to a user's connections or to one connection; how many got it.
+    pub async fn notify(&self, route: Route, data: bytes::Bytes) -> Result<usize, Error> {
+        let notify = Notify { data };
+        match route {
+            Route::User(user) => Ok(self.registry.send(NotifyUser { user, notify }).await?),
+            Route::Connection(id) => self.registry.send(NotifyConnection { id, notify }).await?,
+        }
     }
 
     /// The current settings (one consistent version; a reload swaps them whole).
@@ -170,6 +259,15 @@ impl Broker {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// What a publish did.
+#[derive(Debug)]
+pub struct PublishOutcome {
+    /// Offsets and epoch.
+    pub published: Published,
+    /// For notify-kind queues: connections that got the notification(s).
+    pub delivered: Option<usize>,
 }
 
 fn warn_weak_passwords(settings: &Settings) {

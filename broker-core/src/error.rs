@@ -157,6 +157,20 @@ pub enum Error {
         /// The minimum.
         min: usize,
     },
+    /// A user already has `ws.max_connections_per_user` connections.
+    #[error("user `{user}` has too many connections (at most {max})")]
+    TooManyConnections {
+        /// The user.
+        user: String,
+        /// The limit.
+        max: usize,
+    },
+    /// No live connection with that id.
+    #[error("no connection `{id}`")]
+    UnknownConnection {
+        /// The id asked for.
+        id: String,
+    },
     /// The store could not take or give data.
     #[error("store unavailable: {0}")]
     Store(String),

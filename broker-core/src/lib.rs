@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod message;
 pub mod metrics;
+pub mod notify;
 pub mod settings;
 pub mod store;
 

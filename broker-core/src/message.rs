@@ -1,12 +1,17 @@
 //! A message and what a publisher hands in to make one.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
+use base64::Engine;
 use bytes::Bytes;
+use bytestring::ByteString;
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 /// A message as kept in a queue. Shared as `Arc<Message>`: every subscriber and reader
 /// gets the same allocation, and the body is `Bytes`, never copied after ingest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Message {
     /// The queue it belongs to.
     pub queue: Arc<str>,
@@ -20,6 +25,11 @@ pub struct Message {
     pub headers: Vec<(String, String)>,
     /// Unix time in milliseconds at which the broker accepted it.
     pub received_at_ms: i64,
+    /// When this process accepted it (for delivery latency; not persisted).
+    pub accepted: Instant,
+    /// The WebSocket `message` event of this message, encoded by the first session that
+    /// sends it and shared by all others: a broadcast to N sessions encodes once.
+    pub ws_frame: OnceLock<ByteString>,
 }
 
 impl Message {
@@ -40,6 +50,36 @@ pub fn is_json_content_type(ct: &str) -> bool {
         .trim()
         .to_ascii_lowercase();
     essence == "application/json" || essence.ends_with("+json")
+}
+
+/// How a body appears in JSON: a JSON body (declared by its content type, and valid) as
+/// `"data": <value>`, other UTF-8 as `"body"`, anything else as `"body_base64"`.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyRepr<'a> {
+    /// JSON, embedded as is (no re-encoding).
+    Data(&'a RawValue),
+    /// UTF-8 text.
+    Body(&'a str),
+    /// Anything else.
+    BodyBase64(String),
+}
+
+impl<'a> BodyRepr<'a> {
+    /// Picks the representation of a message body.
+    pub fn of(m: &'a Message) -> Self {
+        if m.is_json() {
+            if let Ok(raw) = serde_json::from_slice::<&RawValue>(&m.body) {
+                return BodyRepr::Data(raw);
+            }
+        }
+        match std::str::from_utf8(&m.body) {
+            Ok(s) => BodyRepr::Body(s),
+            Err(_) => {
+                BodyRepr::BodyBase64(base64::engine::general_purpose::STANDARD.encode(&m.body))
+            }
+        }
+    }
 }
 
 /// A message before the queue has given it an offset.

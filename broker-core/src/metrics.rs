@@ -32,6 +32,18 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// `broker_config_reloads_total{outcome}`.
     pub reloads: IntCounterVec,
+    /// `broker_ws_connections`: open WebSocket sessions (authenticated or not).
+    pub ws_connections: prometheus::IntGauge,
+    /// `broker_ws_frames_total{direction}`: frames received (`in`) and sent (`out`).
+    pub ws_frames: IntCounterVec,
+    /// `broker_ws_disconnects_total{reason}`.
+    pub ws_disconnects: IntCounterVec,
+    /// `broker_ws_slow_consumers_total`: subscriptions dropped for falling behind.
+    pub ws_slow_consumers: prometheus::IntCounter,
+    /// `broker_ws_delivery_latency_seconds`: from accepting a message to writing it to a session.
+    pub ws_delivery_latency: prometheus::Histogram,
+    /// `broker_notifications_total{target}`: notifications delivered to connections.
+    pub notifications: IntCounterVec,
 }
 
 /// Label used for requests to queues that do not exist (keeps cardinality bounded).
@@ -108,6 +120,49 @@ impl Metrics {
         registry
             .register(Box::new(poll_waiting.clone()))
             .expect("unique metric");
+        let ws_connections =
+            prometheus::IntGauge::new("broker_ws_connections", "Open WebSocket connections.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(ws_connections.clone()))
+            .expect("unique metric");
+        let ws_frames = counter(
+            "broker_ws_frames_total",
+            "WebSocket frames, by direction.",
+            &["direction"],
+        );
+        let ws_disconnects = counter(
+            "broker_ws_disconnects_total",
+            "WebSocket disconnects, by reason.",
+            &["reason"],
+        );
+        let ws_slow_consumers = prometheus::IntCounter::new(
+            "broker_ws_slow_consumers_total",
+            "Subscriptions dropped because the subscriber fell behind.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ws_slow_consumers.clone()))
+            .expect("unique metric");
+        let ws_delivery_latency = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "broker_ws_delivery_latency_seconds",
+                "From accepting a message to writing it to a WebSocket.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ws_delivery_latency.clone()))
+            .expect("unique metric");
+        let notifications = counter(
+            "broker_notifications_total",
+            "Notifications delivered to connections.",
+            &["target"],
+        );
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
@@ -148,6 +203,12 @@ impl Metrics {
             http_requests,
             http_duration,
             reloads,
+            ws_connections,
+            ws_frames,
+            ws_disconnects,
+            ws_slow_consumers,
+            ws_delivery_latency,
+            notifications,
         }
     }
 

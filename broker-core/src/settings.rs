@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::auth::{parse_nets, IngestAuth, PasswordHash};
-use crate::config::{self, Config, ContentRule, LimitsConfig, Secret, Source};
+use crate::config::{self, Config, ContentRule, LimitsConfig, QueueKind, Secret, Source};
 use crate::error::{Error, KeyError};
 
 /// Everything about one configured queue or queue pattern.
@@ -23,8 +23,10 @@ pub struct QueueSpec {
     pub allow_ips: Vec<IpNet>,
     /// Ingest verifier.
     pub auth: IngestAuth,
-    /// Reject bodies that are not JSON.
+    /// Reject bodies that are not JSON (always for the notify kinds).
     pub json_only: bool,
+    /// Ordinary queue or a notify route.
+    pub kind: QueueKind,
 }
 
 impl QueueSpec {
@@ -46,13 +48,31 @@ pub struct UserSpec {
     pub grants: Vec<String>,
     /// May call /reload.
     pub can_reload: bool,
+    /// Queues this user may publish into over WebSocket.
+    pub publish: Vec<String>,
 }
 
 impl UserSpec {
     /// Whether this user may read `queue`.
     pub fn may_read(&self, queue: &str) -> bool {
-        self.grants.iter().any(|g| name_matches(g, queue))
+        grants(&self.grants, queue)
     }
+}
+
+/// Whether a grant list (names and `prefix.*` patterns) covers `queue`.
+pub fn grants(list: &[String], queue: &str) -> bool {
+    list.iter().any(|g| name_matches(g, queue))
+}
+
+/// WebSocket settings with their secrets resolved.
+#[derive(Debug)]
+pub struct WsSettings {
+    /// The `[ws]` section as configured.
+    pub config: config::WsConfig,
+    /// Resolved JWT secrets, signing first.
+    pub jwt_secrets: Vec<Secret>,
+    /// Resolved notify secrets.
+    pub notify_secrets: Vec<Secret>,
 }
 
 /// The validated configuration.
@@ -74,6 +94,8 @@ pub struct Settings {
     patterns: Vec<(String, Arc<QueueSpec>)>,
     /// Users by name.
     pub users: HashMap<String, Arc<UserSpec>>,
+    /// WebSocket settings.
+    pub ws: Arc<WsSettings>,
 }
 
 /// Whether a queue name or `prefix.*` pattern covers `name`.
@@ -195,7 +217,8 @@ impl Settings {
                 limits,
                 allow_ips,
                 auth,
-                json_only: q.content_type == Some(ContentRule::Json),
+                json_only: q.content_type == Some(ContentRule::Json) || q.kind != QueueKind::Queue,
+                kind: q.kind,
             });
             let dup = queues.contains_key(&q.name) || patterns.iter().any(|(p, _)| *p == q.name);
             if dup {
@@ -242,9 +265,58 @@ impl Settings {
                     password,
                     grants: u.queues.clone(),
                     can_reload: u.can_reload,
+                    publish: u.publish.clone(),
                 }),
             );
         }
+
+        let w = &cfg.ws;
+        let mut resolve_all = |key: &str, list: &[Secret]| -> Vec<Secret> {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, k)| match k.resolve() {
+                    Ok(k) if k.expose().len() >= 16 => Some(k),
+                    Ok(_) => {
+                        err(
+                            format!("ws.{key}[{i}]"),
+                            "must be at least 16 characters".into(),
+                        );
+                        None
+                    }
+                    Err(m) => {
+                        err(format!("ws.{key}[{i}]"), m);
+                        None
+                    }
+                })
+                .collect()
+        };
+        let jwt_secrets = resolve_all("jwt_secrets", &w.jwt_secrets);
+        let notify_secrets = resolve_all("notify_secrets", &w.notify_secrets);
+        for (name, d) in [
+            ("auth_timeout", w.auth_timeout),
+            ("ping_interval", w.ping_interval),
+            ("pong_timeout", w.pong_timeout),
+        ] {
+            if d.is_zero() {
+                err(format!("ws.{name}"), "must be longer than 0s".into());
+            }
+        }
+        for (name, v) in [
+            ("max_frame_size", w.max_frame_size),
+            ("max_subscriptions", w.max_subscriptions),
+            ("max_connections_per_user", w.max_connections_per_user),
+            ("max_pending_messages", w.max_pending_messages),
+            ("max_pending_bytes", w.max_pending_bytes),
+        ] {
+            if v == 0 {
+                err(format!("ws.{name}"), "must be greater than 0".into());
+            }
+        }
+        let ws = Arc::new(WsSettings {
+            config: w.clone(),
+            jwt_secrets,
+            notify_secrets,
+        });
 
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
@@ -258,6 +330,7 @@ impl Settings {
             queues,
             patterns,
             users,
+            ws,
         })
     }
 

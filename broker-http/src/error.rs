@@ -78,6 +78,10 @@ impl ApiError {
                 Error::Io { .. } | Error::Parse(_) | Error::Invalid(_) => {
                     (S::INTERNAL_SERVER_ERROR, "invalid_config", false)
                 }
+                Error::TooManyConnections { .. } => {
+                    (S::TOO_MANY_REQUESTS, "too_many_connections", false)
+                }
+                Error::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection", false),
                 Error::Store(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", false),
                 Error::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", false),
             },

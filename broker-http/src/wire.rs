@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use broker_core::actors::Batch;
-use broker_core::message::{Message, NewMessage};
+use broker_core::message::{BodyRepr, Message, NewMessage};
 use bytes::Bytes;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -25,6 +25,9 @@ pub struct Published {
     pub offset: u64,
     /// The queue's epoch.
     pub epoch: String,
+    /// Connections notified (notify-kind queues only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub delivered: Option<usize>,
 }
 
 /// `200` of a batch publish.
@@ -42,6 +45,9 @@ pub struct BatchPublished {
     pub count: usize,
     /// The queue's epoch.
     pub epoch: String,
+    /// Connections notified (notify-kind queues only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub delivered: Option<usize>,
 }
 
 /// `POST /v1/queues/{q}/batch`.
@@ -120,7 +126,7 @@ pub struct WireMessage<'a> {
     pub headers: Headers<'a>,
     /// The body.
     #[serde(flatten)]
-    pub body: WireBody<'a>,
+    pub body: BodyRepr<'a>,
 }
 
 /// Headers as a JSON object.
@@ -142,35 +148,6 @@ impl Serialize for Headers<'_> {
     }
 }
 
-/// The body, keyed by how it is represented.
-#[derive(Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WireBody<'a> {
-    /// JSON, embedded as is (no re-encoding).
-    Data(&'a RawValue),
-    /// UTF-8 text.
-    Body(&'a str),
-    /// Anything else.
-    BodyBase64(String),
-}
-
-impl<'a> WireBody<'a> {
-    /// Picks the representation of a message body.
-    pub fn of(m: &'a Message) -> Self {
-        if m.is_json() {
-            if let Ok(raw) = serde_json::from_slice::<&RawValue>(&m.body) {
-                return WireBody::Data(raw);
-            }
-        }
-        match std::str::from_utf8(&m.body) {
-            Ok(s) => WireBody::Body(s),
-            Err(_) => {
-                WireBody::BodyBase64(base64::engine::general_purpose::STANDARD.encode(&m.body))
-            }
-        }
-    }
-}
-
 impl<'a> WireMessage<'a> {
     /// Renders one message.
     pub fn of(m: &'a Message) -> Self {
@@ -182,7 +159,7 @@ impl<'a> WireMessage<'a> {
             received_at,
             content_type: m.content_type.as_deref(),
             headers: Headers(&m.headers),
-            body: WireBody::of(m),
+            body: BodyRepr::of(m),
         }
     }
 }
@@ -294,6 +271,8 @@ mod tests {
             content_type: ct.map(Arc::from),
             headers: vec![("x-a".into(), "1".into())],
             received_at_ms: 1_700_000_000_123,
+            accepted: std::time::Instant::now(),
+            ws_frame: Default::default(),
         }
     }
 

@@ -1,11 +1,16 @@
-//! The actors: `Hub` (queue registry) and `Queue` (one log each), one per file with the
-//! messages they handle above them.
+//! The actors: `Hub` (queue registry), `Queue` (one log each) and `ConnectionRegistry`
+//! (live connections by id and user), one per file with the messages they handle above
+//! them; `subscriber` is the interface live subscribers implement.
 
 pub mod hub;
 pub mod queue;
+pub mod registry;
+pub mod subscriber;
 
 pub use hub::{ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, Unlisten};
 pub use queue::{
     AddConsumer, Batch, ConsumerKey, ConsumerRead, Publish, Published, Queue, Read, Reconfigure,
-    RemoveConsumer,
+    RemoveConsumer, Subscribe, Subscribed, Unsubscribe,
 };
+pub use registry::{ConnectionInfo, ConnectionRegistry};
+pub use subscriber::{Deliver, Disconnect, Lagged, Notify, Subscriber};

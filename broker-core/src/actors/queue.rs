@@ -12,6 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::watch;
 
+use super::subscriber::{Lagged, Offer, Subscriber};
 use crate::error::{Error, Rejection};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
@@ -104,6 +105,42 @@ pub struct ConsumerRead {
     pub limit: usize,
 }
 
+/// Registers a live subscriber, first replaying what it missed. Replay and registration
+/// happen in one step, so there is neither a gap nor a duplicate at the seam.
+#[derive(Message)]
+#[rtype(result = "Subscribed")]
+pub struct Subscribe {
+    /// The subscriber.
+    pub subscriber: Subscriber,
+    /// Last offset the subscriber has seen, to resume after; `None` starts live.
+    pub since: Option<u64>,
+    /// The epoch `since` belongs to.
+    pub epoch: Option<String>,
+}
+
+/// Reply to [`Subscribe`].
+#[derive(Debug, MessageResponse)]
+pub struct Subscribed {
+    /// The queue's epoch.
+    pub epoch: Arc<str>,
+    /// The newest offset; live delivery continues after it.
+    pub head: u64,
+    /// The retained messages after `since`, oldest first.
+    pub replay: Vec<Arc<Message>>,
+    /// `since` was given and everything after it was replayed.
+    pub recovered: bool,
+    /// `since` was given but messages after it are gone (or the epoch differs).
+    pub unrecoverable: bool,
+}
+
+/// Ends a live subscription.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    /// The subscription id.
+    pub id: u64,
+}
+
 /// Applies new limits after a reload (dropping what no longer fits).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -142,6 +179,7 @@ pub struct Queue {
     /// rejected for its size puts every existing consumer into refresh).
     losses: u64,
     consumers: HashMap<ConsumerKey, Cursor>,
+    subscribers: HashMap<u64, Subscriber>,
 }
 
 impl Queue {
@@ -167,6 +205,7 @@ impl Queue {
             inflight: VecDeque::new(),
             losses: 0,
             consumers: HashMap::new(),
+            subscribers: HashMap::new(),
         }
     }
 
@@ -261,6 +300,7 @@ impl Queue {
                         self.head = last.offset;
                     }
                     self.bytes += size;
+                    self.fan_out(&done.messages, size);
                     self.log.extend(done.messages);
                     let label = self.spec.label();
                     self.metrics
@@ -281,6 +321,36 @@ impl Queue {
         }
         if changed {
             self.notify();
+        }
+    }
+
+    /// Offers new messages to every live subscriber; never waits on one.
+    fn fan_out(&mut self, messages: &[Arc<Message>], bytes: usize) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let batch: Arc<[Arc<Message>]> = messages.into();
+        let mut dropped = Vec::new();
+        for (id, sub) in &self.subscribers {
+            match sub.offer(&self.name, &batch, bytes) {
+                Offer::Sent => {}
+                Offer::Lagging => dropped.push((*id, true)),
+                Offer::Closed => dropped.push((*id, false)),
+            }
+        }
+        for (id, lagging) in dropped {
+            let Some(sub) = self.subscribers.remove(&id) else {
+                continue;
+            };
+            if lagging {
+                self.metrics.ws_slow_consumers.inc();
+                // One notice per dropped subscription: bounded even though do_send is not.
+                sub.lagged.do_send(Lagged {
+                    queue: self.name.clone(),
+                    offset: self.head,
+                    epoch: self.epoch.clone(),
+                });
+            }
         }
     }
 
@@ -365,6 +435,8 @@ impl Handler<Publish> for Queue {
                     content_type: m.content_type,
                     headers: m.headers,
                     received_at_ms: now,
+                    accepted: std::time::Instant::now(),
+                    ws_frame: Default::default(),
                 })
             })
             .collect();
@@ -499,6 +571,40 @@ impl Handler<ConsumerRead> for Queue {
     }
 }
 
+impl Handler<Subscribe> for Queue {
+    type Result = Subscribed;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) -> Self::Result {
+        let mut replay = Vec::new();
+        let (mut recovered, mut unrecoverable) = (false, false);
+        if let Some(since) = msg.since {
+            let epoch_ok = msg.epoch.as_deref().is_none_or(|e| e == &*self.epoch);
+            if epoch_ok && since <= self.head && since + 1 >= self.first_retained() {
+                replay = self.batch_after(since, usize::MAX);
+                recovered = true;
+            } else {
+                unrecoverable = true;
+            }
+        }
+        self.subscribers.insert(msg.subscriber.id, msg.subscriber);
+        Subscribed {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            replay,
+            recovered,
+            unrecoverable,
+        }
+    }
+}
+
+impl Handler<Unsubscribe> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Self::Context) {
+        self.subscribers.remove(&msg.id);
+    }
+}
+
 impl Handler<Reconfigure> for Queue {
     type Result = ();
 
@@ -528,6 +634,7 @@ mod tests {
             allow_ips: vec![],
             auth: IngestAuth::None,
             json_only: false,
+            kind: Default::default(),
         });
         let (tx, rx) = watch::channel(0);
         let q = Queue::new(
@@ -749,6 +856,7 @@ mod tests {
             allow_ips: vec![],
             auth: IngestAuth::None,
             json_only: false,
+            kind: Default::default(),
         });
         q.send(Reconfigure { spec }).await.unwrap();
         let b = q

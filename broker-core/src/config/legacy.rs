@@ -106,6 +106,7 @@ impl LegacyConfig {
                     pass_hash: u.pass_hash,
                     queues: u.queues.unwrap_or_default(),
                     can_reload: u.can_reload.unwrap_or(false),
+                    publish: Vec::new(),
                 })
                 .collect(),
             queues: self
@@ -124,6 +125,7 @@ impl LegacyConfig {
                         })
                     }),
                     allow_ips: q.whitelist_ip.unwrap_or_default(),
+                    kind: Default::default(),
                     content_type: None,
                     max_message_count: q.max_message_count,
                     max_message_size: q.max_message_size,

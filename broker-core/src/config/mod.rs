@@ -42,6 +42,9 @@ pub struct Config {
     /// Default limits of every queue.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// WebSocket subscribers.
+    #[serde(default)]
+    pub ws: WsConfig,
     /// Users that read queues (HTTP Basic).
     #[serde(default)]
     pub users: Vec<UserConfig>,
@@ -141,6 +144,88 @@ pub struct UserConfig {
     /// Whether this user may call `/reload`.
     #[serde(default)]
     pub can_reload: bool,
+    /// Queue names or patterns this user may publish into over WebSocket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+}
+
+/// `[ws]`: the WebSocket endpoint `GET /v1/ws`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// HS256 secrets that sign session tokens (JWT); the first signs `broker token`,
+    /// all verify (rotation).
+    pub jwt_secrets: Vec<Secret>,
+    /// Bearer secrets that may call the notify routes (besides the admin token).
+    pub notify_secrets: Vec<Secret>,
+    /// Whether a connection without credentials is a session of its own.
+    pub allow_anonymous: bool,
+    /// Queues (or patterns) anonymous sessions may subscribe to.
+    pub anonymous_queues: Vec<String>,
+    /// How long a connection may take to send `authorize` when it connected without credentials.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Interval of server pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long after a ping a silent connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Largest client message (frame or reassembled fragments) in bytes.
+    pub max_frame_size: usize,
+    /// Most subscriptions of one connection.
+    pub max_subscriptions: usize,
+    /// Most connections of one user.
+    pub max_connections_per_user: usize,
+    /// Most deliveries waiting for one connection before it counts as slow.
+    pub max_pending_messages: usize,
+    /// Most bytes waiting for one connection before it counts as slow.
+    pub max_pending_bytes: usize,
+    /// What happens to a slow connection: `refresh` (it is told, and skips forward) or `close` (code 4008).
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secrets: Vec::new(),
+            notify_secrets: Vec::new(),
+            allow_anonymous: false,
+            anonymous_queues: Vec::new(),
+            auth_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            max_frame_size: 64 * 1024,
+            max_subscriptions: 100,
+            max_connections_per_user: 100,
+            max_pending_messages: 256,
+            max_pending_bytes: 4 * 1024 * 1024,
+            slow_consumer: SlowConsumer::Refresh,
+        }
+    }
+}
+
+/// Policy for a WebSocket connection that does not keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// Send `{"event":"refresh","reason":"slow_consumer"}` and continue from the newest message.
+    Refresh,
+    /// Close the connection with code 4008.
+    Close,
+}
+
+/// What a queue does with what is published into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueKind {
+    /// An ordinary queue.
+    #[default]
+    Queue,
+    /// Accepts exactly `{"userId","data"}` and pushes `data` to every connection of that user.
+    NotifyUser,
+    /// Accepts exactly `{"connectionId","data"}` and pushes `data` to that connection.
+    NotifyConnection,
 }
 
 /// `[[queues]]`
@@ -155,6 +240,9 @@ pub struct QueueConfig {
     /// Client addresses (IPs or CIDRs) allowed to publish; empty allows all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_ips: Vec<String>,
+    /// `queue` (default), `notify-user` or `notify-connection`.
+    #[serde(default, skip_serializing_if = "is_default_kind")]
+    pub kind: QueueKind,
     /// `json` rejects bodies that are not valid JSON with 400.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<ContentRule>,
@@ -167,6 +255,10 @@ pub struct QueueConfig {
     /// Overrides `limits.max_queue_size`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_size: Option<usize>,
+}
+
+fn is_default_kind(k: &QueueKind) -> bool {
+    *k == QueueKind::Queue
 }
 
 /// Body validation of a queue.

@@ -84,6 +84,8 @@ mod tests {
             content_type: None,
             headers: vec![],
             received_at_ms: 0,
+            accepted: std::time::Instant::now(),
+            ws_frame: Default::default(),
         })
     }
 

@@ -3,13 +3,14 @@
 //!
 //! Order of checks, cheapest first and nothing buffered before it must be: queue exists
 //! → client address allowed → header-only credentials → body read up to
-//! `server.max_body_size` → signature over the raw body → content rules → the queue
-//! (which enforces `max_message_size`). Every refusal is counted by reason.
+//! `server.max_body_size` → signature over the raw body → [`Broker::publish`] (content
+//! rules, notify shapes, the queue's limits; shared with WebSocket publish). Every
+//! refusal is counted by reason.
 
 use std::sync::Arc;
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use broker_core::actors::{Publish, QueueHandle};
+use broker_core::broker::PublishOutcome;
 use broker_core::message::NewMessage;
 use broker_core::metrics::UNKNOWN_QUEUE_LABEL;
 use broker_core::settings::QueueSpec;
@@ -23,7 +24,6 @@ use crate::wire::{BatchPublished, BatchRequest, Published};
 /// A request that passed every check that does not depend on the message itself.
 struct Admitted {
     spec: Arc<QueueSpec>,
-    handle: QueueHandle,
     body: Bytes,
     content_type: Option<Arc<str>>,
 }
@@ -82,54 +82,29 @@ async fn admit(
             .verify(lookup, &body, now)
             .map_err(|e| counted(broker, label, e))?;
     }
-    let handle = broker
-        .queue(queue)
-        .await
-        .map_err(|e| counted(broker, label, e))?;
     let content_type = header_str(req, header::CONTENT_TYPE.as_str()).map(Arc::from);
     Ok(Admitted {
         spec,
-        handle,
         body,
         content_type,
     })
 }
 
-fn check_json(spec: &QueueSpec, body: &[u8], what: &str) -> Result<(), Error> {
-    if spec.json_only {
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            return Err(Error::rejected(
-                Rejection::InvalidBody,
-                format!("{what} is not valid JSON: {e}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 async fn publish(
     broker: &Broker,
-    a: &Admitted,
+    queue: &str,
+    a: Admitted,
     messages: Vec<NewMessage>,
-) -> Result<broker_core::actors::Published, ApiError> {
-    a.handle
-        .addr
-        .send(Publish { messages })
-        .await?
-        .map_err(|e| counted(broker, a.spec.label(), e))
+) -> Result<PublishOutcome, ApiError> {
+    Ok(broker.publish(queue, &a.spec, messages).await?)
 }
 
-async fn publish_one(
-    broker: &Broker,
-    a: Admitted,
-) -> Result<broker_core::actors::Published, ApiError> {
-    check_json(&a.spec, &a.body, "the body").map_err(|e| counted(broker, a.spec.label(), e))?;
-    let msg = NewMessage {
+fn single(a: &Admitted) -> Vec<NewMessage> {
+    vec![NewMessage {
         body: a.body.clone(),
         content_type: a.content_type.clone(),
         headers: Vec::new(),
-    };
-    publish(broker, &a, vec![msg]).await
+    }]
 }
 
 /// Query parameters of a publish. None exist yet; unknown ones are refused rather than
@@ -148,12 +123,14 @@ pub async fn publish_message(
 ) -> Result<HttpResponse, ApiError> {
     let queue = path.into_inner();
     let admitted = admit(&req, payload, &broker, &queue).await?;
-    let p = publish_one(&broker, admitted).await?;
+    let messages = single(&admitted);
+    let out = publish(&broker, &queue, admitted, messages).await?;
     Ok(HttpResponse::Ok().json(Published {
         success: true,
+        offset: out.published.last_offset,
+        epoch: out.published.epoch.to_string(),
         queue,
-        offset: p.last_offset,
-        epoch: p.epoch.to_string(),
+        delivered: out.delivered,
     }))
 }
 
@@ -177,22 +154,21 @@ pub async fn publish_batch(
     }
     let mut messages = Vec::with_capacity(parsed.messages.len());
     for (i, el) in parsed.messages.into_iter().enumerate() {
-        let m = el
-            .into_message()
-            .map_err(|m| invalid(format!("messages[{i}]: {m}")))?;
-        check_json(&a.spec, &m.body, &format!("messages[{i}]"))
-            .map_err(|e| counted(&broker, &label, e))?;
-        messages.push(m);
+        messages.push(
+            el.into_message()
+                .map_err(|m| invalid(format!("messages[{i}]: {m}")))?,
+        );
     }
     let count = messages.len();
-    let p = publish(&broker, &a, messages).await?;
+    let out = publish(&broker, &queue, a, messages).await?;
     Ok(HttpResponse::Ok().json(BatchPublished {
         success: true,
-        queue,
-        first_offset: p.first_offset,
-        offset: p.last_offset,
+        first_offset: out.published.first_offset,
+        offset: out.published.last_offset,
         count,
-        epoch: p.epoch.to_string(),
+        epoch: out.published.epoch.to_string(),
+        queue,
+        delivered: out.delivered,
     }))
 }
 
@@ -205,6 +181,7 @@ pub async fn webhook_queue_enqueue(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let admitted = admit(&req, payload, &broker, &path).await?;
-    publish_one(&broker, admitted).await?;
+    let messages = single(&admitted);
+    publish(&broker, &path, admitted, messages).await?;
     Ok(HttpResponse::Ok().finish())
 }
