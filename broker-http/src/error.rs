@@ -16,6 +16,18 @@ pub enum ApiError {
     /// No `Authorization` header where a login is required.
     #[error("credentials required: HTTP Basic ({0})")]
     MissingLogin(&'static str),
+    /// No `Authorization: Bearer` where a token is required.
+    #[error("credentials required: Authorization: Bearer <token>")]
+    MissingToken,
+    /// The token does not grant this.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// A WebSocket session token given at connect is invalid or expired.
+    #[error("{0}")]
+    InvalidToken(broker_core::auth::token::TokenError),
+    /// The request is not a valid WebSocket upgrade.
+    #[error("{0}")]
+    Handshake(String),
     /// Malformed input.
     #[error("{message}")]
     BadRequest {
@@ -85,7 +97,12 @@ impl ApiError {
                 Error::Store(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", false),
                 Error::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", false),
             },
-            ApiError::MissingLogin(_) => (S::UNAUTHORIZED, "missing_credentials", false),
+            ApiError::MissingLogin(_) | ApiError::MissingToken => {
+                (S::UNAUTHORIZED, "missing_credentials", false)
+            }
+            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", false),
+            ApiError::InvalidToken(_) => (S::UNAUTHORIZED, "invalid_token", false),
+            ApiError::Handshake(_) => (S::BAD_REQUEST, "bad_handshake", false),
             ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, code, false),
             ApiError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large", false),
             ApiError::NotFound => (S::NOT_FOUND, "not_found", false),
@@ -119,6 +136,16 @@ impl ResponseError for ApiError {
             offset,
             epoch,
         })
+    }
+}
+
+impl From<broker_ws::Error> for ApiError {
+    fn from(e: broker_ws::Error) -> Self {
+        match e {
+            broker_ws::Error::Core(e) => ApiError::Core(e),
+            broker_ws::Error::Token(t) => ApiError::InvalidToken(t),
+            broker_ws::Error::Handshake(m) => ApiError::Handshake(m),
+        }
     }
 }
 

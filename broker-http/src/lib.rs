@@ -6,6 +6,9 @@
 //! - native: `POST /v1/queues/{q}/messages`, `POST /v1/queues/{q}/batch`,
 //!   `GET /v1/queues/{q}/messages`, `PUT|DELETE /v1/consumers/{client}`,
 //!   `GET /v1/consumers/{client}/messages`;
+//! - WebSocket and notifications: `GET /v1/ws`, `POST /v1/users/{user}/notify`,
+//!   `POST /v1/connections/{id}/notify`, `GET /v1/connections`,
+//!   `DELETE /v1/connections/{id}`;
 //! - webhook-queue compatible: `POST /q/{name}`, `GET /listen/{client}/{queue}`,
 //!   `GET /read/{client}`, `GET /unlisten/{client}`, `POST /setPassword`,
 //!   `GET|POST /reload`, `GET /time`;
@@ -28,7 +31,7 @@ use actix_web::{web, App, HttpRequest, HttpServer};
 use broker_core::Broker;
 
 use error::ApiError;
-use routes::{compat, ingest, ops, read};
+use routes::{compat, connections, ingest, ops, read};
 
 /// Largest JSON body of the small JSON endpoints (setPassword, consumers).
 const JSON_LIMIT: usize = 64 * 1024;
@@ -107,6 +110,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::delete().to(read::delete_consumer)),
     )
     .service(resource("/v1/consumers/{client}/messages").route(web::get().to(read::read_consumer)))
+    .service(resource("/v1/ws").route(web::get().to(connections::upgrade)))
+    .service(resource("/v1/users/{user}/notify").route(web::post().to(connections::notify_user)))
+    .service(resource("/v1/connections").route(web::get().to(connections::list)))
+    .service(resource("/v1/connections/{id}").route(web::delete().to(connections::close)))
+    .service(
+        resource("/v1/connections/{id}/notify")
+            .route(web::post().to(connections::notify_connection)),
+    )
     .service(resource("/q/{queue}").route(web::post().to(ingest::webhook_queue_enqueue)))
     .service(resource("/listen/{client}/{queue}").route(web::get().to(compat::listen)))
     .service(resource("/read/{client}").route(web::get().to(compat::read)))

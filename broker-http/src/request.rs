@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix_web::{http::header, web, HttpRequest};
 use base64::Engine;
 use broker_core::actors::{Batch, QueueHandle};
+use broker_core::config::Secret;
 use broker_core::settings::{Settings, UserSpec};
 use broker_core::{Broker, Error};
 use bytes::{Bytes, BytesMut};
@@ -57,20 +58,59 @@ pub async fn require_user(req: &HttpRequest, broker: &Broker) -> Result<Arc<User
     Ok(broker.authenticate(&user, &pass).await?)
 }
 
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
+    let value = header_str(req, header::AUTHORIZATION.as_str())?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Constant-time: whether `given` equals one of `secrets` (compared as SHA-256 digests,
+/// so neither content nor length leaks through timing).
+fn matches_any(given: &str, secrets: &[Secret]) -> bool {
+    use sha2::{Digest, Sha256};
+    let g: [u8; 32] = Sha256::digest(given).into();
+    secrets
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, s| {
+            let d: [u8; 32] = Sha256::digest(s.expose()).into();
+            acc | d.ct_eq(&g)
+        })
+        .into()
+}
+
 /// Whether the request carries the admin token (`Authorization: Bearer …`).
 pub fn is_admin(req: &HttpRequest, settings: &Settings) -> bool {
-    let Some(token) = settings.admin_token.as_ref() else {
-        return false;
+    match (settings.admin_token.as_ref(), bearer_token(req)) {
+        (Some(token), Some(given)) => matches_any(given, std::slice::from_ref(token)),
+        _ => false,
+    }
+}
+
+/// 401 without a bearer token, 403 unless it is the admin token.
+pub fn require_admin(req: &HttpRequest, settings: &Settings) -> Result<(), ApiError> {
+    if bearer_token(req).is_none() {
+        return Err(ApiError::MissingToken);
+    }
+    if is_admin(req, settings) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("the admin token is required"))
+    }
+}
+
+/// Like [`require_admin`], also accepting a `ws.notify_secrets` entry.
+pub fn require_notifier(req: &HttpRequest, settings: &Settings) -> Result<(), ApiError> {
+    let Some(given) = bearer_token(req) else {
+        return Err(ApiError::MissingToken);
     };
-    let Some(given) =
-        header_str(req, header::AUTHORIZATION.as_str()).and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    use sha2::{Digest, Sha256};
-    let a: [u8; 32] = Sha256::digest(token.expose()).into();
-    let b: [u8; 32] = Sha256::digest(given.trim()).into();
-    bool::from(a.ct_eq(&b))
+    if is_admin(req, settings) || matches_any(given, &settings.ws.notify_secrets) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "the admin token or a notify secret is required",
+        ))
+    }
 }
 
 /// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the

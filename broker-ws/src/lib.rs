@@ -1,1 +1,82 @@
-//! broker-ws (in progress)
+//! broker-ws: WebSocket subscribers.
+//!
+//! One [`WsSession`] actor per connection (actix-web-actors), speaking the native JSON
+//! protocol of [`protocol`]. The rest of the broker sees a session only through the
+//! subscriber messages of broker-core (`Deliver`, `Lagged`, `Notify`, `Disconnect`), and
+//! the HTTP layer only through [`connect`]: moving to another WebSocket implementation
+//! (actix-ws) replaces this crate's transport and nothing else.
+
+pub mod protocol;
+mod session;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use broker_core::auth::token::{self, TokenError};
+use broker_core::Broker;
+
+pub use session::{Identity, WsSession};
+
+/// What went wrong before a connection became a session.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From broker-core (a wrong Basic login, shutdown).
+    #[error(transparent)]
+    Core(#[from] broker_core::Error),
+    /// The token given at connect is invalid or expired.
+    #[error("{0}")]
+    Token(TokenError),
+    /// Not a valid WebSocket upgrade request.
+    #[error("not a WebSocket handshake: {0}")]
+    Handshake(String),
+}
+
+/// Credentials presented with the upgrade request.
+#[derive(Debug)]
+pub enum Credentials {
+    /// `?token=` or `Authorization: Bearer`: a session token.
+    Token(String),
+    /// `Authorization: Basic`: a configured user.
+    Basic(String, String),
+    /// Nothing: anonymous if allowed, else the session must send `authorize`.
+    None,
+}
+
+/// Authenticates an upgrade request and starts its session. A bad token or login is
+/// refused before the upgrade (401/403); no credentials at all leave `ws.auth_timeout`
+/// for an `authorize` action (or make an anonymous session where allowed).
+pub async fn connect(
+    req: &HttpRequest,
+    payload: web::Payload,
+    broker: Arc<Broker>,
+    remote: IpAddr,
+    credentials: Credentials,
+) -> Result<HttpResponse, Error> {
+    let settings = broker.settings();
+    let identity = match credentials {
+        Credentials::Token(t) => {
+            let claims = token::verify(&t, &settings.ws.jwt_secrets).map_err(Error::Token)?;
+            Some(Identity::from_claims(claims, &settings))
+        }
+        Credentials::Basic(user, password) => {
+            let u = broker.authenticate(&user, &password).await?;
+            Some(Identity {
+                user: u.name.clone(),
+                read: u.grants.clone(),
+                publish: u.publish.clone(),
+            })
+        }
+        Credentials::None if settings.ws.config.allow_anonymous => {
+            Some(Identity::anonymous(&settings.ws))
+        }
+        Credentials::None => None,
+    };
+    let max_frame = settings.ws.config.max_frame_size;
+    let session = WsSession::new(broker, remote, identity);
+    ws::WsResponseBuilder::new(session, req, payload)
+        .frame_size(max_frame)
+        .start()
+        .map_err(|e| Error::Handshake(e.to_string()))
+}

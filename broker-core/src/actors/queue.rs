@@ -346,6 +346,7 @@ impl Queue {
                 self.metrics.ws_slow_consumers.inc();
                 // One notice per dropped subscription: bounded even though do_send is not.
                 sub.lagged.do_send(Lagged {
+                    subscription: id,
                     queue: self.name.clone(),
                     offset: self.head,
                     epoch: self.epoch.clone(),

@@ -18,6 +18,8 @@ use crate::message::Message;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Deliver {
+    /// The subscription it is for.
+    pub subscription: u64,
     /// The queue.
     pub queue: Arc<str>,
     /// The messages.
@@ -30,6 +32,8 @@ pub struct Deliver {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Lagged {
+    /// The subscription that was dropped.
+    pub subscription: u64,
     /// The queue.
     pub queue: Arc<str>,
     /// Its newest offset when the subscription was dropped.
@@ -98,6 +102,7 @@ impl Subscriber {
             return Offer::Lagging;
         }
         let msg = Deliver {
+            subscription: self.id,
             queue: queue.clone(),
             messages: messages.clone(),
             bytes,

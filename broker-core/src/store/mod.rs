@@ -46,9 +46,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// A fresh random epoch: 16 hex digits.
 pub fn random_epoch() -> Arc<str> {
-    let mut b = [0u8; 8];
-    crate::auth::password::getrandom_fill(&mut b);
-    hex::encode(b).into()
+    crate::message::random_id()
 }
 
 /// Opens the store named by `storage.url`.

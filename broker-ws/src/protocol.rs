@@ -1,0 +1,399 @@
+//! The native WebSocket protocol: JSON text frames.
+//!
+//! Client → server: `{"action": …, "id"?: …, …}`. Every reply to a frame that carried an
+//! `id` echoes it. Unknown or missing actions get `{"event":"error","code":"not_implemented"}`
+//! (API Gateway's `$default` route); malformed JSON gets an error event and the
+//! connection stays open.
+
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use broker_core::message::{BodyRepr, Message};
+
+/// Close codes the server uses (documented in docs/websocket.md).
+pub mod close {
+    /// Server shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Malformed WebSocket framing.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A message over `ws.max_frame_size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Invalid or expired token in `authorize`.
+    pub const INVALID_TOKEN: u16 = 4001;
+    /// No `authorize` within `ws.auth_timeout`.
+    pub const AUTH_TIMEOUT: u16 = 4002;
+    /// The user has `ws.max_connections_per_user` connections already.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4003;
+    /// No pong (or any frame) within `ws.pong_timeout` after a ping.
+    pub const NO_PONG: u16 = 4004;
+    /// The connection fell behind and `ws.slow_consumer = "close"`.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Closed by an admin (`DELETE /v1/connections/{id}`).
+    pub const BY_ADMIN: u16 = 4010;
+}
+
+/// A client frame as received; which fields matter depends on `action`.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame {
+    /// What to do.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Correlation id, echoed in the reply.
+    #[serde(default)]
+    pub id: Option<Box<RawValue>>,
+    /// `authorize`: the JWT.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `subscribe`, `unsubscribe`, `publish`: the queue.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// `subscribe`: last offset seen.
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// `subscribe`: the epoch of `since`.
+    #[serde(default)]
+    pub epoch: Option<String>,
+    /// `publish`: the message, a JSON value.
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
+}
+
+/// What a client frame asks for.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Authenticate with a token.
+    Authorize(String),
+    /// Subscribe, optionally resuming.
+    Subscribe {
+        /// Queue.
+        queue: String,
+        /// Last offset seen.
+        since: Option<u64>,
+        /// Its epoch.
+        epoch: Option<String>,
+    },
+    /// Unsubscribe.
+    Unsubscribe(String),
+    /// Publish a JSON value.
+    Publish {
+        /// Queue.
+        queue: String,
+        /// The JSON text.
+        data: String,
+    },
+    /// Application-level ping.
+    Ping,
+    /// Anything else (the `$default` route).
+    Unknown(String),
+}
+
+/// A frame that could not be understood: `(code, message)`.
+pub type FrameError = (&'static str, String);
+
+/// Parses a text frame into its correlation id and action.
+pub fn parse(
+    text: &str,
+) -> Result<(Option<Box<RawValue>>, Action), (Option<Box<RawValue>>, FrameError)> {
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            ("invalid_json", format!("frame is not a JSON object: {e}")),
+        )
+    })?;
+    let id = frame.id;
+    let need = |field: Option<String>, name: &str, action: &str| {
+        field.ok_or_else(|| ("invalid_frame", format!("`{action}` needs `{name}`")))
+    };
+    let action = frame.action.unwrap_or_default();
+    let parsed = match action.as_str() {
+        "authorize" => need(frame.token, "token", "authorize").map(Action::Authorize),
+        "subscribe" => need(frame.queue, "queue", "subscribe").map(|queue| Action::Subscribe {
+            queue,
+            since: frame.since,
+            epoch: frame.epoch,
+        }),
+        "unsubscribe" => need(frame.queue, "queue", "unsubscribe").map(Action::Unsubscribe),
+        "publish" => match (frame.queue, frame.data) {
+            (Some(queue), Some(data)) => Ok(Action::Publish {
+                queue,
+                data: String::from(Box::<str>::from(data)),
+            }),
+            _ => Err((
+                "invalid_frame",
+                "`publish` needs `queue` and `data`".to_owned(),
+            )),
+        },
+        "ping" => Ok(Action::Ping),
+        _ => Ok(Action::Unknown(action)),
+    };
+    match parsed {
+        Ok(a) => Ok((id, a)),
+        Err(e) => Err((id, e)),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> ByteString {
+    ByteString::from(serde_json::to_string(v).expect("events always serialize"))
+}
+
+/// `{"event":"connected","connection_id","user"}`
+pub fn connected(connection_id: &str, user: &str) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        connection_id: &'a str,
+        user: &'a str,
+    }
+    encode(&E {
+        event: "connected",
+        connection_id,
+        user,
+    })
+}
+
+/// `{"event":"subscribed","queue","offset","epoch","recovered"}`
+pub fn subscribed(
+    id: Option<&RawValue>,
+    queue: &str,
+    offset: u64,
+    epoch: &str,
+    recovered: bool,
+) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        queue: &'a str,
+        offset: u64,
+        epoch: &'a str,
+        recovered: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    encode(&E {
+        event: "subscribed",
+        queue,
+        offset,
+        epoch,
+        recovered,
+        id,
+    })
+}
+
+/// `{"event":"unsubscribed","queue"}`
+pub fn unsubscribed(id: Option<&RawValue>, queue: &str) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        queue: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    encode(&E {
+        event: "unsubscribed",
+        queue,
+        id,
+    })
+}
+
+/// `{"event":"message","queue","offset","data"|"body"|"body_base64"}`; identical for every
+/// session, so callers cache it in [`Message::ws_frame`].
+pub fn message(m: &Message) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        queue: &'a str,
+        offset: u64,
+        #[serde(flatten)]
+        body: BodyRepr<'a>,
+    }
+    encode(&E {
+        event: "message",
+        queue: &m.queue,
+        offset: m.offset,
+        body: BodyRepr::of(m),
+    })
+}
+
+/// `{"event":"notify","data":…}`; `data` is JSON text.
+pub fn notify(data: &[u8]) -> Option<ByteString> {
+    let raw: &RawValue = serde_json::from_slice(data).ok()?;
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        data: &'a RawValue,
+    }
+    Some(encode(&E {
+        event: "notify",
+        data: raw,
+    }))
+}
+
+/// `{"event":"refresh","queue","reason","offset","epoch"}`
+pub fn refresh(queue: &str, reason: &str, offset: u64, epoch: &str) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        queue: &'a str,
+        reason: &'a str,
+        offset: u64,
+        epoch: &'a str,
+    }
+    encode(&E {
+        event: "refresh",
+        queue,
+        reason,
+        offset,
+        epoch,
+    })
+}
+
+/// `{"event":"published","queue","offset","epoch"}` (+`delivered` for notify queues)
+pub fn published(
+    id: Option<&RawValue>,
+    queue: &str,
+    offset: u64,
+    epoch: &str,
+    delivered: Option<usize>,
+) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        queue: &'a str,
+        offset: u64,
+        epoch: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delivered: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    encode(&E {
+        event: "published",
+        queue,
+        offset,
+        epoch,
+        delivered,
+        id,
+    })
+}
+
+/// `{"action":"pong"}`
+pub fn pong(id: Option<&RawValue>) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        action: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    encode(&E { action: "pong", id })
+}
+
+/// `{"event":"error","code","message"}`
+pub fn error(id: Option<&RawValue>, code: &str, message: &str) -> ByteString {
+    #[derive(Serialize)]
+    struct E<'a> {
+        event: &'static str,
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    encode(&E {
+        event: "error",
+        code,
+        message,
+        id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn v(b: &ByteString) -> serde_json::Value {
+        serde_json::from_str(b).unwrap()
+    }
+
+    #[test]
+    fn parses_every_action_and_keeps_the_id() {
+        let (id, a) =
+            parse(r#"{"action":"subscribe","queue":"q","since":3,"epoch":"e","id":7}"#).unwrap();
+        assert_eq!(id.unwrap().get(), "7");
+        assert_eq!(
+            a,
+            Action::Subscribe {
+                queue: "q".into(),
+                since: Some(3),
+                epoch: Some("e".into())
+            }
+        );
+        let (_, a) = parse(r#"{"action":"publish","queue":"q","data":{"a":[1, 2]}}"#).unwrap();
+        assert_eq!(
+            a,
+            Action::Publish {
+                queue: "q".into(),
+                data: r#"{"a":[1, 2]}"#.into()
+            }
+        );
+        assert_eq!(parse(r#"{"action":"ping"}"#).unwrap().1, Action::Ping);
+        assert_eq!(
+            parse(r#"{"action":"authorize","token":"t"}"#).unwrap().1,
+            Action::Authorize("t".into())
+        );
+        assert_eq!(
+            parse(r#"{"action":"unsubscribe","queue":"q"}"#).unwrap().1,
+            Action::Unsubscribe("q".into())
+        );
+        assert_eq!(
+            parse(r#"{"action":"sendmessage"}"#).unwrap().1,
+            Action::Unknown("sendmessage".into())
+        );
+        assert_eq!(
+            parse(r#"{"hello":1}"#).unwrap().1,
+            Action::Unknown(String::new())
+        );
+    }
+
+    #[test]
+    fn malformed_frames() {
+        let (id, (code, _)) = parse("{nope").unwrap_err();
+        assert_eq!((id.is_none(), code), (true, "invalid_json"));
+        let (id, (code, _)) = parse(r#"{"action":"subscribe","id":"x"}"#).unwrap_err();
+        assert_eq!((id.unwrap().get(), code), (r#""x""#, "invalid_frame"));
+        assert!(parse("[1,2]").is_err());
+    }
+
+    #[test]
+    fn events_have_the_documented_shape() {
+        let id = RawValue::from_string("\"r1\"".into()).unwrap();
+        assert_eq!(
+            v(&subscribed(Some(&id), "q", 4, "e", true)),
+            serde_json::json!({"event":"subscribed","queue":"q","offset":4,"epoch":"e","recovered":true,"id":"r1"})
+        );
+        assert_eq!(v(&pong(None)), serde_json::json!({"action":"pong"}));
+        assert_eq!(
+            v(&error(Some(&id), "not_implemented", "m")),
+            serde_json::json!({"event":"error","code":"not_implemented","message":"m","id":"r1"})
+        );
+        assert_eq!(
+            v(&notify(br#"{"x":1}"#).unwrap()),
+            serde_json::json!({"event":"notify","data":{"x":1}})
+        );
+        assert!(notify(b"{broken").is_none());
+        let m = Message {
+            queue: Arc::from("q"),
+            offset: 9,
+            body: bytes::Bytes::from_static(br#"{"k":true}"#),
+            content_type: Some(Arc::from("application/json")),
+            headers: vec![],
+            received_at_ms: 0,
+            accepted: std::time::Instant::now(),
+            ws_frame: Default::default(),
+        };
+        assert_eq!(
+            v(&message(&m)),
+            serde_json::json!({"event":"message","queue":"q","offset":9,"data":{"k":true}})
+        );
+    }
+}
