@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// An actor-based event broker: HTTP in; HTTP polling out.
+/// An actor-based event broker: HTTP in; WebSocket and HTTP polling out.
 #[derive(Parser)]
 #[command(name = "broker", version, about, long_about = None)]
 struct Cli {
@@ -45,6 +45,12 @@ enum Command {
     },
     /// Publish one message to a queue over HTTP.
     Publish(cmd::publish::Args),
+    /// Subscribe over WebSocket and print each message as a JSON line.
+    Subscribe(cmd::ws::SubscribeArgs),
+    /// Print a signed session token (JWT) for WebSocket clients.
+    Token(cmd::ws::TokenArgs),
+    /// Push JSON to every connection of a user, or to one connection.
+    Notify(cmd::ws::NotifyArgs),
     /// Read a password from the terminal (or stdin) and print its argon2id hash for `pass_hash`.
     HashPassword {
         /// Read the password from standard input instead of prompting.
@@ -75,6 +81,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve { config } => cmd::serve::run(config),
         Command::Publish(args) => cmd::publish::run(args),
+        Command::Subscribe(args) => cmd::ws::subscribe(args),
+        Command::Token(args) => cmd::ws::mint_token(args),
+        Command::Notify(args) => cmd::ws::notify(args),
         Command::HashPassword { stdin } => cmd::hash_password(stdin),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", broker_core::config::EXAMPLE);

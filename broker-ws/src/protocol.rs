@@ -91,10 +91,11 @@ pub enum Action {
 /// A frame that could not be understood: `(code, message)`.
 pub type FrameError = (&'static str, String);
 
+/// A frame's correlation id (any JSON value), echoed in replies.
+pub type FrameId = Option<Box<RawValue>>;
+
 /// Parses a text frame into its correlation id and action.
-pub fn parse(
-    text: &str,
-) -> Result<(Option<Box<RawValue>>, Action), (Option<Box<RawValue>>, FrameError)> {
+pub fn parse(text: &str) -> Result<(FrameId, Action), (FrameId, FrameError)> {
     let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
         (
             None,

@@ -578,12 +578,12 @@ impl Handler<Lagged> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: Lagged, ctx: &mut Self::Context) {
-        if !self
+        if self
             .subs
             .get(&*msg.queue)
-            .is_some_and(|s| s.id == msg.subscription)
+            .is_none_or(|s| s.id != msg.subscription)
         {
-            return;
+            return; // an older subscription of this queue
         }
         self.subs.remove(&*msg.queue);
         match self.ws.config.slow_consumer {

@@ -2,12 +2,42 @@
 
 pub mod publish;
 pub mod serve;
+pub mod ws;
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use broker_core::settings::Settings;
+
+/// The DATA argument, or standard input for `-` or none.
+pub fn read_data(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    match data {
+        None | Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading standard input")?;
+            Ok(buf)
+        }
+        Some(d) => Ok(d.as_bytes().to_vec()),
+    }
+}
+
+/// Prints a success body; turns an error body into the command's error.
+pub async fn print_response(res: reqwest::Response) -> anyhow::Result<()> {
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    if status.is_success() {
+        println!("{text}");
+        return Ok(());
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or(text);
+    bail!("{status}: {message}")
+}
 
 /// `broker hash-password`: prompts twice on a terminal (no echo), or reads one line.
 pub fn hash_password(from_stdin: bool) -> anyhow::Result<()> {

@@ -1,7 +1,5 @@
 //! `broker publish QUEUE [DATA|-]`: one message over HTTP, signed the way the queue wants.
 
-use std::io::Read;
-
 use anyhow::{bail, Context};
 use broker_core::auth::{sign_hex, HmacAlgo};
 
@@ -50,16 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn publish(args: Args) -> anyhow::Result<()> {
-    let body = match args.data.as_deref() {
-        None | Some("-") => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("reading standard input")?;
-            buf
-        }
-        Some(d) => d.as_bytes().to_vec(),
-    };
+    let body = super::read_data(args.data.as_deref())?;
     let content_type = args.content_type.clone().unwrap_or_else(|| {
         if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
             "application/json".into()
@@ -96,16 +85,5 @@ async fn publish(args: Args) -> anyhow::Result<()> {
         req = req.header(name.trim(), value.trim());
     }
     let res = req.send().await.with_context(|| format!("POST {url}"))?;
-    let status = res.status();
-    let text = res.text().await.unwrap_or_default();
-    if status.is_success() {
-        println!("{text}");
-        Ok(())
-    } else {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or(text);
-        bail!("{status}: {message}")
-    }
+    super::print_response(res).await
 }

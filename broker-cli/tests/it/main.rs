@@ -4,3 +4,4 @@
 mod cli;
 mod support;
 mod webhook_queue;
+mod ws;

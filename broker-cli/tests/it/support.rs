@@ -143,3 +143,102 @@ pub fn write_config(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, text).unwrap();
     (dir, path)
 }
+
+/// A WebSocket test client.
+pub struct WsClient {
+    pub ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+/// Opens `/v1/ws` (with an optional `Authorization` header value and query string).
+pub async fn ws_connect(
+    base: &str,
+    query: &str,
+    auth: Option<&str>,
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/ws{query}", base.replacen("http://", "ws://", 1));
+    let mut req = url.into_client_request()?;
+    if let Some(a) = auth {
+        req.headers_mut()
+            .insert("authorization", a.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(WsClient { ws })
+}
+
+impl WsClient {
+    pub async fn send(&mut self, v: serde_json::Value) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::text(v.to_string()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: tokio_tungstenite::tungstenite::Message) {
+        use futures_util::SinkExt;
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next text frame as JSON (control frames skipped); panics after 10 s.
+    pub async fn recv(&mut self) -> serde_json::Value {
+        match self.next().await {
+            Next::Json(v) => v,
+            Next::Closed(code, reason) => panic!("closed {code} {reason}"),
+        }
+    }
+
+    /// The next event: a JSON frame or the close code.
+    pub async fn next(&mut self) -> Next {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("no frame within 10 s");
+            match frame {
+                Some(Ok(Message::Text(t))) => return Next::Json(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(c))) => {
+                    let (code, reason) = c
+                        .map(|c| (u16::from(c.code), c.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Next::Closed(code, reason);
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Next::Closed(1006, String::new()),
+            }
+        }
+    }
+
+    /// Sends `subscribe` and returns the `subscribed` event (after any `refresh`).
+    pub async fn subscribe(
+        &mut self,
+        queue: &str,
+        since: Option<(u64, &str)>,
+    ) -> serde_json::Value {
+        let mut f = serde_json::json!({"action": "subscribe", "queue": queue});
+        if let Some((s, e)) = since {
+            f["since"] = s.into();
+            f["epoch"] = e.into();
+        }
+        self.send(f).await;
+        loop {
+            let v = self.recv().await;
+            if v["event"] == "subscribed" {
+                return v;
+            }
+            assert_eq!(v["event"], "refresh", "{v}");
+        }
+    }
+}
+
+/// What [`WsClient::next`] saw.
+#[derive(Debug)]
+pub enum Next {
+    /// A JSON text frame.
+    Json(serde_json::Value),
+    /// The connection closed with this code and reason.
+    Closed(u16, String),
+}

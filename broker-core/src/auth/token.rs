@@ -112,7 +112,10 @@ mod tests {
         assert_eq!(verify(&t, &[new.clone(), old.clone()]), Ok(c));
         assert_eq!(verify(&t, &[new]), Err(TokenError::Invalid));
         let expired = mint(&claims(now() - 5), &old);
-        assert_eq!(verify(&expired, &[old.clone()]), Err(TokenError::Expired));
+        assert_eq!(
+            verify(&expired, std::slice::from_ref(&old)),
+            Err(TokenError::Expired)
+        );
         assert_eq!(verify("not.a.token", &[old]), Err(TokenError::Invalid));
         assert_eq!(verify(&t, &[]), Err(TokenError::NotConfigured));
     }
