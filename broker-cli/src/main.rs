@@ -57,9 +57,18 @@ enum Command {
         #[arg(long)]
         stdin: bool,
     },
+    /// Benchmarks that measure against a baseline taken in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print the commented example config, or check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Latency WebSocket delivery adds to a publish (in-process broker on loopback).
+    Latency(cmd::bench::LatencyArgs),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +94,7 @@ fn main() -> std::process::ExitCode {
         Command::Token(args) => cmd::ws::mint_token(args),
         Command::Notify(args) => cmd::ws::notify(args),
         Command::HashPassword { stdin } => cmd::hash_password(stdin),
+        Command::Bench(BenchCommand::Latency(args)) => cmd::bench::latency(args),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", broker_core::config::EXAMPLE);
             Ok(())

@@ -1,5 +1,6 @@
 //! The subcommands.
 
+pub mod bench;
 pub mod publish;
 pub mod serve;
 pub mod ws;

@@ -210,3 +210,137 @@ async fn sigterm_releases_long_polls_and_exits_zero() {
     let status = b.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[actix_web::test]
+async fn token_subscribe_and_notify_subcommands() {
+    let toml = r#"
+[admin]
+token = "cli-admin-token-0123"
+[ws]
+jwt_secrets = ["cli-jwt-secret-0123456789"]
+[[queues]]
+name = "events"
+"#;
+    let (_dir, path) = write_config("broker.toml", toml);
+    let b = spawn_broker(&path);
+    let (code, token, err) = run(
+        &[
+            "token",
+            "--user",
+            "carol",
+            "--queues",
+            "events",
+            "--ttl",
+            "5m",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+
+    // `broker subscribe` prints each message as a JSON line and exits after --count.
+    let mut sub = Command::new(broker_bin())
+        .args([
+            "subscribe",
+            "events",
+            "--count",
+            "2",
+            "--url",
+            &b.url,
+            "--token",
+            &token,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stderr shows the `subscribed` event once it is in place.
+    let mut err_lines = std::io::BufReader::new(sub.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("subscribed") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut err_lines, &mut line).unwrap() > 0,
+            "subscribe exited early"
+        );
+    }
+    for body in [r#"{"n":1}"#, r#"{"n":2}"#] {
+        let (code, _, err) = run(&["publish", "events", body, "--url", &b.url], None);
+        assert_eq!(code, 0, "{err}");
+    }
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"event":"message","queue":"events","offset":2,"data":{"n":2}})
+    );
+
+    // `broker notify --user` reaches carol's connection.
+    let mut ws = crate::support::ws_connect(&b.url, &format!("?token={token}"), None)
+        .await
+        .unwrap();
+    assert_eq!(ws.recv().await["event"], "connected");
+    let (code, out, err) = run(
+        &[
+            "notify",
+            "--user",
+            "carol",
+            r#"{"ping":true}"#,
+            "--url",
+            &b.url,
+            "--token",
+            "cli-admin-token-0123",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["delivered"],
+        1
+    );
+    assert_eq!(
+        ws.recv().await,
+        serde_json::json!({"event":"notify","data":{"ping":true}})
+    );
+    let (code, _, err) = run(
+        &[
+            "notify",
+            "--connection",
+            "nope",
+            "1",
+            "--url",
+            &b.url,
+            "--token",
+            "cli-admin-token-0123",
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+}
+
+#[test]
+fn bench_latency_reports_against_its_baseline() {
+    let (code, out, err) = run(
+        &["bench", "latency", "--messages", "50", "--warmup", "5"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "baseline   HTTP publish round trip",
+        "measured   publish -> WebSocket event",
+        "ratio measured/baseline",
+        "target: added p50 < 1 ms",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+}

@@ -568,3 +568,41 @@ async fn a_thousand_connections_each_receive_a_broadcast() {
         );
     }
 }
+
+#[actix_web::test]
+async fn server_pings_and_closes_the_silent() {
+    let (_d, path) = write_config(
+        "broker.toml",
+        &config("ping_interval = \"200ms\"\npong_timeout = \"300ms\""),
+    );
+    let b = spawn_broker(&path);
+    // A live client answers pings (tungstenite replies while reading) and stays.
+    let (mut live, _) = connect(&b, "alice").await;
+    let mut pings = 0;
+    while pings < 3 {
+        use futures_util::StreamExt;
+        if let Some(Ok(Message::Ping(_))) = live.ws.next().await {
+            pings += 1;
+        }
+    }
+    // A client that never reads never answers: closed with 4004 ("no_pong").
+    let (silent, _) = connect(&b, "bob").await;
+    let no_pong = r#"broker_ws_disconnects_total{reason="no_pong"}"#;
+    // Keep reading (and so answering) on the live one while waiting.
+    let keep_reading = async {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = live.ws.next().await {}
+        panic!("the live connection was closed");
+    };
+    tokio::select! {
+        _ = b.wait_for_metric(no_pong, 1.0) => {}
+        _ = keep_reading => {}
+    }
+    expect_nothing_pending(&mut live).await;
+    assert_eq!(
+        metric(&b.metrics().await, no_pong),
+        Some(1.0),
+        "only the silent one"
+    );
+    drop(silent);
+}
