@@ -39,7 +39,7 @@ pub fn spawn_broker_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
         .args(["serve", "--config"])
         .arg(config)
         .env("BROKER__SERVER__LISTEN", "127.0.0.1:0")
-        .env("BROKER_LOG", "warn")
+        .env("BROKER_LOG", "error")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -606,3 +606,118 @@ async fn server_pings_and_closes_the_silent() {
     );
     drop(silent);
 }
+
+/// A subscriber with a tiny receive buffer that starts reading only after `mib` MiB
+/// were published: what does it see?
+async fn lagging_subscriber_sees(policy: &str, mib: usize) -> Vec<Next> {
+    let (_d, path) = write_config(
+        "broker.toml",
+        &config(&format!(
+            "max_pending_messages = 16\nmax_pending_bytes = 65536\nslow_consumer = \"{policy}\""
+        )),
+    );
+    let b = spawn_broker(&path);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = b.url.trim_start_matches("http://").parse().unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}/v1/ws?token={}", token("alice", 300));
+    let (ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    let mut slow = WsClient { ws };
+    slow.recv().await;
+    slow.subscribe("big", None).await;
+    let body = "x".repeat(8 * 1024);
+    let batch = json!({"messages": (0..128).map(|_| json!({"body": body})).collect::<Vec<_>>()})
+        .to_string();
+    for _ in 0..mib {
+        assert_eq!(
+            b.post("/v1/queues/big/batch")
+                .body(batch.clone())
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    b.wait_for_metric("broker_ws_slow_consumers_total", 1.0)
+        .await;
+    // Now read everything that arrives, up to the first non-message event (and one more).
+    let mut seen = Vec::new();
+    loop {
+        let n = slow.next().await;
+        let stop = match &n {
+            Next::Json(v) => v["event"] != "message",
+            Next::Closed(..) => true,
+        };
+        if stop {
+            seen.push(n);
+            if let Next::Json(_) = seen.last().unwrap() {
+                seen.push(slow.next().await);
+            }
+            return seen;
+        }
+    }
+}
+
+#[actix_web::test]
+async fn slow_consumer_policy_refresh() {
+    let seen = lagging_subscriber_sees("refresh", 16).await;
+    let Next::Json(refresh) = &seen[0] else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(
+        (refresh["event"].as_str(), refresh["reason"].as_str()),
+        (Some("refresh"), Some("slow_consumer")),
+        "{refresh}"
+    );
+    let Next::Json(again) = &seen[1] else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(
+        (again["event"].as_str(), again["queue"].as_str()),
+        (Some("subscribed"), Some("big")),
+        "skipped forward, live again"
+    );
+}
+
+#[actix_web::test]
+async fn slow_consumer_policy_close() {
+    let seen = lagging_subscriber_sees("close", 16).await;
+    assert!(matches!(seen[0], Next::Closed(4008, _)), "{seen:?}");
+}
+
+#[actix_web::test]
+async fn subscription_and_connection_limits() {
+    let (_d, path) = write_config(
+        "broker.toml",
+        &config("max_subscriptions = 1\nmax_connections_per_user = 2"),
+    );
+    let b = spawn_broker(&path);
+    let (mut c, _) = connect(&b, "alice").await;
+    c.subscribe("q1", None).await;
+    c.send(json!({"action": "subscribe", "queue": "q2", "id": 1}))
+        .await;
+    assert_eq!(c.recv().await["code"], "too_many_subscriptions");
+    c.send(json!({"action": "subscribe", "queue": "q1", "id": 2}))
+        .await;
+    assert_eq!(c.recv().await["code"], "already_subscribed");
+    c.send(json!({"action": "unsubscribe", "queue": "q1", "id": 3}))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"event": "unsubscribed", "queue": "q1", "id": 3})
+    );
+    c.subscribe("q2", None).await;
+
+    let (_second, _) = connect(&b, "alice").await;
+    let mut third = ws_connect(&b.url, &format!("?token={}", token("alice", 300)), None)
+        .await
+        .unwrap();
+    assert_eq!(third.recv().await["code"], "too_many_connections");
+    assert!(matches!(third.next().await, Next::Closed(4003, _)));
+    let (_bob, _) = connect(&b, "bob").await; // the limit is per user
+}
