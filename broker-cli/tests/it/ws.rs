@@ -113,6 +113,21 @@ async fn expect_message(c: &mut WsClient, queue: &str, offset: u64) -> serde_jso
     v
 }
 
+/// A connected session whose socket has a 4 KiB receive buffer (no autotuning), so that
+/// not reading pushes back on the broker after a few KiB instead of tens of MiB.
+async fn connect_tiny_buffer(b: &BrokerProcess, user: &str) -> WsClient {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = b.url.trim_start_matches("http://").parse().unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}/v1/ws?token={}", token(user, 300));
+    let plain = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(url, plain).await.unwrap();
+    let mut c = WsClient { ws };
+    assert_eq!(c.recv().await["event"], "connected");
+    c
+}
+
 /// Proves nothing else arrived: the next frame is the pong to this ping.
 async fn expect_nothing_pending(c: &mut WsClient) {
     c.send(json!({"action": "ping", "id": "probe"})).await;
@@ -488,17 +503,7 @@ async fn a_stalled_subscriber_does_not_delay_others_and_memory_stays_bounded() {
     healthy.subscribe("big", None).await;
 
     // The stalled client: a tiny receive buffer, subscribes, then never reads again.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let addr: std::net::SocketAddr = b.url.trim_start_matches("http://").parse().unwrap();
-    let stream = sock.connect(addr).await.unwrap();
-    let url = format!("ws://{addr}/v1/ws?token={}", token("alice", 300));
-    let (ws, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    let mut stalled = WsClient { ws };
-    stalled.recv().await;
+    let mut stalled = connect_tiny_buffer(&b, "alice").await;
     stalled.subscribe("big", None).await;
 
     let rss = |m: &str| metric(m, "process_resident_memory_bytes").unwrap();
@@ -617,17 +622,7 @@ async fn lagging_subscriber_sees(policy: &str, mib: usize) -> Vec<Next> {
         )),
     );
     let b = spawn_broker(&path);
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let addr: std::net::SocketAddr = b.url.trim_start_matches("http://").parse().unwrap();
-    let stream = sock.connect(addr).await.unwrap();
-    let url = format!("ws://{addr}/v1/ws?token={}", token("alice", 300));
-    let (ws, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    let mut slow = WsClient { ws };
-    slow.recv().await;
+    let mut slow = connect_tiny_buffer(&b, "alice").await;
     slow.subscribe("big", None).await;
     let body = "x".repeat(8 * 1024);
     let batch = json!({"messages": (0..128).map(|_| json!({"body": body})).collect::<Vec<_>>()})
