@@ -578,7 +578,7 @@ async fn a_thousand_connections_each_receive_a_broadcast() {
 async fn server_pings_and_closes_the_silent() {
     let (_d, path) = write_config(
         "broker.toml",
-        &config("ping_interval = \"200ms\"\npong_timeout = \"300ms\""),
+        &config("ping_interval = \"300ms\"\npong_timeout = \"1s\""),
     );
     let b = spawn_broker(&path);
     // A live client answers pings (tungstenite replies while reading) and stays.
