@@ -8,7 +8,8 @@ use tokio::sync::watch;
 
 use crate::actors::registry::{NotifyConnection, NotifyUser};
 use crate::actors::{
-    ApplySettings, ConnectionRegistry, GetQueue, Hub, Notify, Publish, Published, QueueHandle,
+    ApplySettings, ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published,
+    QueueHandle, Scheduled,
 };
 use crate::auth::{hash_password, CredentialCache};
 use crate::config::{self, QueueKind};
@@ -75,6 +76,7 @@ impl Broker {
         queue: &str,
         spec: &QueueSpec,
         messages: Vec<NewMessage>,
+        deliver_at_ms: Option<i64>,
     ) -> Result<PublishOutcome, Error> {
         let counted = |e: Error| {
             if let Error::Rejected { reason, .. } = &e {
@@ -113,6 +115,27 @@ impl Broker {
             }
         }
         let handle = self.queue(queue).await?;
+        if let Some(at) = deliver_at_ms.filter(|at| *at > crate::message::now_ms()) {
+            if spec.kind != QueueKind::Queue {
+                return Err(counted(Error::rejected(
+                    Rejection::InvalidBody,
+                    "notify queues deliver at once; `delay`/`at` are not accepted",
+                )));
+            }
+            let scheduled = handle
+                .addr
+                .send(PublishAt {
+                    messages,
+                    deliver_at_ms: at,
+                })
+                .await?
+                .map_err(counted)?;
+            return Ok(PublishOutcome {
+                published: None,
+                scheduled: Some(scheduled),
+                delivered: None,
+            });
+        }
         let published = handle
             .addr
             .send(Publish { messages })
@@ -129,7 +152,8 @@ impl Broker {
             Some(n)
         };
         Ok(PublishOutcome {
-            published,
+            published: Some(published),
+            scheduled: None,
             delivered,
         })
     }
@@ -264,8 +288,10 @@ impl Broker {
 /// What a publish did.
 #[derive(Debug)]
 pub struct PublishOutcome {
-    /// Offsets and epoch.
-    pub published: Published,
+    /// Offsets and epoch (immediate publishes).
+    pub published: Option<Published>,
+    /// When the messages become visible (delayed publishes).
+    pub scheduled: Option<Scheduled>,
     /// For notify-kind queues: connections that got the notification(s).
     pub delivered: Option<usize>,
 }

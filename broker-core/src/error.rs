@@ -41,6 +41,8 @@ pub enum Rejection {
     MessageTooLarge,
     /// Body is not valid JSON on a `content_type = "json"` queue, or a malformed batch.
     InvalidBody,
+    /// The queue holds `max_delayed_messages` already.
+    TooManyDelayed,
 }
 
 impl Rejection {
@@ -55,6 +57,7 @@ impl Rejection {
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::MessageTooLarge => "message_too_large",
             Rejection::InvalidBody => "invalid_body",
+            Rejection::TooManyDelayed => "too_many_delayed",
         }
     }
 }

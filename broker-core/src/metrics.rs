@@ -22,6 +22,8 @@ pub struct Metrics {
     pub limit_messages: IntGaugeVec,
     /// `broker_queue_limit_bytes{queue}`: configured `max_queue_size`.
     pub limit_bytes: IntGaugeVec,
+    /// `broker_delayed_messages{queue}`: messages waiting for their time.
+    pub delayed: IntGaugeVec,
     /// `broker_poll_reads_total{queue,outcome}`: poll reads (`messages`, `empty`, `refresh`).
     pub poll_reads: IntCounterVec,
     /// `broker_poll_waiting`: long-polls parked waiting for a message.
@@ -100,6 +102,11 @@ impl Metrics {
         let limit_bytes = gauge(
             "broker_queue_limit_bytes",
             "Configured max_queue_size of a queue.",
+            &["queue"],
+        );
+        let delayed = gauge(
+            "broker_delayed_messages",
+            "Delayed messages waiting for their time.",
             &["queue"],
         );
         let poll_reads = counter(
@@ -198,6 +205,7 @@ impl Metrics {
             bytes,
             limit_messages,
             limit_bytes,
+            delayed,
             poll_reads,
             poll_waiting,
             http_requests,

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::auth::{parse_nets, IngestAuth, PasswordHash};
-use crate::config::{self, Config, ContentRule, LimitsConfig, QueueKind, Secret, Source};
+use crate::config::{
+    self, Config, ContentRule, CronConfig, LimitsConfig, QueueConfig, QueueKind, Secret, Source,
+};
+use crate::delivery::{CronSpec, WebhookSpec};
 use crate::error::{Error, KeyError};
 
 /// Everything about one configured queue or queue pattern.
@@ -27,6 +30,12 @@ pub struct QueueSpec {
     pub json_only: bool,
     /// Ordinary queue or a notify route.
     pub kind: QueueKind,
+    /// Webhook targets.
+    pub webhooks: Vec<Arc<WebhookSpec>>,
+    /// As configured (for the admin API).
+    pub config: QueueConfig,
+    /// Defined through the admin API rather than the config file.
+    pub runtime: bool,
 }
 
 impl QueueSpec {
@@ -64,6 +73,16 @@ pub fn grants(list: &[String], queue: &str) -> bool {
     list.iter().any(|g| name_matches(g, queue))
 }
 
+/// Queues and crons defined through the admin API (and the pg-hooks routes). They are
+/// compiled together with the config file, so every lookup sees one consistent set.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    /// Runtime queues.
+    pub queues: Vec<QueueConfig>,
+    /// Runtime crons.
+    pub crons: Vec<CronConfig>,
+}
+
 /// WebSocket settings with their secrets resolved.
 #[derive(Debug)]
 pub struct WsSettings {
@@ -96,6 +115,10 @@ pub struct Settings {
     pub users: HashMap<String, Arc<UserSpec>>,
     /// WebSocket settings.
     pub ws: Arc<WsSettings>,
+    /// Cron entries (config and runtime).
+    pub crons: Vec<Arc<CronSpec>>,
+    /// The runtime definitions compiled in.
+    pub runtime: Runtime,
 }
 
 /// Whether a queue name or `prefix.*` pattern covers `name`.
@@ -123,6 +146,11 @@ impl Settings {
 
     /// Validates a parsed config. Collects every problem, each naming its key.
     pub fn compile(cfg: Config, source: Source) -> Result<Settings, Error> {
+        Settings::compile_with(cfg, source, Runtime::default())
+    }
+
+    /// [`Settings::compile`] with runtime definitions added (keys `runtime.queues[i]`, …).
+    pub fn compile_with(cfg: Config, source: Source, runtime: Runtime) -> Result<Settings, Error> {
         let mut errs = Vec::new();
         let mut err = |key: String, message: String| errs.push(KeyError { key, message });
 
@@ -177,8 +205,19 @@ impl Settings {
 
         let mut queues = HashMap::new();
         let mut patterns = Vec::new();
-        for (i, q) in cfg.queues.iter().enumerate() {
-            let key = format!("queues[{i}]");
+        let all_queues = cfg
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (format!("queues[{i}]"), q, false))
+            .chain(
+                runtime
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| (format!("runtime.queues[{i}]"), q, true)),
+            );
+        for (key, q, is_runtime) in all_queues {
             let is_pattern = q.name.ends_with(".*");
             let base = q.name.strip_suffix(".*").unwrap_or(&q.name);
             if !valid_queue_name(base) {
@@ -196,6 +235,7 @@ impl Settings {
                 max_message_count: q.max_message_count.unwrap_or(cfg.limits.max_message_count),
                 max_message_size: q.max_message_size.unwrap_or(cfg.limits.max_message_size),
                 max_queue_size: q.max_queue_size.unwrap_or(cfg.limits.max_queue_size),
+                max_delayed_messages: cfg.limits.max_delayed_messages,
             };
             check_limits(&key, &limits, cfg.server.max_body_size, &mut err);
             let allow_ips = parse_nets(&q.allow_ips).unwrap_or_else(|(j, m)| {
@@ -212,6 +252,21 @@ impl Settings {
                     IngestAuth::None
                 }
             };
+            let mut webhooks = Vec::new();
+            for (j, w) in q.webhooks.iter().enumerate() {
+                match WebhookSpec::compile(w) {
+                    Ok(spec) => {
+                        if q.webhooks[..j].iter().any(|o| o.url == w.url) {
+                            err(
+                                format!("{key}.webhooks[{j}].url"),
+                                "the same URL twice".into(),
+                            );
+                        }
+                        webhooks.push(Arc::new(spec));
+                    }
+                    Err((sub, m)) => err(format!("{key}.webhooks[{j}].{sub}"), m),
+                }
+            }
             let spec = Arc::new(QueueSpec {
                 name: q.name.clone(),
                 limits,
@@ -219,6 +274,9 @@ impl Settings {
                 auth,
                 json_only: q.content_type == Some(ContentRule::Json) || q.kind != QueueKind::Queue,
                 kind: q.kind,
+                webhooks,
+                config: q.clone(),
+                runtime: is_runtime,
             });
             let dup = queues.contains_key(&q.name) || patterns.iter().any(|(p, _)| *p == q.name);
             if dup {
@@ -233,6 +291,54 @@ impl Settings {
             }
         }
         patterns.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        let exists = |name: &str| {
+            queues.contains_key(name) || patterns.iter().any(|(p, _)| name_matches(p, name))
+        };
+        for (name, spec) in queues.iter().chain(patterns.iter().map(|(p, s)| (p, s))) {
+            for (j, w) in spec.config.webhooks.iter().enumerate() {
+                if let Some(dlq) = &w.dead_letter_queue {
+                    if dlq == name || !exists(dlq) {
+                        err(
+                            format!("queue `{name}`: webhooks[{j}].dead_letter_queue"),
+                            format!("`{dlq}` must be another defined queue"),
+                        );
+                    }
+                }
+            }
+        }
+        let mut crons: Vec<Arc<CronSpec>> = Vec::new();
+        let all_crons = cfg
+            .crons
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("crons[{i}]"), c))
+            .chain(
+                runtime
+                    .crons
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("runtime.crons[{i}]"), c)),
+            );
+        for (key, c) in all_crons {
+            if crons.iter().any(|o| o.config.name == c.name) {
+                err(
+                    format!("{key}.name"),
+                    format!("cron `{}` is defined twice", c.name),
+                );
+                continue;
+            }
+            if !exists(&c.queue) {
+                err(
+                    format!("{key}.queue"),
+                    format!("`{}` is not a defined queue", c.queue),
+                );
+                continue;
+            }
+            match CronSpec::compile(c) {
+                Ok(spec) => crons.push(spec),
+                Err((sub, m)) => err(format!("{key}.{sub}"), m),
+            }
+        }
 
         let mut users = HashMap::new();
         for (i, u) in cfg.users.iter().enumerate() {
@@ -312,6 +418,21 @@ impl Settings {
                 err(format!("ws.{name}"), "must be greater than 0".into());
             }
         }
+        // Until the delivery actors exist, refuse what would otherwise be silently ignored.
+        for (i, q) in cfg.queues.iter().chain(runtime.queues.iter()).enumerate() {
+            if !q.webhooks.is_empty() {
+                err(
+                    format!("queues[{i}].webhooks"),
+                    "webhook delivery is not available in this version".into(),
+                );
+            }
+        }
+        if !crons.is_empty() {
+            err(
+                "crons".into(),
+                "cron is not available in this version".into(),
+            );
+        }
         let ws = Arc::new(WsSettings {
             config: w.clone(),
             jwt_secrets,
@@ -331,6 +452,8 @@ impl Settings {
             patterns,
             users,
             ws,
+            crons,
+            runtime,
         })
     }
 
@@ -345,6 +468,17 @@ impl Settings {
                 .find(|(p, _)| name_matches(p, name))
                 .map(|(_, s)| s)
         })
+    }
+
+    /// Every configured queue and pattern, sorted by name.
+    pub fn all_queues(&self) -> Vec<&Arc<QueueSpec>> {
+        let mut v: Vec<&Arc<QueueSpec>> = self
+            .queues
+            .values()
+            .chain(self.patterns.iter().map(|(_, s)| s))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Every exactly named queue (pattern queues exist only once used).

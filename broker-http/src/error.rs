@@ -71,6 +71,7 @@ impl ApiError {
                             S::PAYLOAD_TOO_LARGE
                         }
                         Rejection::InvalidBody => S::BAD_REQUEST,
+                        Rejection::TooManyDelayed => S::TOO_MANY_REQUESTS,
                     },
                     reason.as_str(),
                     false,

@@ -50,6 +50,21 @@ pub struct BatchPublished {
     pub delivered: Option<usize>,
 }
 
+/// `200` of a delayed publish (`delay=` or `at=`): offsets are given when due.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Scheduled {
+    /// Always true.
+    pub success: bool,
+    /// The queue.
+    pub queue: String,
+    /// Always true.
+    pub scheduled: bool,
+    /// How many messages wait.
+    pub count: usize,
+    /// When they become visible (RFC 3339, UTC).
+    pub deliver_at: String,
+}
+
 /// `POST /v1/queues/{q}/batch`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

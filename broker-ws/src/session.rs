@@ -377,13 +377,15 @@ impl WsSession {
         let broker = self.broker.clone();
         let fut = async move {
             broker
-                .publish(&queue, &spec, vec![msg])
+                .publish(&queue, &spec, vec![msg], None)
                 .await
                 .map(|o| (queue, o))
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((queue, out)) => {
-                let p = &out.published;
+                let Some(p) = &out.published else {
+                    return act.error(ctx, id.as_deref(), "error", "unexpected delayed publish");
+                };
                 let frame = protocol::published(
                     id.as_deref(),
                     &queue,

@@ -9,8 +9,8 @@ pub mod subscriber;
 
 pub use hub::{ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, Unlisten};
 pub use queue::{
-    AddConsumer, Batch, ConsumerKey, ConsumerRead, Publish, Published, Queue, Read, Reconfigure,
-    RemoveConsumer, Subscribe, Subscribed, Unsubscribe,
+    AddConsumer, Batch, ConsumerKey, ConsumerRead, Head, Publish, PublishAt, Published, Queue,
+    Read, Reconfigure, RemoveConsumer, Scheduled, Subscribe, Subscribed, Unsubscribe,
 };
 pub use registry::{ConnectionInfo, ConnectionRegistry};
 pub use subscriber::{Deliver, Disconnect, Lagged, Notify, Subscriber};

@@ -6,8 +6,11 @@
 //! are one step. Readers that wait (long-poll) watch the `changes` channel, which is
 //! bumped whenever something a reader could see changes: no per-waiter bookkeeping here.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::watch;
@@ -66,6 +69,31 @@ pub struct Publish {
     /// The messages, in order.
     pub messages: Vec<NewMessage>,
 }
+
+/// Holds messages back until `deliver_at_ms`; they get their offsets (in order of due
+/// time) when they become visible, to every kind of reader at once.
+#[derive(Message)]
+#[rtype(result = "Result<Scheduled, Error>")]
+pub struct PublishAt {
+    /// The messages, in order.
+    pub messages: Vec<NewMessage>,
+    /// Unix milliseconds at which they become visible.
+    pub deliver_at_ms: i64,
+}
+
+/// Result of a delayed publish.
+#[derive(Debug, Clone)]
+pub struct Scheduled {
+    /// How many messages wait.
+    pub count: usize,
+    /// When they become visible (Unix ms).
+    pub deliver_at_ms: i64,
+}
+
+/// The queue's epoch and newest offset.
+#[derive(Message)]
+#[rtype(result = "(Arc<str>, u64)")]
+pub struct Head;
 
 /// Reads the messages after `since` (the last offset the reader has seen).
 #[derive(Message)]
@@ -155,6 +183,30 @@ struct Cursor {
     losses_seen: u64,
 }
 
+/// A message waiting for its time; ordered by due time, then arrival.
+struct Delayed {
+    at_ms: i64,
+    seq: u64,
+    message: NewMessage,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at_ms, self.seq) == (o.at_ms, o.seq)
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at_ms, self.seq).cmp(&(o.at_ms, o.seq))
+    }
+}
+
 struct Inflight {
     messages: Vec<Arc<Message>>,
     outcome: Option<Result<(), ()>>,
@@ -180,6 +232,10 @@ pub struct Queue {
     losses: u64,
     consumers: HashMap<ConsumerKey, Cursor>,
     subscribers: HashMap<u64, Subscriber>,
+    /// Delayed messages: one heap and one timer for the earliest, not a timer each.
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    delayed_seq: u64,
+    delayed_timer: Option<(i64, SpawnHandle)>,
 }
 
 impl Queue {
@@ -206,6 +262,9 @@ impl Queue {
             losses: 0,
             consumers: HashMap::new(),
             subscribers: HashMap::new(),
+            delayed: BinaryHeap::new(),
+            delayed_seq: 0,
+            delayed_timer: None,
         }
     }
 
@@ -384,6 +443,10 @@ impl Actor for Queue {
     fn stopped(&mut self, _: &mut Self::Context) {
         let label = self.spec.label();
         self.metrics
+            .delayed
+            .with_label_values(&[label])
+            .sub(self.delayed.len() as i64);
+        self.metrics
             .depth
             .with_label_values(&[label])
             .sub(self.log.len() as i64);
@@ -394,38 +457,42 @@ impl Actor for Queue {
     }
 }
 
-impl Handler<Publish> for Queue {
-    type Result = ResponseActFuture<Self, Result<Published, Error>>;
-
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+impl Queue {
+    /// Refuses a batch with an oversized message (webhook-queue: consumers must refresh).
+    fn check_sizes(&mut self, messages: &[NewMessage]) -> Result<(), Error> {
         let max = self.spec.limits.max_message_size;
-        if let Some(big) = msg.messages.iter().find(|m| m.body.len() > max) {
-            // webhook-queue: the message is lost and existing consumers must refresh.
-            self.losses += 1;
-            self.notify();
-            let err = Error::rejected(
-                Rejection::MessageTooLarge,
-                format!(
-                    "Message was too large: {} bytes, queue `{}` takes at most {max}",
-                    big.body.len(),
-                    self.name
-                ),
-            );
-            return Box::pin(fut::ready(Err(err)));
-        }
-        if msg.messages.is_empty() {
-            let epoch = self.epoch.clone();
+        let Some(big) = messages.iter().find(|m| m.body.len() > max) else {
+            return Ok(());
+        };
+        self.losses += 1;
+        self.notify();
+        Err(Error::rejected(
+            Rejection::MessageTooLarge,
+            format!(
+                "Message was too large: {} bytes, queue `{}` takes at most {max}",
+                big.body.len(),
+                self.name
+            ),
+        ))
+    }
+
+    /// Gives offsets, hands the batch to the store and makes it visible once stored.
+    fn append(
+        &mut self,
+        messages: Vec<NewMessage>,
+    ) -> ResponseActFuture<Self, Result<Published, Error>> {
+        if messages.is_empty() {
             let head = self.next_offset - 1;
-            return Box::pin(fut::ready(Ok(Published {
+            let done = Published {
                 first_offset: head,
                 last_offset: head,
-                epoch,
-            })));
+                epoch: self.epoch.clone(),
+            };
+            return Box::pin(fut::ready(Ok(done)));
         }
         let now = now_ms();
         let first = self.next_offset;
-        let messages: Vec<Arc<Message>> = msg
-            .messages
+        let messages: Vec<Arc<Message>> = messages
             .into_iter()
             .enumerate()
             .map(|(i, m)| {
@@ -464,6 +531,100 @@ impl Handler<Publish> for Queue {
                 epoch: act.epoch.clone(),
             })
         }))
+    }
+
+    /// Arms the one timer for the earliest delayed message.
+    fn arm_delayed_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(Reverse(top)) = self.delayed.peek() else {
+            return;
+        };
+        let at = top.at_ms;
+        if self.delayed_timer.as_ref().is_some_and(|(t, _)| *t <= at) {
+            return;
+        }
+        if let Some((_, h)) = self.delayed_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+        let handle = ctx.run_later(wait, |act, ctx| {
+            act.delayed_timer = None;
+            act.release_due(ctx);
+        });
+        self.delayed_timer = Some((at, handle));
+    }
+
+    /// Appends every delayed message that is due, in due order, as one batch.
+    fn release_due(&mut self, ctx: &mut Context<Self>) {
+        let now = now_ms();
+        let mut due = Vec::new();
+        while self.delayed.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
+            due.push(self.delayed.pop().expect("peeked").0.message);
+        }
+        self.metrics
+            .delayed
+            .with_label_values(&[self.spec.label()])
+            .sub(due.len() as i64);
+        if !due.is_empty() {
+            let name = self.name.clone();
+            ctx.spawn(self.append(due).map(move |res, _, _| {
+                if let Err(e) = res {
+                    tracing::error!(queue = %name, error = %e, "delayed messages could not be stored");
+                }
+            }));
+        }
+        self.arm_delayed_timer(ctx);
+    }
+}
+
+impl Handler<Publish> for Queue {
+    type Result = ResponseActFuture<Self, Result<Published, Error>>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.check_sizes(&msg.messages) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        self.append(msg.messages)
+    }
+}
+
+impl Handler<PublishAt> for Queue {
+    type Result = Result<Scheduled, Error>;
+
+    fn handle(&mut self, msg: PublishAt, ctx: &mut Self::Context) -> Self::Result {
+        self.check_sizes(&msg.messages)?;
+        let max = self.spec.limits.max_delayed_messages;
+        if self.delayed.len() + msg.messages.len() > max {
+            return Err(Error::rejected(
+                Rejection::TooManyDelayed,
+                format!("queue `{}` holds {max} delayed messages already", self.name),
+            ));
+        }
+        let count = msg.messages.len();
+        for message in msg.messages {
+            self.delayed_seq += 1;
+            self.delayed.push(Reverse(Delayed {
+                at_ms: msg.deliver_at_ms,
+                seq: self.delayed_seq,
+                message,
+            }));
+        }
+        self.metrics
+            .delayed
+            .with_label_values(&[self.spec.label()])
+            .add(count as i64);
+        self.arm_delayed_timer(ctx);
+        Ok(Scheduled {
+            count,
+            deliver_at_ms: msg.deliver_at_ms,
+        })
+    }
+}
+
+impl Handler<Head> for Queue {
+    type Result = MessageResult<Head>;
+
+    fn handle(&mut self, _: Head, _: &mut Self::Context) -> Self::Result {
+        MessageResult((self.epoch.clone(), self.head))
     }
 }
 
@@ -636,6 +797,9 @@ mod tests {
             auth: IngestAuth::None,
             json_only: false,
             kind: Default::default(),
+            webhooks: vec![],
+            config: serde_json::from_str(r#"{"name":"q"}"#).unwrap(),
+            runtime: false,
         });
         let (tx, rx) = watch::channel(0);
         let q = Queue::new(
@@ -669,6 +833,7 @@ mod tests {
             max_message_count: count,
             max_message_size: size,
             max_queue_size: total,
+            max_delayed_messages: 10,
         }
     }
 
@@ -858,6 +1023,9 @@ mod tests {
             auth: IngestAuth::None,
             json_only: false,
             kind: Default::default(),
+            webhooks: vec![],
+            config: serde_json::from_str(r#"{"name":"q"}"#).unwrap(),
+            runtime: false,
         });
         q.send(Reconfigure { spec }).await.unwrap();
         let b = q

@@ -97,6 +97,7 @@ impl LegacyConfig {
                 max_message_count: self.max_message_count.unwrap_or(defaults.max_message_count),
                 max_message_size: self.max_message_size.unwrap_or(defaults.max_message_size),
                 max_queue_size: self.max_queue_size.unwrap_or(defaults.max_queue_size),
+                ..defaults
             },
             users: self
                 .users
@@ -130,6 +131,7 @@ impl LegacyConfig {
                     max_message_count: q.max_message_count,
                     max_message_size: q.max_message_size,
                     max_queue_size: q.max_queue_size,
+                    webhooks: Vec::new(),
                 })
                 .collect(),
             ..Config::default()

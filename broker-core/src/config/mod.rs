@@ -12,6 +12,7 @@ mod legacy;
 mod secret;
 mod writeback;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -51,6 +52,114 @@ pub struct Config {
     /// Queues and queue patterns.
     #[serde(default)]
     pub queues: Vec<QueueConfig>,
+    /// Scheduled publishes.
+    #[serde(default)]
+    pub crons: Vec<CronConfig>,
+}
+
+/// `[[queues.webhooks]]`: a target every message of the queue is delivered to.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Callback URL (http or https).
+    pub url: String,
+    /// HTTP method.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Headers sent with every delivery.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Per-attempt timeout.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after the first attempt (0: one attempt only).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Delays between attempts.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+    /// Deliveries in flight at once; 1 delivers strictly in order.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Signs deliveries with Standard Webhooks headers (`whsec_…` or any secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<Secret>,
+    /// Queue that receives messages whose retries are exhausted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_queue: Option<String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_retries() -> u32 {
+    5
+}
+fn default_max_in_flight() -> usize {
+    16
+}
+
+/// `backoff`: an explicit `schedule`, or exponential from `initial` doubling up to `max`;
+/// without either, Svix's schedule (5s, 5m, 30m, 2h, 5h, 10h, 10h).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// First delay of the exponential schedule (each next one doubles).
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub initial: Option<Duration>,
+    /// Cap of the exponential delays.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max: Option<Duration>,
+    /// Explicit delays: retry n waits `schedule[n-1]` (the last entry repeats).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<HumanDuration>,
+    /// Random spread of every delay, as a fraction (0.2 = ±20 %).
+    pub jitter: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: None,
+            max: None,
+            schedule: Vec::new(),
+            jitter: 0.2,
+        }
+    }
+}
+
+/// A duration written as `30s`, `5m`, … in lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct HumanDuration(#[serde(with = "humantime_serde")] pub Duration);
+
+/// `[[crons]]`: publish `body` into `queue` on `schedule`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CronConfig {
+    /// Unique name.
+    pub name: String,
+    /// Target queue.
+    pub queue: String,
+    /// 5 fields (minute precision) or 6 (with seconds first).
+    pub schedule: String,
+    /// IANA time zone of the schedule (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The message body.
+    #[serde(default)]
+    pub body: String,
+    /// Headers kept with the message (and sent by webhooks).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// `[server]`
@@ -117,6 +226,8 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     /// Most bytes of bodies a queue keeps; past it the oldest are dropped.
     pub max_queue_size: usize,
+    /// Most delayed messages a queue holds before they are due.
+    pub max_delayed_messages: usize,
 }
 
 impl Default for LimitsConfig {
@@ -126,6 +237,7 @@ impl Default for LimitsConfig {
             max_message_count: 100,
             max_message_size: 20_000,
             max_queue_size: 1_000_000,
+            max_delayed_messages: 100_000,
         }
     }
 }
@@ -255,6 +367,9 @@ pub struct QueueConfig {
     /// Overrides `limits.max_queue_size`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_size: Option<usize>,
+    /// Webhook targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 fn is_default_kind(k: &QueueKind) -> bool {

@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::error::ApiError;
 use crate::request::{client_ip, header_str, read_body};
-use crate::wire::{BatchPublished, BatchRequest, Published};
+use crate::wire::{BatchPublished, BatchRequest, Published, Scheduled};
 
 /// A request that passed every check that does not depend on the message itself.
 struct Admitted {
@@ -95,8 +95,11 @@ async fn publish(
     queue: &str,
     a: Admitted,
     messages: Vec<NewMessage>,
+    deliver_at_ms: Option<i64>,
 ) -> Result<PublishOutcome, ApiError> {
-    Ok(broker.publish(queue, &a.spec, messages).await?)
+    Ok(broker
+        .publish(queue, &a.spec, messages, deliver_at_ms)
+        .await?)
 }
 
 fn single(a: &Admitted) -> Vec<NewMessage> {
@@ -107,42 +110,110 @@ fn single(a: &Admitted) -> Vec<NewMessage> {
     }]
 }
 
-/// Query parameters of a publish. None exist yet; unknown ones are refused rather than
-/// ignored (a `delay=` that silently published at once would be worse than an error).
+/// Query parameters of a publish; unknown ones are refused rather than ignored.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PublishQuery {}
+pub struct PublishQuery {
+    /// Deliver after this long (`30s`, `5m`, or seconds).
+    delay: Option<String>,
+    /// Deliver at this time (RFC 3339).
+    at: Option<String>,
+}
+
+impl PublishQuery {
+    /// When the message becomes visible, if delayed.
+    fn deliver_at_ms(&self) -> Result<Option<i64>, ApiError> {
+        match (&self.delay, &self.at) {
+            (Some(_), Some(_)) => Err(ApiError::bad_request(
+                "invalid_query",
+                "give `delay` or `at`, not both",
+            )),
+            (Some(d), None) => {
+                let d = match d.trim().parse::<u64>() {
+                    Ok(secs) => std::time::Duration::from_secs(secs),
+                    Err(_) => humantime::parse_duration(d.trim()).map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("`delay={d}` is not a duration like 30s"),
+                        )
+                    })?,
+                };
+                Ok(Some(broker_core::message::now_ms() + d.as_millis() as i64))
+            }
+            (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
+                .map(|t| Some(t.timestamp_millis()))
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("`at={at}` is not an RFC 3339 time"),
+                    )
+                }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The reply of a publish: offsets, or when delayed messages become visible.
+fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpResponse {
+    if let Some(s) = out.scheduled {
+        return HttpResponse::Ok().json(Scheduled {
+            success: true,
+            queue,
+            scheduled: true,
+            count: s.count,
+            deliver_at: chrono::DateTime::from_timestamp_millis(s.deliver_at_ms)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+    }
+    let p = out.published.expect("an immediate publish has offsets");
+    if !batch {
+        HttpResponse::Ok().json(Published {
+            success: true,
+            offset: p.last_offset,
+            epoch: p.epoch.to_string(),
+            queue,
+            delivered: out.delivered,
+        })
+    } else {
+        HttpResponse::Ok().json(BatchPublished {
+            success: true,
+            first_offset: p.first_offset,
+            offset: p.last_offset,
+            count,
+            epoch: p.epoch.to_string(),
+            queue,
+            delivered: out.delivered,
+        })
+    }
+}
 
 /// `POST /v1/queues/{q}/messages`
 pub async fn publish_message(
     req: HttpRequest,
     path: web::Path<String>,
-    _query: web::Query<PublishQuery>,
+    query: web::Query<PublishQuery>,
     payload: web::Payload,
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let queue = path.into_inner();
+    let at = query.deliver_at_ms()?;
     let admitted = admit(&req, payload, &broker, &queue).await?;
     let messages = single(&admitted);
-    let out = publish(&broker, &queue, admitted, messages).await?;
-    Ok(HttpResponse::Ok().json(Published {
-        success: true,
-        offset: out.published.last_offset,
-        epoch: out.published.epoch.to_string(),
-        queue,
-        delivered: out.delivered,
-    }))
+    let out = publish(&broker, &queue, admitted, messages, at).await?;
+    Ok(reply(queue, out, 1, false))
 }
 
 /// `POST /v1/queues/{q}/batch`: all messages or none.
 pub async fn publish_batch(
     req: HttpRequest,
     path: web::Path<String>,
-    _query: web::Query<PublishQuery>,
+    query: web::Query<PublishQuery>,
     payload: web::Payload,
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let queue = path.into_inner();
+    let at = query.deliver_at_ms()?;
     let a = admit(&req, payload, &broker, &queue).await?;
     let label = a.spec.label().to_owned();
     let invalid = |m: String| counted(&broker, &label, Error::rejected(Rejection::InvalidBody, m));
@@ -160,16 +231,8 @@ pub async fn publish_batch(
         );
     }
     let count = messages.len();
-    let out = publish(&broker, &queue, a, messages).await?;
-    Ok(HttpResponse::Ok().json(BatchPublished {
-        success: true,
-        first_offset: out.published.first_offset,
-        offset: out.published.last_offset,
-        count,
-        epoch: out.published.epoch.to_string(),
-        queue,
-        delivered: out.delivered,
-    }))
+    let out = publish(&broker, &queue, a, messages, at).await?;
+    Ok(reply(queue, out, count, true))
 }
 
 /// webhook-queue's `POST /q/{name}`: an empty 200 body on success. Unlike webhook-queue,
@@ -182,6 +245,6 @@ pub async fn webhook_queue_enqueue(
 ) -> Result<HttpResponse, ApiError> {
     let admitted = admit(&req, payload, &broker, &path).await?;
     let messages = single(&admitted);
-    publish(&broker, &path, admitted, messages).await?;
+    publish(&broker, &path, admitted, messages, None).await?;
     Ok(HttpResponse::Ok().finish())
 }

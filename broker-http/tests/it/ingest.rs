@@ -468,7 +468,7 @@ async fn size_limits_and_unknown_queues() {
         (404, Some("unknown_queue"), Some(false))
     );
     let (s, v) = json(
-        b.post("/v1/queues/q/messages?delay=30s")
+        b.post("/v1/queues/q/messages?deliver=30s")
             .body("x")
             .send()
             .await

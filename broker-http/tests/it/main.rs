@@ -1,5 +1,6 @@
 //! broker-http integration tests: a real server on a loopback port, driven over HTTP.
 
+mod delayed;
 mod ingest;
 mod ops;
 mod read;

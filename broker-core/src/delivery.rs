@@ -1,0 +1,265 @@
+//! Compiled webhook targets and cron entries (validated from config), and the backoff
+//! arithmetic of retries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+
+use crate::config::{CronConfig, WebhookConfig};
+
+/// Svix's retry schedule: rides out a multi-hour outage.
+pub const DEFAULT_SCHEDULE: [Duration; 7] = [
+    Duration::from_secs(5),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(5 * 3600),
+    Duration::from_secs(10 * 3600),
+    Duration::from_secs(10 * 3600),
+];
+
+/// Longest `Retry-After` honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// How long to wait before retry n (n ≥ 1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backoff {
+    /// `schedule[n-1]`, the last entry repeating.
+    Schedule(Vec<Duration>),
+    /// `initial × 2^(n-1)`, capped.
+    Exponential {
+        /// First delay.
+        initial: Duration,
+        /// Cap.
+        max: Duration,
+    },
+}
+
+impl Backoff {
+    /// The delay before retry `n` (1-based), before jitter.
+    pub fn base(&self, n: u32) -> Duration {
+        let n = n.max(1);
+        match self {
+            Backoff::Schedule(s) => s[((n - 1) as usize).min(s.len() - 1)],
+            Backoff::Exponential { initial, max } => {
+                let factor = 2u32.saturating_pow((n - 1).min(30));
+                initial.saturating_mul(factor).min(*max)
+            }
+        }
+    }
+
+    /// The delay with ±`jitter` spread; `unit` is uniform in [0, 1).
+    pub fn delay(&self, n: u32, jitter: f64, unit: f64) -> Duration {
+        let base = self.base(n).as_secs_f64();
+        let spread = 1.0 + jitter * (2.0 * unit - 1.0);
+        Duration::from_secs_f64((base * spread).max(0.0))
+    }
+}
+
+/// A validated webhook target.
+#[derive(Debug)]
+pub struct WebhookSpec {
+    /// As configured (compared on reload).
+    pub config: WebhookConfig,
+    /// Parsed URL.
+    pub url: reqwest::Url,
+    /// Parsed method.
+    pub method: reqwest::Method,
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// HMAC key for Standard Webhooks signatures.
+    pub signing_key: Option<Vec<u8>>,
+}
+
+impl WebhookSpec {
+    /// Validates a target; errors are `(sub-key, message)`.
+    pub fn compile(c: &WebhookConfig) -> Result<Self, (String, String)> {
+        let url = reqwest::Url::parse(&c.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or((
+                "url".to_owned(),
+                format!("`{}` is not an http(s) URL", c.url),
+            ))?;
+        let method = reqwest::Method::from_bytes(c.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| {
+                (
+                    "method".to_owned(),
+                    format!("`{}` is not an HTTP method", c.method),
+                )
+            })?;
+        if c.max_in_flight == 0 {
+            return Err(("max_in_flight".into(), "must be at least 1".into()));
+        }
+        if c.timeout.is_zero() {
+            return Err(("timeout".into(), "must be longer than 0s".into()));
+        }
+        if !(0.0..=1.0).contains(&c.backoff.jitter) {
+            return Err(("backoff.jitter".into(), "must be between 0 and 1".into()));
+        }
+        for (name, value) in &c.headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(value).is_err()
+            {
+                return Err((format!("headers.{name}"), "not a valid HTTP header".into()));
+            }
+        }
+        let backoff = if !c.backoff.schedule.is_empty() {
+            Backoff::Schedule(c.backoff.schedule.iter().map(|d| d.0).collect())
+        } else if let Some(initial) = c.backoff.initial {
+            Backoff::Exponential {
+                initial,
+                max: c.backoff.max.unwrap_or(Duration::from_secs(10 * 3600)),
+            }
+        } else {
+            Backoff::Schedule(DEFAULT_SCHEDULE.to_vec())
+        };
+        let signing_key = match &c.signing_secret {
+            None => None,
+            Some(s) => {
+                let s = s.resolve().map_err(|m| ("signing_secret".to_owned(), m))?;
+                Some(match s.expose().strip_prefix("whsec_") {
+                    Some(b64) => base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|_| {
+                            (
+                                "signing_secret".to_owned(),
+                                "`whsec_` must be followed by base64".to_owned(),
+                            )
+                        })?,
+                    None => s.expose().as_bytes().to_vec(),
+                })
+            }
+        };
+        Ok(WebhookSpec {
+            config: c.clone(),
+            url,
+            method,
+            backoff,
+            signing_key,
+        })
+    }
+}
+
+/// A validated cron entry.
+#[derive(Debug)]
+pub struct CronSpec {
+    /// As configured.
+    pub config: CronConfig,
+    /// Parsed schedule.
+    pub schedule: croner::Cron,
+    /// Its time zone.
+    pub tz: chrono_tz::Tz,
+    /// The body to publish.
+    pub body: Bytes,
+}
+
+impl CronSpec {
+    /// Validates an entry; errors are `(sub-key, message)`.
+    pub fn compile(c: &CronConfig) -> Result<Arc<Self>, (String, String)> {
+        let fields = c.schedule.split_whitespace().count();
+        if !(5..=6).contains(&fields) {
+            return Err((
+                "schedule".into(),
+                format!("`{}` needs 5 or 6 fields", c.schedule),
+            ));
+        }
+        let schedule: croner::Cron = c
+            .schedule
+            .parse()
+            .map_err(|e| ("schedule".to_owned(), format!("`{}`: {e}", c.schedule)))?;
+        let tz = match &c.timezone {
+            None => chrono_tz::UTC,
+            Some(t) => t.parse().map_err(|_| {
+                (
+                    "timezone".to_owned(),
+                    format!("`{t}` is not an IANA time zone"),
+                )
+            })?,
+        };
+        Ok(Arc::new(CronSpec {
+            config: c.clone(),
+            schedule,
+            tz,
+            body: Bytes::from(c.body.clone()),
+        }))
+    }
+
+    /// The next tick strictly after `after`.
+    pub fn next_after(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let local = after.with_timezone(&self.tz);
+        self.schedule
+            .find_next_occurrence(&local, false)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn backoff_schedules() {
+        let svix = Backoff::Schedule(DEFAULT_SCHEDULE.to_vec());
+        assert_eq!(svix.base(1), Duration::from_secs(5));
+        assert_eq!(svix.base(7), Duration::from_secs(36000));
+        assert_eq!(
+            svix.base(20),
+            Duration::from_secs(36000),
+            "the last entry repeats"
+        );
+        let exp = Backoff::Exponential {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        assert_eq!(exp.base(1), Duration::from_millis(100));
+        assert_eq!(exp.base(3), Duration::from_millis(400));
+        assert_eq!(exp.base(10), Duration::from_secs(1));
+        assert_eq!(exp.delay(1, 0.2, 0.0), Duration::from_millis(80));
+        assert_eq!(exp.delay(1, 0.2, 0.5), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn cron_next_ticks_in_a_time_zone() {
+        let c = |schedule: &str, tz: Option<&str>| CronConfig {
+            name: "c".into(),
+            queue: "q".into(),
+            schedule: schedule.into(),
+            timezone: tz.map(Into::into),
+            body: String::new(),
+            headers: Default::default(),
+        };
+        let every_second = CronSpec::compile(&c("* * * * * *", None)).unwrap();
+        let t = chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            every_second.next_after(t),
+            Some(t + chrono::Duration::seconds(1))
+        );
+        let nine_in_paris = CronSpec::compile(&c("0 9 * * *", Some("Europe/Paris"))).unwrap();
+        assert_eq!(
+            nine_in_paris.next_after(t),
+            Some(chrono::Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap())
+        );
+        assert_eq!(
+            CronSpec::compile(&c("* * *", None)).unwrap_err().0,
+            "schedule"
+        );
+        assert_eq!(
+            CronSpec::compile(&c("61 * * * *", None)).unwrap_err().0,
+            "schedule"
+        );
+        assert_eq!(
+            CronSpec::compile(&c("* * * * *", Some("Mars/Base")))
+                .unwrap_err()
+                .0,
+            "timezone"
+        );
+    }
+}
