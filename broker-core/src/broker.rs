@@ -6,6 +6,9 @@ use std::sync::{Arc, RwLock};
 use actix::prelude::*;
 use tokio::sync::watch;
 
+use crate::actors::cron::{Cron, SetCrons};
+use crate::actors::hub::Deliveries;
+use crate::actors::leader::{Follow, Leader, SingleNode};
 use crate::actors::registry::{NotifyConnection, NotifyUser};
 use crate::actors::{
     ApplySettings, ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published,
@@ -27,6 +30,10 @@ pub const MIN_PASSWORD_LEN: usize = 6;
 pub struct Broker {
     hub: Addr<Hub>,
     registry: Addr<ConnectionRegistry>,
+    leader: Addr<Leader>,
+    cron: Addr<Cron>,
+    /// Keeps the delivery arbiter's thread alive as long as the broker.
+    _deliveries: Arbiter,
     settings: RwLock<Arc<Settings>>,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
@@ -43,12 +50,31 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         warn_weak_passwords(&settings);
         let settings = Arc::new(settings);
-        let hub = Hub::new(settings.clone(), store, metrics.clone()).start();
+        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::Store(format!("cannot build the HTTP client: {e}")))?;
+        let arbiter = Arbiter::new();
+        let deliveries = Deliveries {
+            leader: leader.clone(),
+            client,
+            arbiter: arbiter.handle(),
+        };
+        let hub = Hub::new(settings.clone(), store, metrics.clone(), deliveries).start();
+        let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
+        leader.do_send(Follow {
+            recipient: cron.clone().recipient(),
+        });
         let registry = ConnectionRegistry::new(metrics.clone()).start();
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Broker {
             hub,
             registry,
+            leader,
+            cron,
+            _deliveries: arbiter,
             settings: RwLock::new(settings),
             metrics,
             credentials: CredentialCache::default(),
@@ -61,6 +87,16 @@ impl Broker {
     /// The hub actor.
     pub fn hub(&self) -> &Addr<Hub> {
         &self.hub
+    }
+
+    /// The leadership actor.
+    pub fn leader(&self) -> &Addr<Leader> {
+        &self.leader
+    }
+
+    /// The cron scheduler.
+    pub fn cron(&self) -> &Addr<Cron> {
+        &self.cron
     }
 
     /// The registry of live connections.
@@ -268,6 +304,9 @@ impl Broker {
         warn_weak_passwords(&new);
         *self.settings.write().expect("settings lock") = new.clone();
         self.credentials.clear();
+        self.cron.do_send(SetCrons {
+            crons: new.crons.clone(),
+        });
         self.hub.send(ApplySettings { settings: new }).await?;
         outcome("ok");
         tracing::info!("configuration reloaded");

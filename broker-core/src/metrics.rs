@@ -46,6 +46,27 @@ pub struct Metrics {
     pub ws_delivery_latency: prometheus::Histogram,
     /// `broker_notifications_total{target}`: notifications delivered to connections.
     pub notifications: IntCounterVec,
+    /// `broker_leader`: 1 while this node is the leader.
+    pub leader: prometheus::IntGauge,
+    /// `broker_leader_changes_total`.
+    pub leader_changes: prometheus::IntCounter,
+    /// `broker_webhook_deliveries_total{queue,outcome}`: attempts by outcome
+    /// (`success`, `retry`, `dead_lettered`, `dropped`).
+    pub webhook_deliveries: IntCounterVec,
+    /// `broker_webhook_delivery_duration_seconds{queue}`: one attempt.
+    pub webhook_duration: HistogramVec,
+    /// `broker_webhook_in_flight{queue}`: messages being delivered (including waiting retries).
+    pub webhook_in_flight: IntGaugeVec,
+    /// `broker_webhook_pending{queue}`: messages not yet handed to a delivery.
+    pub webhook_pending: IntGaugeVec,
+    /// `broker_webhook_skipped_total{queue}`: messages rolled off before delivery began.
+    pub webhook_skipped: IntCounterVec,
+    /// `broker_dead_lettered_total{queue}`: messages moved to a dead-letter queue.
+    pub dead_lettered: IntCounterVec,
+    /// `broker_cron_runs_total{cron,outcome}`.
+    pub cron_runs: IntCounterVec,
+    /// `broker_cron_next_run_timestamp_seconds{cron}`.
+    pub cron_next_run: prometheus::GaugeVec,
 }
 
 /// Label used for requests to queues that do not exist (keeps cardinality bounded).
@@ -170,6 +191,74 @@ impl Metrics {
             "Notifications delivered to connections.",
             &["target"],
         );
+        let leader = prometheus::IntGauge::new("broker_leader", "1 while this node is the leader.")
+            .expect("valid metric");
+        registry
+            .register(Box::new(leader.clone()))
+            .expect("unique metric");
+        let leader_changes = prometheus::IntCounter::new(
+            "broker_leader_changes_total",
+            "Leadership changes of this node.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(leader_changes.clone()))
+            .expect("unique metric");
+        let webhook_deliveries = counter(
+            "broker_webhook_deliveries_total",
+            "Webhook delivery attempts, by outcome.",
+            &["queue", "outcome"],
+        );
+        let webhook_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "broker_webhook_delivery_duration_seconds",
+                "Duration of one webhook delivery attempt.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["queue"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(webhook_duration.clone()))
+            .expect("unique metric");
+        let webhook_in_flight = gauge(
+            "broker_webhook_in_flight",
+            "Messages being delivered to webhooks, retries included.",
+            &["queue"],
+        );
+        let webhook_pending = gauge(
+            "broker_webhook_pending",
+            "Messages not yet handed to a webhook delivery.",
+            &["queue"],
+        );
+        let webhook_skipped = counter(
+            "broker_webhook_skipped_total",
+            "Messages rolled off before their webhook delivery began.",
+            &["queue"],
+        );
+        let dead_lettered = counter(
+            "broker_dead_lettered_total",
+            "Messages moved to a dead-letter queue.",
+            &["queue"],
+        );
+        let cron_runs = counter(
+            "broker_cron_runs_total",
+            "Cron runs, by outcome.",
+            &["cron", "outcome"],
+        );
+        let cron_next_run = prometheus::GaugeVec::new(
+            Opts::new(
+                "broker_cron_next_run_timestamp_seconds",
+                "Unix time of each cron's next run.",
+            ),
+            &["cron"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cron_next_run.clone()))
+            .expect("unique metric");
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
@@ -217,6 +306,16 @@ impl Metrics {
             ws_slow_consumers,
             ws_delivery_latency,
             notifications,
+            leader,
+            leader_changes,
+            webhook_deliveries,
+            webhook_duration,
+            webhook_in_flight,
+            webhook_pending,
+            webhook_skipped,
+            dead_lettered,
+            cron_runs,
+            cron_next_run,
         }
     }
 

@@ -418,21 +418,6 @@ impl Settings {
                 err(format!("ws.{name}"), "must be greater than 0".into());
             }
         }
-        // Until the delivery actors exist, refuse what would otherwise be silently ignored.
-        for (i, q) in cfg.queues.iter().chain(runtime.queues.iter()).enumerate() {
-            if !q.webhooks.is_empty() {
-                err(
-                    format!("queues[{i}].webhooks"),
-                    "webhook delivery is not available in this version".into(),
-                );
-            }
-        }
-        if !crons.is_empty() {
-            err(
-                "crons".into(),
-                "cron is not available in this version".into(),
-            );
-        }
         let ws = Arc::new(WsSettings {
             config: w.clone(),
             jwt_secrets,

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::watch;
 
+use super::leader::{Follow, Leader};
 use super::queue::{AddConsumer, ConsumerKey, Queue, Reconfigure, RemoveConsumer};
+use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -70,6 +72,25 @@ pub struct ResolveConsumer {
     pub key: ConsumerKey,
 }
 
+/// The webhook targets of a queue and their delivery state.
+#[derive(Message)]
+#[rtype(result = "Vec<Addr<Webhook>>")]
+pub struct QueueWebhooks {
+    /// Queue name.
+    pub name: String,
+}
+
+/// What the Hub needs to start webhook deliveries.
+#[derive(Clone)]
+pub struct Deliveries {
+    /// Leadership, which webhooks follow.
+    pub leader: Addr<Leader>,
+    /// The outbound HTTP client (pooled, rustls).
+    pub client: reqwest::Client,
+    /// The arbiter webhook actors run on, away from the HTTP workers.
+    pub arbiter: ArbiterHandle,
+}
+
 /// Swaps in reloaded settings.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -83,6 +104,9 @@ struct ConsumerEntry {
     disconnected: Option<&'static str>,
 }
 
+/// A running webhook target: its spec and its actor.
+type Target = (Arc<crate::delivery::WebhookSpec>, Addr<Webhook>);
+
 /// The queue registry.
 pub struct Hub {
     settings: Arc<Settings>,
@@ -90,17 +114,89 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     queues: HashMap<String, QueueHandle>,
     consumers: HashMap<ConsumerKey, ConsumerEntry>,
+    deliveries: Deliveries,
+    /// Webhook actors by queue, with their target spec.
+    webhooks: HashMap<String, Vec<Target>>,
 }
 
 impl Hub {
     /// A hub over `store` with the initial `settings`.
-    pub fn new(settings: Arc<Settings>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        deliveries: Deliveries,
+    ) -> Self {
         Self {
             settings,
             store,
             metrics,
             queues: HashMap::new(),
             consumers: HashMap::new(),
+            deliveries,
+            webhooks: HashMap::new(),
+        }
+    }
+
+    fn start_webhook(
+        &self,
+        ctx: &mut Context<Self>,
+        handle: &QueueHandle,
+        label: &str,
+        index: usize,
+        spec: Arc<crate::delivery::WebhookSpec>,
+    ) -> Addr<Webhook> {
+        let w = Webhook::new(
+            handle.clone(),
+            label.to_owned(),
+            index,
+            spec,
+            ctx.address(),
+            self.deliveries.client.clone(),
+            self.metrics.clone(),
+        );
+        let addr = Webhook::start_in_arbiter(&self.deliveries.arbiter, move |_| w);
+        self.deliveries.leader.do_send(Follow {
+            recipient: addr.clone().recipient(),
+        });
+        addr
+    }
+
+    /// Starts, retargets and stops the webhook actors of `name` to match its spec.
+    fn sync_webhooks(&mut self, ctx: &mut Context<Self>, name: &str) {
+        let (Some(handle), spec) = (
+            self.queues.get(name).cloned(),
+            self.settings.queue(name).cloned(),
+        ) else {
+            return;
+        };
+        let wanted = spec
+            .as_ref()
+            .map(|s| s.webhooks.clone())
+            .unwrap_or_default();
+        let label = spec.as_ref().map_or(name, |s| s.label()).to_owned();
+        let mut old = self.webhooks.remove(name).unwrap_or_default();
+        let mut now = Vec::new();
+        for (i, w) in wanted.into_iter().enumerate() {
+            match old.iter().position(|(o, _)| o.config.url == w.config.url) {
+                Some(pos) => {
+                    let (o, addr) = old.remove(pos);
+                    if o.config != w.config {
+                        addr.do_send(Retarget { spec: w.clone() });
+                    }
+                    now.push((w, addr));
+                }
+                None => {
+                    let addr = self.start_webhook(ctx, &handle, &label, i, w.clone());
+                    now.push((w, addr));
+                }
+            }
+        }
+        for (_, addr) in old {
+            addr.do_send(StopWebhook);
+        }
+        if !now.is_empty() {
+            self.webhooks.insert(name.to_owned(), now);
         }
     }
 
@@ -130,14 +226,24 @@ impl Hub {
         Some(handle)
     }
 
-    fn start_named_queues(&mut self) {
+    /// [`Hub::queue`], starting the webhooks of a queue it creates.
+    fn queue_with_webhooks(&mut self, ctx: &mut Context<Self>, name: &str) -> Option<QueueHandle> {
+        let existed = self.queues.get(name).is_some_and(|h| h.addr.connected());
+        let h = self.queue(name)?;
+        if !existed {
+            self.sync_webhooks(ctx, name);
+        }
+        Some(h)
+    }
+
+    fn start_named_queues(&mut self, ctx: &mut Context<Self>) {
         let names: Vec<String> = self
             .settings
             .named_queues()
             .map(|q| q.name.clone())
             .collect();
         for n in names {
-            self.queue(&n);
+            self.queue_with_webhooks(ctx, &n);
         }
     }
 }
@@ -147,22 +253,22 @@ impl Actor for Hub {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
-        self.start_named_queues();
+        self.start_named_queues(ctx);
     }
 }
 
 impl Handler<GetQueue> for Hub {
     type Result = Option<QueueHandle>;
 
-    fn handle(&mut self, msg: GetQueue, _: &mut Self::Context) -> Self::Result {
-        self.queue(&msg.name)
+    fn handle(&mut self, msg: GetQueue, ctx: &mut Self::Context) -> Self::Result {
+        self.queue_with_webhooks(ctx, &msg.name)
     }
 }
 
 impl Handler<Listen> for Hub {
     type Result = Result<(), Error>;
 
-    fn handle(&mut self, msg: Listen, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Listen, ctx: &mut Self::Context) -> Self::Result {
         if let Some(existing) = self.consumers.get(&msg.key) {
             if existing.disconnected.is_none() {
                 if !msg.exclusive && existing.queue == msg.queue {
@@ -174,9 +280,11 @@ impl Handler<Listen> for Hub {
                 });
             }
         }
-        let handle = self.queue(&msg.queue).ok_or_else(|| Error::UnknownQueue {
-            queue: msg.queue.clone(),
-        })?;
+        let handle =
+            self.queue_with_webhooks(ctx, &msg.queue)
+                .ok_or_else(|| Error::UnknownQueue {
+                    queue: msg.queue.clone(),
+                })?;
         if let Some(old) = self.consumers.remove(&msg.key) {
             if let Some(h) = self.queues.get(&old.queue) {
                 h.addr.do_send(RemoveConsumer {
@@ -219,7 +327,7 @@ impl Handler<Unlisten> for Hub {
 impl Handler<ResolveConsumer> for Hub {
     type Result = Result<QueueHandle, Error>;
 
-    fn handle(&mut self, msg: ResolveConsumer, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: ResolveConsumer, ctx: &mut Self::Context) -> Self::Result {
         let entry = self
             .consumers
             .get(&msg.key)
@@ -233,17 +341,48 @@ impl Handler<ResolveConsumer> for Hub {
             });
         }
         let queue = entry.queue.clone();
-        self.queue(&queue).ok_or(Error::ClientDisconnected {
-            client: msg.key.client,
-            reason: QUEUE_REMOVED.to_owned(),
-        })
+        self.queue_with_webhooks(ctx, &queue)
+            .ok_or(Error::ClientDisconnected {
+                client: msg.key.client,
+                reason: QUEUE_REMOVED.to_owned(),
+            })
     }
+}
+
+impl Handler<QueueWebhooks> for Hub {
+    type Result = MessageResult<QueueWebhooks>;
+
+    fn handle(&mut self, msg: QueueWebhooks, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.webhooks
+                .get(&msg.name)
+                .map(|v| v.iter().map(|(_, a)| a.clone()).collect())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Delivery status of every target of a queue.
+pub async fn webhook_status(hub: &Addr<Hub>, queue: &str) -> Vec<WebhookStatus> {
+    let addrs = hub
+        .send(QueueWebhooks {
+            name: queue.to_owned(),
+        })
+        .await
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        if let Ok(s) = a.send(GetStatus).await {
+            out.push(s);
+        }
+    }
+    out
 }
 
 impl Handler<ApplySettings> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: ApplySettings, _: &mut Self::Context) {
+    fn handle(&mut self, msg: ApplySettings, ctx: &mut Self::Context) {
         self.settings = msg.settings;
         let mut removed = Vec::new();
         for (name, handle) in &self.queues {
@@ -256,8 +395,15 @@ impl Handler<ApplySettings> for Hub {
             // Dropping the last address stops the actor; in-flight readers keep it until done.
             self.queues.remove(name);
             self.store.remove(name);
+            for (_, w) in self.webhooks.remove(name).unwrap_or_default() {
+                w.do_send(StopWebhook);
+            }
         }
-        self.start_named_queues();
+        let kept: Vec<String> = self.queues.keys().cloned().collect();
+        for name in kept {
+            self.sync_webhooks(ctx, &name);
+        }
+        self.start_named_queues(ctx);
         let settings = self.settings.clone();
         self.consumers.retain(|key, entry| {
             let Some(user) = settings.users.get(&key.user) else {

@@ -2,10 +2,13 @@
 //! (live connections by id and user), one per file with the messages they handle above
 //! them; `subscriber` is the interface live subscribers implement.
 
+pub mod cron;
 pub mod hub;
+pub mod leader;
 pub mod queue;
 pub mod registry;
 pub mod subscriber;
+pub mod webhook;
 
 pub use hub::{ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, Unlisten};
 pub use queue::{

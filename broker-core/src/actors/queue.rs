@@ -90,10 +90,21 @@ pub struct Scheduled {
     pub deliver_at_ms: i64,
 }
 
-/// The queue's epoch and newest offset.
+/// The queue's epoch, newest offset and oldest retained offset.
 #[derive(Message)]
-#[rtype(result = "(Arc<str>, u64)")]
+#[rtype(result = "HeadInfo")]
 pub struct Head;
+
+/// Reply to [`Head`].
+#[derive(Debug, Clone, MessageResponse)]
+pub struct HeadInfo {
+    /// The epoch.
+    pub epoch: Arc<str>,
+    /// Newest visible offset.
+    pub head: u64,
+    /// Oldest retained offset (`head + 1` when empty).
+    pub first: u64,
+}
 
 /// Reads the messages after `since` (the last offset the reader has seen).
 #[derive(Message)]
@@ -621,10 +632,14 @@ impl Handler<PublishAt> for Queue {
 }
 
 impl Handler<Head> for Queue {
-    type Result = MessageResult<Head>;
+    type Result = HeadInfo;
 
-    fn handle(&mut self, _: Head, _: &mut Self::Context) -> Self::Result {
-        MessageResult((self.epoch.clone(), self.head))
+    fn handle(&mut self, _: Head, _: &mut Self::Context) -> HeadInfo {
+        HeadInfo {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            first: self.first_retained(),
+        }
     }
 }
 

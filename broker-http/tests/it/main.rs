@@ -5,3 +5,4 @@ mod ingest;
 mod ops;
 mod read;
 mod support;
+mod webhooks;

@@ -129,3 +129,112 @@ name = "u"
 pass_hash = "plain;;password1"
 queues = ["q", "q2", "small", "json", "bearer", "hmac", "gh", "stripe", "slack", "sw", "local", "proxied", "p.*"]
 "#;
+
+/// One request a [`Sink`] received.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub at: std::time::Instant,
+    pub method: String,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: bytes::Bytes,
+}
+
+/// How a [`Sink`] answers request number `n` (0-based).
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<&'static str>,
+    pub delay: std::time::Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Reply {
+            status,
+            retry_after: None,
+            delay: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// A local webhook receiver that records every request.
+pub struct Sink {
+    pub url: String,
+    pub hits: std::sync::Arc<std::sync::Mutex<Vec<Hit>>>,
+    count: tokio::sync::watch::Receiver<usize>,
+}
+
+pub async fn spawn_sink(plan: impl Fn(usize, &Hit) -> Reply + Send + Sync + 'static) -> Sink {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    use std::sync::{Arc, Mutex};
+    let hits = Arc::new(Mutex::new(Vec::<Hit>::new()));
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    let plan = Arc::new(plan);
+    let tx = Arc::new(tx);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let state = (hits.clone(), plan, tx);
+    let server = HttpServer::new(move || {
+        let (hits, plan, tx) = state.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let (hits, plan, tx) = (hits.clone(), plan.clone(), tx.clone());
+            async move {
+                let hit = Hit {
+                    at: std::time::Instant::now(),
+                    method: req.method().to_string(),
+                    headers: req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                        .collect(),
+                    body,
+                };
+                let n = {
+                    let mut h = hits.lock().unwrap();
+                    h.push(hit.clone());
+                    h.len() - 1
+                };
+                tx.send_replace(n + 1);
+                let reply = plan(n, &hit);
+                if !reply.delay.is_zero() {
+                    tokio::time::sleep(reply.delay).await;
+                }
+                let mut res = HttpResponse::build(
+                    actix_web::http::StatusCode::from_u16(reply.status).unwrap(),
+                );
+                if let Some(ra) = reply.retry_after {
+                    res.insert_header(("Retry-After", ra));
+                }
+                res.body("ok")
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .disable_signals()
+    .run();
+    actix_web::rt::spawn(server);
+    Sink {
+        url,
+        hits,
+        count: rx,
+    }
+}
+
+impl Sink {
+    /// Waits (up to 20 s) until at least `n` requests arrived; returns them.
+    pub async fn wait_hits(&mut self, n: usize) -> Vec<Hit> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while *self.count.borrow_and_update() < n {
+            tokio::time::timeout_at(deadline, self.count.changed())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} requests arrived", *self.count.borrow()))
+                .unwrap();
+        }
+        self.hits.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+}

@@ -1,0 +1,362 @@
+//! `Cron`: publishes each entry's body into its queue at every tick of its schedule,
+//! while this node is the leader.
+//!
+//! One timer per entry, armed for the next tick only. A tick that fires late (a stalled
+//! process, a new leader) fires once and the next one is computed from the current time:
+//! missed ticks never pile up into a backlog, and a tick never fires twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::hub::{GetQueue, Hub};
+use super::leader::LeadershipChanged;
+use super::queue::Publish;
+use crate::delivery::CronSpec;
+use crate::error::Error;
+use crate::message::NewMessage;
+use crate::metrics::Metrics;
+
+/// Replaces the set of entries (load, reload, admin API).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCrons {
+    /// Every entry.
+    pub crons: Vec<Arc<CronSpec>>,
+}
+
+/// Lists entries with their next run.
+#[derive(Message)]
+#[rtype(result = "Vec<CronInfo>")]
+pub struct ListCrons;
+
+/// What the admin API shows of an entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct CronInfo {
+    /// Name.
+    pub name: String,
+    /// Target queue.
+    pub queue: String,
+    /// Schedule.
+    pub schedule: String,
+    /// Time zone.
+    pub timezone: String,
+    /// Next run (RFC 3339), while this node is the leader.
+    pub next_run: Option<String>,
+    /// Last run (RFC 3339).
+    pub last_run: Option<String>,
+}
+
+struct Entry {
+    spec: Arc<CronSpec>,
+    timer: Option<SpawnHandle>,
+    next: Option<DateTime<Utc>>,
+    last_tick: Option<DateTime<Utc>>,
+}
+
+/// The scheduler.
+pub struct Cron {
+    entries: HashMap<String, Entry>,
+    leader: bool,
+    hub: Addr<Hub>,
+    metrics: Arc<Metrics>,
+}
+
+impl Cron {
+    /// A scheduler publishing through `hub`.
+    pub fn new(crons: Vec<Arc<CronSpec>>, hub: Addr<Hub>, metrics: Arc<Metrics>) -> Self {
+        let entries = crons
+            .into_iter()
+            .map(|spec| {
+                let e = Entry {
+                    spec,
+                    timer: None,
+                    next: None,
+                    last_tick: None,
+                };
+                (e.spec.config.name.clone(), e)
+            })
+            .collect();
+        Self {
+            entries,
+            leader: false,
+            hub,
+            metrics,
+        }
+    }
+
+    fn arm(&mut self, ctx: &mut Context<Self>, name: &str) {
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        if let Some(h) = e.timer.take() {
+            ctx.cancel_future(h);
+        }
+        if !self.leader {
+            e.next = None;
+            return;
+        }
+        // Never the tick that already fired, even if the timer woke a little early.
+        let from = e.last_tick.map_or(Utc::now(), |t| t.max(Utc::now()));
+        let Some(next) = e.spec.next_after(from) else {
+            e.next = None;
+            return;
+        };
+        e.next = Some(next);
+        self.metrics
+            .cron_next_run
+            .with_label_values(&[name])
+            .set(next.timestamp_millis() as f64 / 1000.0);
+        let wait = (next - Utc::now()).to_std().unwrap_or_default();
+        let name = name.to_owned();
+        e.timer = Some(ctx.run_later(wait, move |act, ctx| act.fire(ctx, &name, next)));
+    }
+
+    fn fire(&mut self, ctx: &mut Context<Self>, name: &str, tick: DateTime<Utc>) {
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        e.timer = None;
+        e.last_tick = Some(tick);
+        let spec = e.spec.clone();
+        let hub = self.hub.clone();
+        let content_type = serde_json::from_slice::<serde::de::IgnoredAny>(&spec.body)
+            .is_ok()
+            .then(|| Arc::from("application/json"));
+        let mut headers: Vec<(String, String)> = spec.config.headers.clone().into_iter().collect();
+        headers.push(("x-broker-cron".into(), spec.config.name.clone()));
+        let content_type = spec
+            .config
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| Arc::from(v.as_str()))
+            .or(content_type);
+        let message = NewMessage {
+            body: spec.body.clone(),
+            content_type,
+            headers,
+        };
+        let queue = spec.config.queue.clone();
+        let fut = async move {
+            let h = hub
+                .send(GetQueue {
+                    name: queue.clone(),
+                })
+                .await?
+                .ok_or(Error::UnknownQueue { queue })?;
+            h.addr
+                .send(Publish {
+                    messages: vec![message],
+                })
+                .await?
+        };
+        let label = name.to_owned();
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            let outcome = if res.is_ok() { "ok" } else { "error" };
+            if let Err(e) = res {
+                tracing::error!(cron = %label, error = %e, "cron publish failed");
+            }
+            act.metrics
+                .cron_runs
+                .with_label_values(&[&label, outcome])
+                .inc();
+        }));
+        self.arm(ctx, name);
+    }
+
+    fn arm_all(&mut self, ctx: &mut Context<Self>) {
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for n in names {
+            self.arm(ctx, &n);
+        }
+    }
+}
+
+impl Actor for Cron {
+    type Context = Context<Self>;
+}
+
+impl Handler<LeadershipChanged> for Cron {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeadershipChanged, ctx: &mut Self::Context) {
+        self.leader = msg.leader;
+        self.arm_all(ctx);
+    }
+}
+
+impl Handler<SetCrons> for Cron {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetCrons, ctx: &mut Self::Context) {
+        let mut old = std::mem::take(&mut self.entries);
+        for spec in msg.crons {
+            let name = spec.config.name.clone();
+            let entry = match old.remove(&name) {
+                // Unchanged: keep its timer and last tick.
+                Some(e) if e.spec.config == spec.config => e,
+                Some(mut e) => {
+                    if let Some(h) = e.timer.take() {
+                        ctx.cancel_future(h);
+                    }
+                    Entry {
+                        spec,
+                        timer: None,
+                        next: None,
+                        last_tick: e.last_tick,
+                    }
+                }
+                None => Entry {
+                    spec,
+                    timer: None,
+                    next: None,
+                    last_tick: None,
+                },
+            };
+            let armed = entry.timer.is_some();
+            self.entries.insert(name.clone(), entry);
+            if !armed {
+                self.arm(ctx, &name);
+            }
+        }
+        for (name, mut e) in old {
+            if let Some(h) = e.timer.take() {
+                ctx.cancel_future(h);
+            }
+            let _ = self.metrics.cron_next_run.remove_label_values(&[&name]);
+        }
+    }
+}
+
+impl Handler<ListCrons> for Cron {
+    type Result = MessageResult<ListCrons>;
+
+    fn handle(&mut self, _: ListCrons, _: &mut Self::Context) -> Self::Result {
+        let fmt = |t: &DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut v: Vec<CronInfo> = self
+            .entries
+            .values()
+            .map(|e| CronInfo {
+                name: e.spec.config.name.clone(),
+                queue: e.spec.config.queue.clone(),
+                schedule: e.spec.config.schedule.clone(),
+                timezone: e.spec.tz.name().to_owned(),
+                next_run: e.next.as_ref().map(fmt),
+                last_run: e.last_tick.as_ref().map(fmt),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        MessageResult(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::hub::Deliveries;
+    use crate::actors::leader::testing::{elect, Manual};
+    use crate::actors::leader::{Follow, Leader};
+    use crate::actors::queue::Read;
+    use crate::config::parse;
+    use crate::settings::Settings;
+    use std::time::Duration;
+
+    const CONFIG: &str = "[[queues]]\nname = \"ticks\"\n[[crons]]\nname = \"every-second\"\nqueue = \"ticks\"\nschedule = \"* * * * * *\"\nbody = \"{}\"\n";
+
+    async fn head(hub: &Addr<Hub>) -> Vec<i64> {
+        let q = hub
+            .send(GetQueue {
+                name: "ticks".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let b = q
+            .addr
+            .send(Read {
+                since: 0,
+                epoch: None,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        b.messages.iter().map(|m| m.received_at_ms).collect()
+    }
+
+    #[actix::test]
+    async fn fires_every_tick_only_while_leader() {
+        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
+        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let hook = Arc::new(std::sync::Mutex::new(None));
+        let leader = Leader::new(Box::new(Manual(hook.clone())), metrics.clone()).start();
+        let arbiter = Arbiter::new();
+        let deliveries = Deliveries {
+            leader: leader.clone(),
+            client: reqwest::Client::new(),
+            arbiter: arbiter.handle(),
+        };
+        let store = crate::store::open("memory://").unwrap();
+        let hub = Hub::new(settings.clone(), store, metrics.clone(), deliveries).start();
+        let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
+        leader
+            .send(Follow {
+                recipient: cron.clone().recipient(),
+            })
+            .await
+            .unwrap();
+
+        // A follower never fires (an absence: observed over 1.5 ticks).
+        actix::clock::sleep(Duration::from_millis(1500)).await;
+        assert!(head(&hub).await.is_empty());
+        assert_eq!(cron.send(ListCrons).await.unwrap()[0].next_run, None);
+
+        elect(&hook, true);
+        let q = hub
+            .send(GetQueue {
+                name: "ticks".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let mut changes = q.changes.clone();
+        while head(&hub).await.len() < 3 {
+            tokio::time::timeout(Duration::from_secs(5), changes.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let ticks = head(&hub).await;
+        for pair in ticks.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                (900..=1100).contains(&gap),
+                "one run per tick, a second apart: {ticks:?}"
+            );
+        }
+        assert!(cron.send(ListCrons).await.unwrap()[0].next_run.is_some());
+
+        elect(&hook, false);
+        let _ = leader.send(crate::actors::leader::IsLeader).await; // change delivered (FIFO)
+        let _ = cron.send(ListCrons).await;
+        let before = head(&hub).await.len();
+        actix::clock::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            head(&hub).await.len(),
+            before,
+            "no run after losing leadership"
+        );
+        assert_eq!(
+            metrics
+                .cron_runs
+                .with_label_values(&["every-second", "ok"])
+                .get() as usize,
+            before
+        );
+    }
+}

@@ -1,0 +1,622 @@
+//! `Webhook`: delivers every message of one queue to one target, at least once.
+//!
+//! It pulls from the queue (a cursor and `Read`, woken by the queue's change channel)
+//! instead of being pushed to, so a slow or failing target never makes the queue drop
+//! it and never slows the queue. Up to `max_in_flight` messages are in delivery at once
+//! (1 = strictly in order, retries included). Failures (network errors, timeouts,
+//! non-2xx) are retried after the target's backoff with jitter, or after `Retry-After`
+//! on 429/503; after the last retry the message goes to the dead-letter queue with
+//! headers naming where it came from. Runs only while this node is the leader.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use base64::Engine;
+use serde::Serialize;
+
+use super::hub::{GetQueue, Hub, QueueHandle};
+use super::leader::LeadershipChanged;
+use super::queue::{Head, Publish, Read};
+use crate::delivery::{WebhookSpec, MAX_RETRY_AFTER};
+use crate::error::Error;
+use crate::message::{now_ms, Message, NewMessage};
+use crate::metrics::Metrics;
+
+/// Wait before reading again after the queue itself failed to answer.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// Headers of a dead-lettered message.
+pub mod dlq_headers {
+    /// The queue the message was published to.
+    pub const QUEUE: &str = "x-broker-original-queue";
+    /// Its offset there.
+    pub const OFFSET: &str = "x-broker-original-offset";
+    /// The target that gave up.
+    pub const TARGET: &str = "x-broker-target";
+    /// Attempts made.
+    pub const ATTEMPTS: &str = "x-broker-attempts";
+    /// HTTP status of the last attempt, if there was a response.
+    pub const LAST_STATUS: &str = "x-broker-last-status";
+    /// Error of the last attempt.
+    pub const LAST_ERROR: &str = "x-broker-last-error";
+}
+
+/// New target settings after a reload (same URL).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retarget {
+    /// The new spec.
+    pub spec: Arc<WebhookSpec>,
+}
+
+/// Stops the actor (target removed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopWebhook;
+
+/// Delivery state for the admin API.
+#[derive(Message)]
+#[rtype(result = "WebhookStatus")]
+pub struct GetStatus;
+
+/// What the admin API shows of a target.
+#[derive(Debug, Clone, Serialize, MessageResponse)]
+pub struct WebhookStatus {
+    /// Target URL.
+    pub url: String,
+    /// Whether this node delivers (it is the leader).
+    pub active: bool,
+    /// Messages published and not yet handed to a delivery.
+    pub pending: u64,
+    /// Messages in delivery (waiting retries included).
+    pub in_flight: usize,
+    /// Offset of the last message handed to a delivery.
+    pub cursor: u64,
+    /// Successful deliveries.
+    pub delivered: u64,
+    /// Messages dead-lettered (or dropped without a dead-letter queue).
+    pub failed: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// When the next retry is due (RFC 3339).
+    pub next_attempt: Option<String>,
+}
+
+struct InFlight {
+    message: Arc<Message>,
+    attempts: u32,
+    retry: Option<(SpawnHandle, i64)>,
+    last_status: Option<u16>,
+    last_error: Option<String>,
+}
+
+/// Why an attempt failed.
+struct Failure {
+    status: Option<u16>,
+    error: String,
+    retry_after: Option<Duration>,
+}
+
+/// One queue's delivery to one target.
+pub struct Webhook {
+    handle: QueueHandle,
+    label: String,
+    index: usize,
+    spec: Arc<WebhookSpec>,
+    hub: Addr<Hub>,
+    client: reqwest::Client,
+    metrics: Arc<Metrics>,
+    leader: bool,
+    cursor: Option<u64>,
+    head: u64,
+    epoch: Arc<str>,
+    /// Distinguishes queues in webhook ids.
+    id_prefix: String,
+    /// What this actor added to the shared gauges (several targets share a label).
+    reported: (i64, i64),
+    reading: bool,
+    watching: bool,
+    in_flight: BTreeMap<u64, InFlight>,
+    delivered: u64,
+    failed: u64,
+    last_error: Option<String>,
+}
+
+impl Webhook {
+    /// Delivery of `handle`'s messages to target number `index` of its queue.
+    pub fn new(
+        handle: QueueHandle,
+        label: String,
+        index: usize,
+        spec: Arc<WebhookSpec>,
+        hub: Addr<Hub>,
+        client: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let digest = crate::auth::ingest::compute_mac(
+            crate::auth::HmacAlgo::Sha256,
+            b"webhook-id",
+            &[handle.name.as_bytes()],
+        );
+        Self {
+            id_prefix: hex::encode(&digest[..6]),
+            epoch: Arc::from(""),
+            reported: (0, 0),
+            handle,
+            label,
+            index,
+            spec,
+            hub,
+            client,
+            metrics,
+            leader: false,
+            cursor: None,
+            head: 0,
+            reading: false,
+            watching: false,
+            in_flight: BTreeMap::new(),
+            delivered: 0,
+            failed: 0,
+            last_error: None,
+        }
+    }
+
+    fn gauges(&mut self) {
+        let cursor = self.cursor.unwrap_or(self.head);
+        let now = (
+            self.in_flight.len() as i64,
+            self.head.saturating_sub(cursor) as i64,
+        );
+        self.report(now);
+    }
+
+    /// Moves this actor's contribution to the shared gauges to `now`.
+    fn report(&mut self, now: (i64, i64)) {
+        let (f, p) = self.reported;
+        self.metrics
+            .webhook_in_flight
+            .with_label_values(&[&self.label])
+            .add(now.0 - f);
+        self.metrics
+            .webhook_pending
+            .with_label_values(&[&self.label])
+            .add(now.1 - p);
+        self.reported = now;
+    }
+
+    /// Hands new messages to deliveries while there is room; waits for more otherwise.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let room = self
+            .spec
+            .config
+            .max_in_flight
+            .saturating_sub(self.in_flight.len());
+        if !self.leader || self.reading || room == 0 {
+            return;
+        }
+        self.reading = true;
+        let addr = self.handle.addr.clone();
+        let mut changes = self.handle.changes.clone();
+        // Seen before reading: a publish between the read and the wait still wakes us.
+        changes.borrow_and_update();
+        let Some(since) = self.cursor else {
+            // First start: deliver what is published from now on.
+            let fut = addr.send(Head).into_actor(self).map(|res, act, ctx| {
+                act.reading = false;
+                match res {
+                    Ok(h) => {
+                        act.cursor = Some(h.head);
+                        act.head = h.head;
+                        act.epoch = h.epoch;
+                        act.pump(ctx);
+                    }
+                    Err(_) => act.retry_read(ctx),
+                }
+            });
+            ctx.spawn(fut);
+            return;
+        };
+        let read = Read {
+            since,
+            epoch: None,
+            limit: room,
+        };
+        ctx.spawn(addr.send(read).into_actor(self).map(move |res, act, ctx| {
+            act.reading = false;
+            match res {
+                Ok(Ok(batch)) => {
+                    act.head = batch.head;
+                    act.epoch = batch.epoch.clone();
+                    if batch.messages.is_empty() {
+                        act.gauges();
+                        act.wait_for_changes(ctx, changes);
+                        return;
+                    }
+                    for m in batch.messages {
+                        act.cursor = Some(m.offset);
+                        act.attempt(ctx, m, 1);
+                    }
+                    act.gauges();
+                    act.pump(ctx);
+                }
+                Ok(Err(Error::UnrecoverablePosition { .. })) => act.skip_rolled_off(ctx),
+                _ => act.retry_read(ctx),
+            }
+        }));
+    }
+
+    /// The queue's retention ran past the cursor: those messages are gone for this target.
+    fn skip_rolled_off(&mut self, ctx: &mut Context<Self>) {
+        let fut = self.handle.addr.send(Head).into_actor(self).map(|res, act, ctx| {
+            let Ok(h) = res else {
+                return act.retry_read(ctx);
+            };
+            let from = act.cursor.unwrap_or(0);
+            let to = h.first.saturating_sub(1);
+            if to > from {
+                tracing::warn!(queue = %act.handle.name, url = %act.spec.url, skipped = to - from,
+                    "messages rolled off the queue before their delivery began");
+                act.metrics
+                    .webhook_skipped
+                    .with_label_values(&[&act.label])
+                    .inc_by(to - from);
+            }
+            act.cursor = Some(to.max(from));
+            act.pump(ctx);
+        });
+        ctx.spawn(fut);
+    }
+
+    fn retry_read(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_later(READ_RETRY, |act, ctx| act.pump(ctx));
+    }
+
+    fn wait_for_changes(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+    ) {
+        if self.watching {
+            return;
+        }
+        self.watching = true;
+        let fut = async move { changes.changed().await.is_ok() };
+        ctx.spawn(fut.into_actor(self).map(|alive, act, ctx| {
+            act.watching = false;
+            if alive {
+                act.pump(ctx);
+            }
+        }));
+    }
+
+    /// The id of a message for this target, the same on every retry (receivers
+    /// deduplicate on it): queue, epoch, offset and target.
+    fn webhook_id(&self, m: &Message) -> String {
+        format!(
+            "msg_{}_{}_{}_{}",
+            self.id_prefix, self.epoch, m.offset, self.index
+        )
+    }
+
+    fn attempt(&mut self, ctx: &mut Context<Self>, m: Arc<Message>, n: u32) {
+        let offset = m.offset;
+        let entry = self.in_flight.entry(offset).or_insert_with(|| InFlight {
+            message: m.clone(),
+            attempts: 0,
+            retry: None,
+            last_status: None,
+            last_error: None,
+        });
+        entry.attempts = n;
+        entry.retry = None;
+        let spec = &self.spec;
+        let mut req = self
+            .client
+            .request(spec.method.clone(), spec.url.clone())
+            .timeout(spec.config.timeout);
+        for (k, v) in &m.headers {
+            req = req.header(k, v);
+        }
+        for (k, v) in &spec.config.headers {
+            req = req.header(k, v);
+        }
+        if let Some(ct) = m.content_type.as_deref() {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if let Some(key) = &spec.signing_key {
+            let id = self.webhook_id(&m);
+            let ts = chrono::Utc::now().timestamp().to_string();
+            let mac = crate::auth::ingest::compute_mac(
+                crate::auth::HmacAlgo::Sha256,
+                key,
+                &[id.as_bytes(), b".", ts.as_bytes(), b".", &m.body],
+            );
+            let sig = base64::engine::general_purpose::STANDARD.encode(mac);
+            req = req
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts)
+                .header("webhook-signature", format!("v1,{sig}"));
+        }
+        let req = req.body(m.body.clone());
+        let started = Instant::now();
+        ctx.spawn(
+            async move { outcome(req.send().await) }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.metrics
+                        .webhook_duration
+                        .with_label_values(&[&act.label])
+                        .observe(started.elapsed().as_secs_f64());
+                    act.settle(ctx, offset, res);
+                }),
+        );
+    }
+
+    fn settle(&mut self, ctx: &mut Context<Self>, offset: u64, res: Result<(), Failure>) {
+        let Some(entry) = self.in_flight.get_mut(&offset) else {
+            return;
+        };
+        let n = entry.attempts;
+        let count = |act: &Self, outcome: &str| {
+            act.metrics
+                .webhook_deliveries
+                .with_label_values(&[&act.label, outcome])
+                .inc();
+        };
+        match res {
+            Ok(()) => {
+                self.in_flight.remove(&offset);
+                self.delivered += 1;
+                count(self, "success");
+            }
+            Err(f) => {
+                entry.last_status = f.status;
+                entry.last_error = Some(f.error.clone());
+                self.last_error = Some(f.error.clone());
+                if n > self.spec.config.max_retries {
+                    let done = self.in_flight.remove(&offset).expect("present");
+                    self.failed += 1;
+                    self.give_up(ctx, done);
+                } else {
+                    count(self, "retry");
+                    let unit = random_unit();
+                    let delay = f.retry_after.unwrap_or_else(|| {
+                        self.spec
+                            .backoff
+                            .delay(n, self.spec.config.backoff.jitter, unit)
+                    });
+                    let due = now_ms() + delay.as_millis() as i64;
+                    let handle = ctx.run_later(delay, move |act, ctx| {
+                        if let Some(e) = act.in_flight.get(&offset) {
+                            let m = e.message.clone();
+                            act.attempt(ctx, m, n + 1);
+                        }
+                    });
+                    if let Some(e) = self.in_flight.get_mut(&offset) {
+                        e.retry = Some((handle, due));
+                    }
+                }
+            }
+        }
+        self.gauges();
+        self.pump(ctx);
+    }
+
+    /// Retries exhausted: to the dead-letter queue, or dropped (counted) without one.
+    fn give_up(&mut self, ctx: &mut Context<Self>, done: InFlight) {
+        let m = done.message;
+        let Some(dlq) = self.spec.config.dead_letter_queue.clone() else {
+            tracing::warn!(queue = %self.handle.name, offset = m.offset, url = %self.spec.url,
+                "webhook retries exhausted and no dead_letter_queue: message dropped");
+            self.metrics
+                .webhook_deliveries
+                .with_label_values(&[&self.label, "dropped"])
+                .inc();
+            return;
+        };
+        let mut headers: Vec<(String, String)> = m
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("x-broker-"))
+            .cloned()
+            .collect();
+        headers.push((dlq_headers::QUEUE.into(), self.handle.name.to_string()));
+        headers.push((dlq_headers::OFFSET.into(), m.offset.to_string()));
+        headers.push((dlq_headers::TARGET.into(), self.spec.url.to_string()));
+        headers.push((dlq_headers::ATTEMPTS.into(), done.attempts.to_string()));
+        if let Some(s) = done.last_status {
+            headers.push((dlq_headers::LAST_STATUS.into(), s.to_string()));
+        }
+        if let Some(e) = done.last_error {
+            headers.push((dlq_headers::LAST_ERROR.into(), e));
+        }
+        let message = NewMessage {
+            body: m.body.clone(),
+            content_type: m.content_type.clone(),
+            headers,
+        };
+        let hub = self.hub.clone();
+        let fut = async move {
+            let h = hub
+                .send(GetQueue { name: dlq.clone() })
+                .await?
+                .ok_or(Error::UnknownQueue { queue: dlq })?;
+            h.addr
+                .send(Publish {
+                    messages: vec![message],
+                })
+                .await?
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| match res {
+            Ok(_) => {
+                act.metrics
+                    .dead_lettered
+                    .with_label_values(&[&act.label])
+                    .inc();
+                act.metrics
+                    .webhook_deliveries
+                    .with_label_values(&[&act.label, "dead_lettered"])
+                    .inc();
+            }
+            Err(e) => {
+                tracing::error!(queue = %act.handle.name, offset = m.offset, error = %e,
+                    "could not dead-letter a message");
+                act.metrics
+                    .webhook_deliveries
+                    .with_label_values(&[&act.label, "dropped"])
+                    .inc();
+            }
+        }));
+    }
+}
+
+/// Maps a response to success or a failure worth retrying.
+fn outcome(res: Result<reqwest::Response, reqwest::Error>) -> Result<(), Failure> {
+    let resp = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let error = if e.is_timeout() {
+                "timeout".to_owned()
+            } else {
+                format!("request failed: {e}")
+            };
+            return Err(Failure {
+                status: None,
+                error,
+                retry_after: None,
+            });
+        }
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let retry_after = if matches!(status.as_u16(), 429 | 503) {
+        resp.headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+    } else {
+        None
+    };
+    Err(Failure {
+        status: Some(status.as_u16()),
+        error: format!("HTTP {status}"),
+        retry_after,
+    })
+}
+
+/// `Retry-After`: seconds or an HTTP date; capped.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let d = match v.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(v.trim()).ok()?;
+            let ms = (at.timestamp_millis() - now_ms()).max(0) as u64;
+            Duration::from_millis(ms)
+        }
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    crate::auth::password::getrandom_fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Actor for Webhook {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.report((0, 0));
+    }
+}
+
+impl Handler<LeadershipChanged> for Webhook {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeadershipChanged, ctx: &mut Self::Context) {
+        if msg.leader == self.leader {
+            return;
+        }
+        self.leader = msg.leader;
+        if msg.leader {
+            self.pump(ctx);
+        } else {
+            // Another node takes over: forget what is in flight, resume before it later.
+            if let Some(first) = self.in_flight.keys().next() {
+                self.cursor = Some(first - 1);
+            }
+            for (_, e) in std::mem::take(&mut self.in_flight) {
+                if let Some((h, _)) = e.retry {
+                    ctx.cancel_future(h);
+                }
+            }
+            self.gauges();
+        }
+    }
+}
+
+impl Handler<Retarget> for Webhook {
+    type Result = ();
+
+    fn handle(&mut self, msg: Retarget, ctx: &mut Self::Context) {
+        self.spec = msg.spec;
+        self.pump(ctx);
+    }
+}
+
+impl Handler<StopWebhook> for Webhook {
+    type Result = ();
+
+    fn handle(&mut self, _: StopWebhook, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<GetStatus> for Webhook {
+    type Result = WebhookStatus;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> WebhookStatus {
+        let next = self
+            .in_flight
+            .values()
+            .filter_map(|e| e.retry.as_ref().map(|(_, at)| *at))
+            .min()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        let cursor = self.cursor.unwrap_or(self.head);
+        WebhookStatus {
+            url: self.spec.url.to_string(),
+            active: self.leader,
+            pending: self.head.saturating_sub(cursor),
+            in_flight: self.in_flight.len(),
+            cursor,
+            delivered: self.delivered,
+            failed: self.failed,
+            last_error: self.last_error.clone(),
+            next_attempt: next,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        let unit = random_unit();
+        assert!((0.0..1.0).contains(&unit));
+    }
+}
