@@ -20,7 +20,7 @@ use crate::error::{Error, Rejection};
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
 use crate::notify::{self, Route};
-use crate::settings::{QueueSpec, Settings, UserSpec};
+use crate::settings::{QueueSpec, Runtime, Settings, UserSpec};
 use crate::store;
 
 /// webhook-queue's minimum password length for `/setPassword`.
@@ -34,6 +34,8 @@ pub struct Broker {
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
+    /// Entities of the pg-hooks compatible routes.
+    pub pg_hooks: crate::pg_hooks::PgHooks,
     settings: RwLock<Arc<Settings>>,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
@@ -75,6 +77,7 @@ impl Broker {
             leader,
             cron,
             _deliveries: arbiter,
+            pg_hooks: Default::default(),
             settings: RwLock::new(settings),
             metrics,
             credentials: CredentialCache::default(),
@@ -253,13 +256,34 @@ impl Broker {
     }
 
     /// Re-reads the config from where it came from; on any error the old one stays.
+    /// Runtime definitions (admin API) are kept.
     pub async fn reload(&self) -> Result<(), Error> {
         let _guard = self.config_lock.lock().await;
-        let path = self.settings().source.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Settings::load(path.as_deref()))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        let current = self.settings();
+        let path = current.source.path.clone();
+        let runtime = current.runtime.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let (cfg, source) = config::read(path.as_deref())?;
+            Settings::compile_with(cfg, source, runtime)
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
         self.finish_reload(loaded).await
+    }
+
+    /// Changes the runtime definitions (queues and crons of the admin API) and swaps in
+    /// settings compiled with them; an invalid change leaves everything as it was.
+    pub async fn redefine(
+        &self,
+        change: impl FnOnce(&mut Runtime) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let _guard = self.config_lock.lock().await;
+        let current = self.settings();
+        let mut runtime = current.runtime.clone();
+        change(&mut runtime)?;
+        let compiled =
+            Settings::compile_with(current.config.clone(), current.source.clone(), runtime);
+        self.finish_reload(compiled).await
     }
 
     /// webhook-queue's `/setPassword`: hashes with argon2id, writes the hash into the
@@ -272,13 +296,14 @@ impl Broker {
         }
         let _guard = self.config_lock.lock().await;
         let source = self.settings().source.clone();
+        let runtime = self.settings().runtime.clone();
         let (user, password) = (user.to_owned(), password.to_owned());
         let loaded = tokio::task::spawn_blocking(move || {
             let hash = hash_password(&password);
             let (path, text) = config::with_user_pass_hash(&source, &user, &hash)?;
             // Validate the edited file before it replaces the old one.
             let (cfg, source) = config::parse(Some(&path), &text, std::env::vars())?;
-            let settings = Settings::compile(cfg, source)?;
+            let settings = Settings::compile_with(cfg, source, runtime)?;
             config::write_atomically(&path, text.as_bytes())?;
             Ok(settings)
         })
@@ -311,6 +336,53 @@ impl Broker {
         outcome("ok");
         tracing::info!("configuration reloaded");
         Ok(())
+    }
+
+    /// Republishes dead letters of `dlq` (after offset `since`, at most `limit`) into the
+    /// queues they came from; returns how many and the last offset handled.
+    pub async fn redrive(
+        &self,
+        dlq: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<(usize, u64), Error> {
+        use crate::actors::webhook::dlq_headers;
+        let handle = self.queue(dlq).await?;
+        let batch = handle
+            .addr
+            .send(crate::actors::Read {
+                since,
+                epoch: None,
+                limit,
+            })
+            .await??;
+        let mut last = since;
+        let mut n = 0;
+        for m in &batch.messages {
+            last = m.offset;
+            let Some((_, origin)) = m.headers.iter().find(|(k, _)| k == dlq_headers::QUEUE) else {
+                continue; // not a dead letter
+            };
+            let message = NewMessage {
+                body: m.body.clone(),
+                content_type: m.content_type.clone(),
+                headers: m
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with("x-broker-"))
+                    .cloned()
+                    .collect(),
+            };
+            let target = self.queue(origin).await?;
+            target
+                .addr
+                .send(Publish {
+                    messages: vec![message],
+                })
+                .await??;
+            n += 1;
+        }
+        Ok((n, last))
     }
 
     /// Starts shutting down: long-polls return at once.

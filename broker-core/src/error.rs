@@ -174,6 +174,24 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
+    /// A queue or cron defined in the config file cannot be changed through the API.
+    #[error("`{name}` is defined in the config file: change it there and reload")]
+    DefinedInConfig {
+        /// The name.
+        name: String,
+    },
+    /// Something of that name exists already.
+    #[error("`{name}` exists already")]
+    Exists {
+        /// The name.
+        name: String,
+    },
+    /// No cron of that name.
+    #[error("no cron `{name}`")]
+    UnknownCron {
+        /// The name.
+        name: String,
+    },
     /// The store could not take or give data.
     #[error("store unavailable: {0}")]
     Store(String),

@@ -20,6 +20,7 @@ pub mod error;
 pub mod message;
 pub mod metrics;
 pub mod notify;
+pub mod pg_hooks;
 pub mod settings;
 pub mod store;
 

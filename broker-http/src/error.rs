@@ -95,6 +95,9 @@ impl ApiError {
                     (S::TOO_MANY_REQUESTS, "too_many_connections", false)
                 }
                 Error::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection", false),
+                Error::DefinedInConfig { .. } => (S::CONFLICT, "defined_in_config", false),
+                Error::Exists { .. } => (S::CONFLICT, "exists", false),
+                Error::UnknownCron { .. } => (S::NOT_FOUND, "unknown_cron", false),
                 Error::Store(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", false),
                 Error::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", false),
             },

@@ -31,7 +31,7 @@ use actix_web::{web, App, HttpRequest, HttpServer};
 use broker_core::Broker;
 
 use error::ApiError;
-use routes::{compat, connections, ingest, ops, read};
+use routes::{admin, compat, connections, ingest, ops, pg_hooks, read};
 
 /// Largest JSON body of the small JSON endpoints (setPassword, consumers).
 const JSON_LIMIT: usize = 64 * 1024;
@@ -104,6 +104,20 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(read::read_queue)),
     )
     .service(resource("/v1/queues/{queue}/batch").route(web::post().to(ingest::publish_batch)))
+    .service(resource("/v1/queues/{queue}/redrive").route(web::post().to(admin::redrive)))
+    .service(resource("/v1/queues").route(web::get().to(admin::list_queues)))
+    .service(
+        resource("/v1/queues/{queue}")
+            .route(web::get().to(admin::get_queue))
+            .route(web::put().to(admin::put_queue))
+            .route(web::delete().to(admin::delete_queue)),
+    )
+    .service(
+        resource("/v1/crons")
+            .route(web::get().to(admin::list_crons))
+            .route(web::post().to(admin::create_cron)),
+    )
+    .service(resource("/v1/crons/{name}").route(web::delete().to(admin::delete_cron)))
     .service(
         resource("/v1/consumers/{client}")
             .route(web::put().to(read::put_consumer))
@@ -129,6 +143,20 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(compat::reload)),
     )
     .service(resource("/time").route(web::get().to(compat::time)))
+    .service(
+        resource("/queues")
+            .route(web::post().to(pg_hooks::create_queue))
+            .route(web::get().to(pg_hooks::list_queues)),
+    )
+    .service(
+        resource("/queues/")
+            .route(web::post().to(pg_hooks::create_queue))
+            .route(web::get().to(pg_hooks::list_queues)),
+    )
+    .service(resource("/messages").route(web::post().to(pg_hooks::create_message)))
+    .service(resource("/messages/").route(web::post().to(pg_hooks::create_message)))
+    .service(resource("/cron").route(web::post().to(pg_hooks::create_cron)))
+    .service(resource("/cron/").route(web::post().to(pg_hooks::create_cron)))
     .service(resource("/metrics").route(web::get().to(ops::metrics)))
     .service(resource("/healthz").route(web::get().to(ops::healthz)))
     .service(resource("/readyz").route(web::get().to(ops::readyz)));

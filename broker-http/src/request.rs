@@ -87,12 +87,21 @@ pub fn is_admin(req: &HttpRequest, settings: &Settings) -> bool {
     }
 }
 
-/// 401 without a bearer token, 403 unless it is the admin token.
+/// pg-hooks' admin credential header, accepted with the admin token as its value.
+pub const PLATFORMATIC_ADMIN_SECRET: &str = "x-platformatic-admin-secret";
+
+/// 401 without a credential, 403 unless it is the admin token (as a Bearer token or in
+/// pg-hooks' `X-PLATFORMATIC-ADMIN-SECRET`).
 pub fn require_admin(req: &HttpRequest, settings: &Settings) -> Result<(), ApiError> {
-    if bearer_token(req).is_none() {
+    let platformatic = header_str(req, PLATFORMATIC_ADMIN_SECRET);
+    if bearer_token(req).is_none() && platformatic.is_none() {
         return Err(ApiError::MissingToken);
     }
-    if is_admin(req, settings) {
+    let by_header = match (settings.admin_token.as_ref(), platformatic) {
+        (Some(token), Some(given)) => matches_any(given, std::slice::from_ref(token)),
+        _ => false,
+    };
+    if by_header || is_admin(req, settings) {
         Ok(())
     } else {
         Err(ApiError::Forbidden("the admin token is required"))

@@ -344,3 +344,52 @@ fn bench_latency_reports_against_its_baseline() {
         assert!(out.contains(line), "{out}");
     }
 }
+
+#[actix_web::test]
+async fn a_config_cron_publishes_every_second() {
+    let toml = "[[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"ticks\"]\n[[queues]]\nname = \"ticks\"\n[[crons]]\nname = \"each-second\"\nqueue = \"ticks\"\nschedule = \"* * * * * *\"\nbody = \"{\\\"tick\\\":true}\"\n";
+    let (_dir, path) = write_config("broker.toml", toml);
+    let b = spawn_broker(&path);
+    let mut stamps = Vec::new();
+    let mut since = 0;
+    while stamps.len() < 3 {
+        let (s, v) = json(
+            b.get(&format!("/v1/queues/ticks/messages?since={since}&wait=5s"))
+                .basic_auth("u", Some("password1"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200);
+        for m in v["messages"].as_array().unwrap() {
+            assert_eq!(m["data"], serde_json::json!({"tick": true}));
+            assert_eq!(m["headers"]["x-broker-cron"], "each-second");
+            since = m["offset"].as_u64().unwrap();
+            stamps.push(
+                chrono::DateTime::parse_from_rfc3339(m["received_at"].as_str().unwrap()).unwrap(),
+            );
+        }
+    }
+    for w in stamps.windows(2) {
+        let gap = (w[1] - w[0]).num_milliseconds();
+        assert!(
+            (800..=1200).contains(&gap),
+            "one message per tick: {stamps:?}"
+        );
+    }
+    let m = b.metrics().await;
+    assert!(
+        crate::support::metric(
+            &m,
+            r#"broker_cron_runs_total{cron="each-second",outcome="ok"}"#
+        )
+        .unwrap()
+            >= 3.0
+    );
+    assert!(crate::support::metric(
+        &m,
+        r#"broker_cron_next_run_timestamp_seconds{cron="each-second"}"#
+    )
+    .is_some());
+}

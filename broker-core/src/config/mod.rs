@@ -55,6 +55,18 @@ pub struct Config {
     /// Scheduled publishes.
     #[serde(default)]
     pub crons: Vec<CronConfig>,
+    /// @platformatic/pg-hooks compatible routes.
+    #[serde(default)]
+    pub pg_hooks: PgHooksConfig,
+}
+
+/// `[pg_hooks]`: the `POST /queues`, `/messages`, `/cron` routes of @platformatic/pg-hooks.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PgHooksConfig {
+    /// Open them without credentials, as pg-hooks without `adminSecret` is. Otherwise they
+    /// need the admin token (Bearer, or `X-PLATFORMATIC-ADMIN-SECRET`).
+    pub allow_anonymous: bool,
 }
 
 /// `[[queues.webhooks]]`: a target every message of the queue is delivered to.

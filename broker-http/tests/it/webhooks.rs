@@ -236,3 +236,210 @@ name = "q2"
     );
     assert_eq!(metric(&metrics, "broker_leader"), Some(1.0));
 }
+
+const ADMIN: &str = "admin-token-0123456789";
+
+#[actix_web::test]
+async fn admin_api_runtime_queues_crons_status_and_redrive() {
+    // The sink refuses everything until `open` is set.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let mut sink = spawn_sink(move |_, _| {
+        Reply::status(if gate.load(std::sync::atomic::Ordering::SeqCst) {
+            200
+        } else {
+            500
+        })
+    })
+    .await;
+    let b = spawn_broker(&format!(
+        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues]]\nname = \"q\"\n[[queues]]\nname = \"dlq\"\n"
+    ))
+    .await;
+    let def = serde_json::json!({
+        "max_message_count": 50,
+        "webhooks": [{
+            "url": sink.url, "max_retries": 1, "dead_letter_queue": "dlq",
+            "signing_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "backoff": {"schedule": ["10ms"], "jitter": 0.0}
+        }]
+    });
+    let (s, _) = json(b.put("/v1/queues/orders").json(&def).send().await.unwrap()).await;
+    assert_eq!(s, 401, "admin only");
+    let (s, v) = json(
+        b.put("/v1/queues/orders")
+            .bearer_auth(ADMIN)
+            .json(&def)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["runtime"].as_bool(),
+            v["limits"]["max_message_count"].as_u64()
+        ),
+        (Some(true), Some(50))
+    );
+    assert_eq!(
+        v["definition"]["webhooks"][0]["signing_secret"], "***",
+        "secrets are redacted"
+    );
+    let (s, v) = json(
+        b.put("/v1/queues/q")
+            .bearer_auth(ADMIN)
+            .json(&def)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("defined_in_config")));
+    let bad = serde_json::json!({"webhooks": [{"url": "ftp://x"}]});
+    let (s, v) = json(
+        b.put("/v1/queues/bad")
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_definition")));
+    assert!(
+        v["message"].as_str().unwrap().contains("webhooks[0].url"),
+        "{v}"
+    );
+
+    // Refused twice (1 retry) → dead-lettered.
+    b.post("/v1/queues/orders/messages")
+        .body("order-1")
+        .send()
+        .await
+        .unwrap();
+    sink.wait_hits(2).await;
+    b.wait_for_metric(r#"broker_dead_lettered_total{queue="orders"}"#, 1.0)
+        .await;
+    let (_, v) = json(
+        b.get("/v1/queues/orders")
+            .header("X-PLATFORMATIC-ADMIN-SECRET", ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let st = &v["webhooks"][0];
+    assert_eq!(
+        (
+            st["failed"].as_u64(),
+            st["in_flight"].as_u64(),
+            st["active"].as_bool()
+        ),
+        (Some(1), Some(0), Some(true)),
+        "{v}"
+    );
+    assert_eq!(st["last_error"], "HTTP 500 Internal Server Error");
+
+    // The target recovers; redrive delivers the dead letter.
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, v) = json(
+        b.post("/v1/queues/dlq/redrive")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["redriven"].as_u64(), v["offset"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{v}"
+    );
+    let hits = sink.wait_hits(3).await;
+    assert_eq!(&hits[2].body[..], b"order-1");
+    assert!(
+        !hits[2].headers.contains_key("x-broker-original-queue"),
+        "redriven as published, not as a dead letter"
+    );
+
+    // Crons.
+    let cron = serde_json::json!({"name": "tick", "queue": "orders", "schedule": "0 0 1 1 *", "body": "{}"});
+    let (s, v) = json(
+        b.post("/v1/crons")
+            .bearer_auth(ADMIN)
+            .json(&cron)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["name"].as_str()), (201, Some("tick")), "{v}");
+    assert!(v["next_run"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01-01T00:00:00.000Z"));
+    let (s, _) = json(
+        b.post("/v1/crons")
+            .bearer_auth(ADMIN)
+            .json(&cron)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 409);
+    let bad = serde_json::json!({"name": "x", "queue": "orders", "schedule": "every day"});
+    let (s, _) = json(
+        b.post("/v1/crons")
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let (_, v) = json(b.get("/v1/crons").bearer_auth(ADMIN).send().await.unwrap()).await;
+    assert_eq!(v["crons"].as_array().unwrap().len(), 1);
+    let (s, _) = json(
+        b.delete("/v1/crons/tick")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Runtime queues survive a reload of the config file; then they can be deleted.
+    b.post("/reload").bearer_auth(ADMIN).send().await.unwrap();
+    let (s, _) = json(
+        b.get("/v1/queues/orders")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = json(
+        b.delete("/v1/queues/orders")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = json(
+        b.post("/v1/queues/orders/messages")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 404);
+}

@@ -1,0 +1,270 @@
+//! The admin API (`Authorization: Bearer <admin.token>`, or pg-hooks'
+//! `X-PLATFORMATIC-ADMIN-SECRET: <admin.token>`): runtime queues with their webhooks,
+//! crons, delivery status, and redrive of dead letters.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use broker_core::actors::cron::ListCrons;
+use broker_core::actors::hub::webhook_status;
+use broker_core::actors::Head;
+use broker_core::config::{CronConfig, QueueConfig};
+use broker_core::settings::QueueSpec;
+use broker_core::{Broker, Error};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::request::require_admin;
+
+/// A definition error is the caller's (400), not the server's.
+fn definition_error(e: Error) -> ApiError {
+    match e {
+        Error::Invalid(_) => ApiError::bad_request("invalid_definition", e.to_string()),
+        other => other.into(),
+    }
+}
+
+/// Secrets never leave the broker, not even to admins.
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if matches!(
+                    k.as_str(),
+                    "key" | "keys" | "signing_secret" | "token" | "pass_hash"
+                ) {
+                    *val = match val {
+                        serde_json::Value::Array(a) => {
+                            serde_json::Value::Array(vec!["***".into(); a.len()])
+                        }
+                        _ => "***".into(),
+                    };
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+async fn describe(broker: &Broker, spec: &QueueSpec) -> serde_json::Value {
+    let mut definition = serde_json::to_value(&spec.config).unwrap_or_default();
+    redact(&mut definition);
+    let mut v = serde_json::json!({
+        "name": spec.name,
+        "runtime": spec.runtime,
+        "kind": spec.kind,
+        "limits": spec.limits,
+        "definition": definition,
+    });
+    if !spec.name.ends_with('*') {
+        if let Ok(h) = broker.queue(&spec.name).await {
+            if let Ok(info) = h.addr.send(Head).await {
+                v["epoch"] = info.epoch.to_string().into();
+                v["offset"] = info.head.into();
+                v["retained"] = (info.head + 1 - info.first).into();
+            }
+        }
+        v["webhooks"] = serde_json::to_value(webhook_status(broker.hub(), &spec.name).await)
+            .unwrap_or_default();
+    }
+    v
+}
+
+/// `GET /v1/queues`
+pub async fn list_queues(
+    req: HttpRequest,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let settings = broker.settings();
+    let mut out = Vec::new();
+    for spec in settings.all_queues() {
+        out.push(describe(&broker, spec).await);
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "queues": out })))
+}
+
+/// `GET /v1/queues/{q}`: definition, position and delivery status per webhook target.
+pub async fn get_queue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let settings = broker.settings();
+    let name = path.into_inner();
+    let spec = settings.queue(&name).ok_or(Error::UnknownQueue {
+        queue: name.clone(),
+    })?;
+    Ok(HttpResponse::Ok().json(describe(&broker, spec).await))
+}
+
+/// `PUT /v1/queues/{q}` with a queue definition (the `[[queues]]` keys but `name`).
+pub async fn put_queue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<serde_json::Value>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let name = path.into_inner();
+    let mut def = body.into_inner();
+    let Some(obj) = def.as_object_mut() else {
+        return Err(ApiError::bad_request(
+            "invalid_definition",
+            "the body must be a JSON object",
+        ));
+    };
+    obj.insert("name".into(), name.clone().into());
+    let cfg: QueueConfig = serde_path_to_error::deserialize(def).map_err(|e| {
+        ApiError::bad_request("invalid_definition", format!("{}: {}", e.path(), e.inner()))
+    })?;
+    define_queue(&broker, cfg).await?;
+    let settings = broker.settings();
+    let spec = settings.queue(&name).ok_or(Error::UnknownQueue {
+        queue: name.clone(),
+    })?;
+    Ok(HttpResponse::Ok().json(describe(&broker, spec).await))
+}
+
+/// Adds or replaces a runtime queue (shared with the pg-hooks routes).
+pub async fn define_queue(broker: &Broker, cfg: QueueConfig) -> Result<(), ApiError> {
+    if broker
+        .settings()
+        .config
+        .queues
+        .iter()
+        .any(|q| q.name == cfg.name)
+    {
+        return Err(Error::DefinedInConfig { name: cfg.name }.into());
+    }
+    broker
+        .redefine(|rt| {
+            rt.queues.retain(|q| q.name != cfg.name);
+            rt.queues.push(cfg);
+            Ok(())
+        })
+        .await
+        .map_err(definition_error)
+}
+
+/// `DELETE /v1/queues/{q}`: runtime queues only.
+pub async fn delete_queue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let name = path.into_inner();
+    let settings = broker.settings();
+    if settings.config.queues.iter().any(|q| q.name == name) {
+        return Err(Error::DefinedInConfig { name }.into());
+    }
+    if !settings.runtime.queues.iter().any(|q| q.name == name) {
+        return Err(Error::UnknownQueue { queue: name }.into());
+    }
+    broker
+        .redefine(|rt| {
+            rt.queues.retain(|q| q.name != name);
+            Ok(())
+        })
+        .await
+        .map_err(definition_error)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": true })))
+}
+
+/// `GET /v1/crons`
+pub async fn list_crons(
+    req: HttpRequest,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let crons = broker.cron().send(ListCrons).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "crons": crons })))
+}
+
+/// `POST /v1/crons` with `{name, queue, schedule, timezone?, body?, headers?}`.
+pub async fn create_cron(
+    req: HttpRequest,
+    body: web::Json<CronConfig>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let cfg = body.into_inner();
+    let name = cfg.name.clone();
+    define_cron(&broker, cfg).await?;
+    let crons = broker.cron().send(ListCrons).await?;
+    let created = crons.into_iter().find(|c| c.name == name);
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// Adds a runtime cron (shared with the pg-hooks routes).
+pub async fn define_cron(broker: &Broker, cfg: CronConfig) -> Result<(), ApiError> {
+    if broker
+        .settings()
+        .crons
+        .iter()
+        .any(|c| c.config.name == cfg.name)
+    {
+        return Err(Error::Exists { name: cfg.name }.into());
+    }
+    broker
+        .redefine(|rt| {
+            rt.crons.push(cfg);
+            Ok(())
+        })
+        .await
+        .map_err(definition_error)
+}
+
+/// `DELETE /v1/crons/{name}`: runtime crons only.
+pub async fn delete_cron(
+    req: HttpRequest,
+    path: web::Path<String>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let name = path.into_inner();
+    let settings = broker.settings();
+    if settings.config.crons.iter().any(|c| c.name == name) {
+        return Err(Error::DefinedInConfig { name }.into());
+    }
+    if !settings.runtime.crons.iter().any(|c| c.name == name) {
+        return Err(Error::UnknownCron { name }.into());
+    }
+    broker
+        .redefine(|rt| {
+            rt.crons.retain(|c| c.name != name);
+            Ok(())
+        })
+        .await
+        .map_err(definition_error)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": true })))
+}
+
+/// Body of a redrive.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    /// Start after this offset of the dead-letter queue (default 0: from the oldest).
+    #[serde(default)]
+    since: u64,
+    /// Most messages (default 1000).
+    limit: Option<usize>,
+}
+
+/// `POST /v1/queues/{dlq}/redrive`: republishes dead letters to their original queues.
+pub async fn redrive(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: Option<web::Json<RedriveRequest>>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &broker.settings())?;
+    let r = body.map(web::Json::into_inner).unwrap_or_default();
+    let (n, last) = broker
+        .redrive(&path, r.since, r.limit.unwrap_or(1000).clamp(1, 10_000))
+        .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "redriven": n, "offset": last })))
+}
