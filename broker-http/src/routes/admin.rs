@@ -7,7 +7,7 @@ use broker_core::actors::cron::ListCrons;
 use broker_core::actors::hub::webhook_status;
 use broker_core::actors::Head;
 use broker_core::config::{CronConfig, QueueConfig};
-use broker_core::settings::QueueSpec;
+use broker_core::settings::{QueueSpec, Runtime};
 use broker_core::{Broker, Error};
 use serde::Deserialize;
 
@@ -157,16 +157,36 @@ pub async fn delete_queue(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
     let name = path.into_inner();
-    let settings = broker.settings();
-    if settings.config.queues.iter().any(|q| q.name == name) {
+    let s = broker.settings();
+    let in_config = s.config.queues.iter().any(|q| q.name == name);
+    let in_runtime = s.runtime.queues.iter().any(|q| q.name == name);
+    let missing = Error::UnknownQueue {
+        queue: name.clone(),
+    };
+    delete_runtime(&broker, name, in_config, in_runtime, missing, |rt, n| {
+        rt.queues.retain(|q| q.name != n)
+    })
+    .await
+}
+
+/// Removes a runtime definition, refusing config-file ones and unknown names.
+async fn delete_runtime(
+    broker: &Broker,
+    name: String,
+    in_config: bool,
+    in_runtime: bool,
+    missing: Error,
+    remove: impl FnOnce(&mut Runtime, &str),
+) -> Result<HttpResponse, ApiError> {
+    if in_config {
         return Err(Error::DefinedInConfig { name }.into());
     }
-    if !settings.runtime.queues.iter().any(|q| q.name == name) {
-        return Err(Error::UnknownQueue { queue: name }.into());
+    if !in_runtime {
+        return Err(missing.into());
     }
     broker
         .redefine(|rt| {
-            rt.queues.retain(|q| q.name != name);
+            remove(rt, &name);
             Ok(())
         })
         .await
@@ -226,21 +246,14 @@ pub async fn delete_cron(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
     let name = path.into_inner();
-    let settings = broker.settings();
-    if settings.config.crons.iter().any(|c| c.name == name) {
-        return Err(Error::DefinedInConfig { name }.into());
-    }
-    if !settings.runtime.crons.iter().any(|c| c.name == name) {
-        return Err(Error::UnknownCron { name }.into());
-    }
-    broker
-        .redefine(|rt| {
-            rt.crons.retain(|c| c.name != name);
-            Ok(())
-        })
-        .await
-        .map_err(definition_error)?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": true })))
+    let s = broker.settings();
+    let in_config = s.config.crons.iter().any(|c| c.name == name);
+    let in_runtime = s.runtime.crons.iter().any(|c| c.name == name);
+    let missing = Error::UnknownCron { name: name.clone() };
+    delete_runtime(&broker, name, in_config, in_runtime, missing, |rt, n| {
+        rt.crons.retain(|c| c.name != n)
+    })
+    .await
 }
 
 /// Body of a redrive.
