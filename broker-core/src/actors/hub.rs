@@ -154,6 +154,7 @@ impl Hub {
             ctx.address(),
             self.deliveries.client.clone(),
             self.metrics.clone(),
+            self.store.clone(),
         );
         let addr = Webhook::start_in_arbiter(&self.deliveries.arbiter, move |_| w);
         self.deliveries.leader.do_send(Follow {

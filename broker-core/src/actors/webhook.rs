@@ -23,6 +23,7 @@ use crate::delivery::{WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Wait before reading again after the queue itself failed to answer.
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -108,8 +109,11 @@ pub struct Webhook {
     hub: Addr<Hub>,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
     leader: bool,
     cursor: Option<u64>,
+    /// Last value saved to the store: everything up to it is settled.
+    settled: u64,
     head: u64,
     epoch: Arc<str>,
     /// Distinguishes queues in webhook ids.
@@ -126,6 +130,7 @@ pub struct Webhook {
 
 impl Webhook {
     /// Delivery of `handle`'s messages to target number `index` of its queue.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         handle: QueueHandle,
         label: String,
@@ -134,6 +139,7 @@ impl Webhook {
         hub: Addr<Hub>,
         client: reqwest::Client,
         metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
     ) -> Self {
         let digest = crate::auth::ingest::compute_mac(
             crate::auth::HmacAlgo::Sha256,
@@ -151,8 +157,10 @@ impl Webhook {
             hub,
             client,
             metrics,
+            store,
             leader: false,
             cursor: None,
+            settled: 0,
             head: 0,
             reading: false,
             watching: false,
@@ -202,17 +210,27 @@ impl Webhook {
         // Seen before reading: a publish between the read and the wait still wakes us.
         changes.borrow_and_update();
         let Some(since) = self.cursor else {
-            // First start: deliver what is published from now on.
-            let fut = addr.send(Head).into_actor(self).map(|res, act, ctx| {
+            // First start: resume after the settled cursor kept in the store, or, for a
+            // new target, deliver what is published from now on.
+            let saved = self
+                .store
+                .delivery_cursor(&self.handle.name, self.spec.url.as_str());
+            let fut = async move { (saved.await, addr.send(Head).await) };
+            let fut = fut.into_actor(self).map(|res, act, ctx| {
                 act.reading = false;
                 match res {
-                    Ok(h) => {
-                        act.cursor = Some(h.head);
+                    (Ok(saved), Ok(h)) => {
+                        let start = saved.unwrap_or(h.head).min(h.head);
+                        act.cursor = Some(start);
+                        act.settled = start;
                         act.head = h.head;
                         act.epoch = h.epoch;
+                        if saved.is_none() {
+                            act.save_settled(start);
+                        }
                         act.pump(ctx);
                     }
-                    Err(_) => act.retry_read(ctx),
+                    _ => act.retry_read(ctx),
                 }
             });
             ctx.spawn(fut);
@@ -264,9 +282,38 @@ impl Webhook {
                     .inc_by(to - from);
             }
             act.cursor = Some(to.max(from));
+            act.advance_settled();
             act.pump(ctx);
         });
         ctx.spawn(fut);
+    }
+
+    /// Saves the settled watermark: below the oldest message still in delivery.
+    fn advance_settled(&mut self) {
+        let Some(cursor) = self.cursor else {
+            return;
+        };
+        let settled = self
+            .in_flight
+            .keys()
+            .next()
+            .map_or(cursor, |first| first - 1);
+        if settled > self.settled {
+            self.settled = settled;
+            self.save_settled(settled);
+        }
+    }
+
+    fn save_settled(&self, offset: u64) {
+        let save =
+            self.store
+                .set_delivery_cursor(&self.handle.name, self.spec.url.as_str(), offset);
+        let (queue, url) = (self.handle.name.clone(), self.spec.url.clone());
+        actix::spawn(async move {
+            if let Err(e) = save.await {
+                tracing::error!(%queue, %url, error = %e, "cannot save the delivery cursor");
+            }
+        });
     }
 
     fn retry_read(&mut self, ctx: &mut Context<Self>) {
@@ -400,6 +447,7 @@ impl Webhook {
                 }
             }
         }
+        self.advance_settled();
         self.gauges();
         self.pump(ctx);
     }
@@ -573,6 +621,9 @@ impl Handler<StopWebhook> for Webhook {
     type Result = ();
 
     fn handle(&mut self, _: StopWebhook, ctx: &mut Self::Context) {
+        // The target was removed: adding it again starts afresh.
+        self.store
+            .remove_delivery_cursor(&self.handle.name, self.spec.url.as_str());
         ctx.stop();
     }
 }
@@ -606,6 +657,99 @@ impl Handler<GetStatus> for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::hub::Deliveries;
+    use crate::actors::leader::{Leader, SingleNode};
+    use crate::config::parse;
+    use crate::settings::Settings;
+
+    #[actix::test]
+    async fn resumes_after_the_settled_cursor_in_the_store() {
+        // Port 9 on loopback refuses connections: every attempt fails at once.
+        const CONFIG: &str = "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\nmax_retries = 0\n";
+        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
+        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::open("memory://").unwrap();
+        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
+        let arbiter = Arbiter::new();
+        let deliveries = Deliveries {
+            leader,
+            client: reqwest::Client::new(),
+            arbiter: arbiter.handle(),
+        };
+        // A hub without the webhook (its own actor is started by hand below).
+        let (cfg0, src0) = parse(
+            None,
+            "[[queues]]\nname = \"q\"\n",
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap();
+        let hub = Hub::new(
+            Arc::new(Settings::compile(cfg0, src0).unwrap()),
+            store.clone(),
+            metrics.clone(),
+            deliveries,
+        )
+        .start();
+        let handle = hub
+            .send(GetQueue { name: "q".into() })
+            .await
+            .unwrap()
+            .unwrap();
+        let msgs = (0..5)
+            .map(|i| NewMessage {
+                body: bytes::Bytes::from(format!("m{i}")),
+                content_type: None,
+                headers: vec![],
+            })
+            .collect();
+        handle
+            .addr
+            .send(Publish { messages: msgs })
+            .await
+            .unwrap()
+            .unwrap();
+        let url = "http://127.0.0.1:9/";
+        store.set_delivery_cursor("q", url, 2).await.unwrap();
+
+        let spec = settings.queue("q").unwrap().webhooks[0].clone();
+        let w = Webhook::new(
+            handle,
+            "q".into(),
+            0,
+            spec,
+            hub,
+            reqwest::Client::new(),
+            metrics,
+            store.clone(),
+        )
+        .start();
+        w.send(LeadershipChanged { leader: true }).await.unwrap();
+        let mut status = w.send(GetStatus).await.unwrap();
+        for _ in 0..500 {
+            if status.failed == 3 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+            status = w.send(GetStatus).await.unwrap();
+        }
+        assert_eq!(
+            (status.failed, status.cursor, status.in_flight),
+            (3, 5, 0),
+            "offsets 3, 4 and 5, not 1 or 2"
+        );
+        assert_eq!(
+            store.delivery_cursor("q", url).await.unwrap(),
+            Some(5),
+            "the settled cursor is saved"
+        );
+        w.send(StopWebhook).await.unwrap();
+        assert_eq!(
+            store.delivery_cursor("q", url).await.unwrap(),
+            None,
+            "a removed target starts afresh"
+        );
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -15,6 +15,7 @@ struct MemQueue {
     epoch: Option<Arc<str>>,
     messages: VecDeque<Arc<Message>>,
     next_offset: u64,
+    cursors: HashMap<String, u64>,
 }
 
 /// The in-memory store. Messages are shared `Arc`s with the queue's window: no copies.
@@ -69,6 +70,29 @@ impl Store for MemoryStore {
     fn remove(&self, queue: &str) {
         self.queues.lock().expect("memory store lock").remove(queue);
     }
+
+    fn delivery_cursor(
+        &self,
+        queue: &str,
+        target: &str,
+    ) -> BoxFuture<'static, Result<Option<u64>, Error>> {
+        let c = self.with(queue, |q| q.cursors.get(target).copied());
+        future::ready(Ok(c)).boxed()
+    }
+
+    fn set_delivery_cursor(
+        &self,
+        queue: &str,
+        target: &str,
+        offset: u64,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        self.with(queue, |q| q.cursors.insert(target.to_owned(), offset));
+        future::ready(Ok(())).boxed()
+    }
+
+    fn remove_delivery_cursor(&self, queue: &str, target: &str) {
+        self.with(queue, |q| q.cursors.remove(target));
+    }
 }
 
 #[cfg(test)]
@@ -103,7 +127,15 @@ mod tests {
             vec![2, 3]
         );
         assert_eq!(again.next_offset, 4);
+        assert_eq!(s.delivery_cursor("q", "http://t").await.unwrap(), None);
+        s.set_delivery_cursor("q", "http://t", 2).await.unwrap();
+        assert_eq!(s.delivery_cursor("q", "http://t").await.unwrap(), Some(2));
         s.remove("q");
+        assert_eq!(
+            s.delivery_cursor("q", "http://t").await.unwrap(),
+            None,
+            "removed with the queue"
+        );
         let fresh = s.open("q").await.unwrap();
         assert_ne!(fresh.epoch, first.epoch);
         assert_eq!(fresh.next_offset, 1);

@@ -40,8 +40,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), Error>>;
     /// Forgets messages with offsets below `first_kept`.
     fn trim(&self, queue: &str, first_kept: u64);
-    /// Forgets a queue entirely (removed from the config).
+    /// Forgets a queue entirely (removed from the config), delivery cursors included.
     fn remove(&self, queue: &str);
+    /// The settled delivery cursor of webhook `target` of `queue`: every message up to
+    /// it was delivered or dead-lettered. `None` for a new target.
+    fn delivery_cursor(
+        &self,
+        queue: &str,
+        target: &str,
+    ) -> BoxFuture<'static, Result<Option<u64>, Error>>;
+    /// Moves that cursor (it only ever grows while the queue's epoch stays).
+    fn set_delivery_cursor(
+        &self,
+        queue: &str,
+        target: &str,
+        offset: u64,
+    ) -> BoxFuture<'static, Result<(), Error>>;
+    /// Forgets the cursor of a removed target.
+    fn remove_delivery_cursor(&self, queue: &str, target: &str);
 }
 
 /// A fresh random epoch: 16 hex digits.
