@@ -29,6 +29,7 @@ pub const MIN_PASSWORD_LEN: usize = 6;
 /// The running broker.
 pub struct Broker {
     hub: Addr<Hub>,
+    store: Arc<dyn store::Store>,
     registry: Addr<ConnectionRegistry>,
     leader: Addr<Leader>,
     cron: Addr<Cron>,
@@ -47,9 +48,9 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the store and starts the hub. Call inside a running actix system.
-    pub fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
-        let store = store::open(&settings.config.storage.url)?;
+    pub async fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
         let metrics = Arc::new(Metrics::new());
+        let store = store::open(&settings.config.storage.url, metrics.clone()).await?;
         warn_weak_passwords(&settings);
         let settings = Arc::new(settings);
         let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
@@ -64,7 +65,7 @@ impl Broker {
             client,
             arbiter: arbiter.handle(),
         };
-        let hub = Hub::new(settings.clone(), store, metrics.clone(), deliveries).start();
+        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
         let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
         leader.do_send(Follow {
             recipient: cron.clone().recipient(),
@@ -73,6 +74,7 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Broker {
             hub,
+            store,
             registry,
             leader,
             cron,
@@ -383,6 +385,11 @@ impl Broker {
             n += 1;
         }
         Ok((n, last))
+    }
+
+    /// Whether the store's last write succeeded.
+    pub fn store_healthy(&self) -> bool {
+        self.store.healthy()
     }
 
     /// Starts shutting down: long-polls return at once.

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub cron_runs: IntCounterVec,
     /// `broker_cron_next_run_timestamp_seconds{cron}`.
     pub cron_next_run: prometheus::GaugeVec,
+    /// `broker_store_commit_duration_seconds`: one store transaction.
+    pub store_commit: prometheus::Histogram,
+    /// `broker_store_batch_size`: operations per store transaction.
+    pub store_batch: prometheus::Histogram,
+    /// `broker_store_errors_total`: failed store transactions.
+    pub store_errors: prometheus::IntCounter,
 }
 
 /// Label used for requests to queues that do not exist (keeps cardinality bounded).
@@ -259,6 +265,38 @@ impl Metrics {
         registry
             .register(Box::new(cron_next_run.clone()))
             .expect("unique metric");
+        let store_commit = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "broker_store_commit_duration_seconds",
+                "Duration of one store transaction (group commit).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_commit.clone()))
+            .expect("unique metric");
+        let store_batch = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "broker_store_batch_size",
+                "Operations per store transaction.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_batch.clone()))
+            .expect("unique metric");
+        let store_errors =
+            prometheus::IntCounter::new("broker_store_errors_total", "Failed store transactions.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(store_errors.clone()))
+            .expect("unique metric");
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
@@ -316,6 +354,9 @@ impl Metrics {
             dead_lettered,
             cron_runs,
             cron_next_run,
+            store_commit,
+            store_batch,
+            store_errors,
         }
     }
 

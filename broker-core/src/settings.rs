@@ -174,12 +174,11 @@ impl Settings {
                 "must be greater than 0".into(),
             );
         }
-        if cfg.storage.url != "memory://" {
+        if cfg.storage.url != "memory://" && !crate::store::is_sql_url(&cfg.storage.url) {
             err(
                 "storage.url".into(),
                 format!(
-                    "`{}` is not supported yet: this version keeps messages in memory only \
-                     (`memory://`)",
+                    "`{}` is not a storage URL: memory://, sqlite://PATH or postgres://…",
                     cfg.storage.url
                 ),
             );

@@ -80,6 +80,7 @@ fn start_broker() -> anyhow::Result<String> {
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             let started = Broker::start(settings)
+                .await
                 .map_err(anyhow::Error::from)
                 .and_then(|b| Ok(broker_http::server(b, listener)?));
             match started {

@@ -26,7 +26,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .path
         .as_ref()
         .map_or("built-in example".to_owned(), |p| p.display().to_string());
-    let broker = Broker::start(settings)?;
+    let broker = Broker::start(settings).await?;
     let listener =
         std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;

@@ -301,7 +301,9 @@ mod tests {
             client: reqwest::Client::new(),
             arbiter: arbiter.handle(),
         };
-        let store = crate::store::open("memory://").unwrap();
+        let store = crate::store::open("memory://", metrics.clone())
+            .await
+            .unwrap();
         let hub = Hub::new(settings.clone(), store, metrics.clone(), deliveries).start();
         let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
         leader

@@ -669,7 +669,9 @@ mod tests {
         let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
         let settings = Arc::new(Settings::compile(cfg, src).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let store = crate::store::open("memory://").unwrap();
+        let store = crate::store::open("memory://", metrics.clone())
+            .await
+            .unwrap();
         let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
         let arbiter = Arbiter::new();
         let deliveries = Deliveries {

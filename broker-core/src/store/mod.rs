@@ -6,13 +6,17 @@
 //! and a future resolves only once the messages are as durable as the backend promises.
 //! Durable backends (SQLite, PostgreSQL) will implement the same trait.
 
+#[cfg(test)]
+mod conformance;
 mod memory;
+mod sql;
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
 pub use memory::MemoryStore;
+pub use sql::SqlStore;
 
 use crate::error::Error;
 use crate::message::Message;
@@ -58,6 +62,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), Error>>;
     /// Forgets the cursor of a removed target.
     fn remove_delivery_cursor(&self, queue: &str, target: &str);
+    /// Whether the last write succeeded (`/readyz` reports it).
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// A fresh random epoch: 16 hex digits.
@@ -65,10 +73,23 @@ pub fn random_epoch() -> Arc<str> {
     crate::message::random_id()
 }
 
-/// Opens the store named by `storage.url`.
-pub fn open(url: &str) -> Result<Arc<dyn Store>, Error> {
-    match url {
-        "memory://" => Ok(Arc::new(MemoryStore::default())),
-        other => Err(Error::Store(format!("unsupported storage url `{other}`"))),
+/// Opens the store named by `storage.url`: `memory://`, `sqlite://PATH`, `postgres://…`.
+pub async fn open(
+    url: &str,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<Arc<dyn Store>, Error> {
+    if url == "memory://" {
+        return Ok(Arc::new(MemoryStore::default()));
     }
+    if is_sql_url(url) {
+        return Ok(Arc::new(SqlStore::connect(url, metrics).await?));
+    }
+    Err(Error::Store(format!("unsupported storage url `{url}`")))
+}
+
+/// Whether `url` names a SQL backend.
+pub fn is_sql_url(url: &str) -> bool {
+    url.starts_with("sqlite://")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
 }

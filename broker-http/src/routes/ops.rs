@@ -16,10 +16,14 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: 503 once shutdown has begun, so load balancers drain this instance.
+/// `GET /readyz`: 503 once shutdown has begun, or while the store's last write failed,
+/// so load balancers route around this instance.
 pub async fn readyz(broker: web::Data<Broker>) -> HttpResponse {
     if *broker.shutdown_signal().borrow() {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "shutting_down" }))
+    } else if !broker.store_healthy() {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "store_unavailable" }))
     } else {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
     }

@@ -37,7 +37,7 @@ pub async fn spawn_broker(toml: &str) -> TestBroker {
     let settings = Settings::compile(cfg, source).unwrap();
     let listener = std::net::TcpListener::bind(settings.listen).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let broker = Broker::start(settings).unwrap();
+    let broker = Broker::start(settings).await.unwrap();
     let server = broker_http::server(broker.clone(), listener).unwrap();
     actix_web::rt::spawn(server);
     TestBroker {
