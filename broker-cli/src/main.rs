@@ -69,6 +69,8 @@ enum Command {
 enum BenchCommand {
     /// Latency WebSocket delivery adds to a publish (in-process broker on loopback).
     Latency(cmd::bench::LatencyArgs),
+    /// Durable publish throughput: SQLite against memory (in-process brokers on loopback).
+    Publish(cmd::bench::PublishArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +97,7 @@ fn main() -> std::process::ExitCode {
         Command::Notify(args) => cmd::ws::notify(args),
         Command::HashPassword { stdin } => cmd::hash_password(stdin),
         Command::Bench(BenchCommand::Latency(args)) => cmd::bench::latency(args),
+        Command::Bench(BenchCommand::Publish(args)) => cmd::bench::publish(args),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", broker_core::config::EXAMPLE);
             Ok(())

@@ -1,3 +1,10 @@
+//! Benchmarks that report against a baseline measured in the same run.
+//!
+//! `broker bench publish`: durable publish throughput. 64 concurrent publishers send
+//! 256-byte messages over HTTP to a broker on `memory://` (the baseline) and then to one
+//! on SQLite (WAL, `synchronous=FULL`, group commit); the ratio is the result. Target
+//! (issue 5): SQLite ≥ 0.5 × memory.
+//!
 //! `broker bench latency`: what WebSocket delivery adds to a publish, measured against a
 //! baseline taken in the same run.
 //!
@@ -55,7 +62,7 @@ const TARGET_ADDED_P50: Duration = Duration::from_millis(1);
 
 /// Runs the benchmark and prints its report.
 pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
-    let url = start_broker()?;
+    let url = start_broker(CONFIG)?;
     let report = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -71,8 +78,123 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_broker() -> anyhow::Result<String> {
-    let (cfg, source) = parse(None, CONFIG, Vec::<(String, String)>::new())?;
+/// Arguments of `broker bench publish`.
+#[derive(clap::Args)]
+pub struct PublishArgs {
+    /// Messages per backend.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 64)]
+    publishers: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Exit 1 if the target (SQLite ≥ 0.5 × memory) is missed.
+    #[arg(long)]
+    check: bool,
+}
+
+/// The durable-throughput target of issue 5.
+const TARGET_RATIO: f64 = 0.5;
+
+/// Runs `broker bench publish` and prints its report.
+pub fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut rates = Vec::new();
+    let mut store_stats = String::new();
+    for url in ["memory://", sqlite.as_str()] {
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"{url}\"\n[limits]\nmax_message_count = 10000\n[[queues]]\nname = \"bench\"\n"
+        );
+        let base = start_broker(&config)?;
+        let rate = rt.block_on(throughput(&base, &args))?;
+        rates.push(rate);
+        store_stats = rt.block_on(store_summary(&base))?;
+    }
+    let ratio = rates[1] / rates[0];
+    println!(
+        "broker bench publish: {} messages of {} bytes per backend, {} concurrent publishers, HTTP on loopback",
+        args.messages, args.payload, args.publishers
+    );
+    println!(
+        "  baseline   memory://                     {:>10.0} msg/s",
+        rates[0]
+    );
+    println!(
+        "  measured   sqlite (WAL, synchronous=FULL) {:>9.0} msg/s",
+        rates[1]
+    );
+    println!("  ratio sqlite/memory                      {:>10.3}", ratio);
+    println!("  sqlite group commit                      {store_stats}");
+    println!(
+        "  target: ratio >= {TARGET_RATIO}                     {}",
+        if ratio >= TARGET_RATIO {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    if args.check && ratio < TARGET_RATIO {
+        bail!("target missed: {ratio:.3} < {TARGET_RATIO}");
+    }
+    Ok(())
+}
+
+async fn throughput(base: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/queues/bench/messages");
+    let body = bytes::Bytes::from(vec![b'x'; args.payload]);
+    let per = args.messages.div_ceil(args.publishers.max(1));
+    let run = |n: usize| {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        async move {
+            for _ in 0..n {
+                let res = http.post(&url).body(body.clone()).send().await?;
+                anyhow::ensure!(
+                    res.status().is_success(),
+                    "publish failed: {}",
+                    res.status()
+                );
+            }
+            anyhow::Ok(())
+        }
+    };
+    // Warm up connections and the store.
+    futures_util::future::try_join_all((0..args.publishers).map(|_| run(2))).await?;
+    let started = Instant::now();
+    futures_util::future::try_join_all((0..args.publishers).map(|_| run(per))).await?;
+    Ok((per * args.publishers) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Mean batch size and commit time from the broker's own metrics.
+async fn store_summary(base: &str) -> anyhow::Result<String> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let commits = sample("broker_store_commit_duration_seconds_count").max(1.0);
+    Ok(format!(
+        "{:.0} commits, {:.1} ops each, {:.2} ms each (means)",
+        commits,
+        sample("broker_store_batch_size_sum") / commits,
+        sample("broker_store_commit_duration_seconds_sum") / commits * 1000.0
+    ))
+}
+
+fn start_broker(config: &str) -> anyhow::Result<String> {
+    let (cfg, source) = parse(None, config, Vec::<(String, String)>::new())?;
     let settings = Settings::compile(cfg, source)?;
     let listener = std::net::TcpListener::bind(settings.listen)?;
     let url = format!("http://{}", listener.local_addr()?);

@@ -181,9 +181,10 @@ fn yaml_and_json_native_files() {
 }
 
 #[test]
-fn durable_urls_are_refused_for_now() {
-    let errs = key_errors(
-        compile("b.toml", "[storage]\nurl = \"sqlite://x.db\"\n", no_env()).unwrap_err(),
-    );
+fn storage_urls() {
+    for ok in ["memory://", "sqlite://./data/broker.db", "postgres://u@h/db", "postgresql://h/db"] {
+        compile("b.toml", &format!("[storage]\nurl = \"{ok}\"\n"), no_env()).unwrap();
+    }
+    let errs = key_errors(compile("b.toml", "[storage]\nurl = \"redis://x\"\n", no_env()).unwrap_err());
     assert!(errs[0].starts_with("storage.url"), "{errs:?}");
 }
