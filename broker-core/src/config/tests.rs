@@ -182,9 +182,15 @@ fn yaml_and_json_native_files() {
 
 #[test]
 fn storage_urls() {
-    for ok in ["memory://", "sqlite://./data/broker.db", "postgres://u@h/db", "postgresql://h/db"] {
+    for ok in [
+        "memory://",
+        "sqlite://./data/broker.db",
+        "postgres://u@h/db",
+        "postgresql://h/db",
+    ] {
         compile("b.toml", &format!("[storage]\nurl = \"{ok}\"\n"), no_env()).unwrap();
     }
-    let errs = key_errors(compile("b.toml", "[storage]\nurl = \"redis://x\"\n", no_env()).unwrap_err());
+    let errs =
+        key_errors(compile("b.toml", "[storage]\nurl = \"redis://x\"\n", no_env()).unwrap_err());
     assert!(errs[0].starts_with("storage.url"), "{errs:?}");
 }

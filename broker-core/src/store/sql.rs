@@ -135,6 +135,21 @@ impl SqlStore {
         })
     }
 
+    /// Queues an operation and resolves once the transaction holding it committed.
+    fn commit(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Op,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        let (done, wait) = oneshot::channel();
+        let op = op(done);
+        let writer = self.writer.clone();
+        async move {
+            writer.send(op).await.map_err(|_| Error::ShuttingDown)?;
+            wait.await.map_err(|_| Error::ShuttingDown)?
+        }
+        .boxed()
+    }
+
     /// Queues an operation nobody waits for, in order when the writer has room.
     fn send(&self, op: Op) {
         if let Err(mpsc::error::TrySendError::Full(op)) = self.writer.try_send(op) {
@@ -458,18 +473,12 @@ impl Store for SqlStore {
         queue: &str,
         messages: Vec<Arc<Message>>,
     ) -> BoxFuture<'static, Result<(), Error>> {
-        let (done, wait) = oneshot::channel();
-        let op = Op::Append {
-            queue: queue.to_owned(),
+        let queue = queue.to_owned();
+        self.commit(|done| Op::Append {
+            queue,
             messages,
             done,
-        };
-        let writer = self.writer.clone();
-        async move {
-            writer.send(op).await.map_err(|_| Error::ShuttingDown)?;
-            wait.await.map_err(|_| Error::ShuttingDown)?
-        }
-        .boxed()
+        })
     }
 
     fn trim(&self, queue: &str, first_kept: u64) {
@@ -506,19 +515,13 @@ impl Store for SqlStore {
         target: &str,
         offset: u64,
     ) -> BoxFuture<'static, Result<(), Error>> {
-        let (done, wait) = oneshot::channel();
-        let op = Op::SetCursor {
-            queue: queue.to_owned(),
-            target: target.to_owned(),
+        let (queue, target) = (queue.to_owned(), target.to_owned());
+        self.commit(|done| Op::SetCursor {
+            queue,
+            target,
             offset,
             done,
-        };
-        let writer = self.writer.clone();
-        async move {
-            writer.send(op).await.map_err(|_| Error::ShuttingDown)?;
-            wait.await.map_err(|_| Error::ShuttingDown)?
-        }
-        .boxed()
+        })
     }
 
     fn remove_delivery_cursor(&self, queue: &str, target: &str) {
