@@ -137,3 +137,35 @@ async fn postgres_loses_nothing_acknowledged_on_kill_9() {
         Err(_) => eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped"),
     }
 }
+
+#[actix_web::test]
+async fn delayed_messages_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/broker.db", dir.path().display());
+    let (_d, path) = write_config("broker.toml", &config(&url, "later"));
+    let mut b = spawn_broker(&path);
+    let (s, v) = json(
+        b.post("/v1/queues/later/messages?delay=2s")
+            .body("from before the crash")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["scheduled"].as_bool()), (200, Some(true)));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+
+    let b2 = spawn_broker(&path);
+    let (s, v) = json(
+        b2.get("/v1/queues/later/messages?since=0&wait=10s")
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"][0]["body"], "from before the crash", "{v}");
+    assert_eq!(v["messages"][0]["offset"], 1);
+}

@@ -20,7 +20,10 @@ use crate::error::{Error, Rejection};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
 use crate::settings::QueueSpec;
-use crate::store::{Store, StoredQueue};
+use crate::store::{Store, StoredDelayed, StoredQueue};
+
+/// How long a delayed release that the store refused waits before the next try.
+const DELAYED_RETRY_MS: i64 = 1000;
 
 /// Mailbox capacity: publishers and readers `send` (never `do_send`), so a busy queue
 /// pushes back on them instead of growing without bound.
@@ -247,6 +250,8 @@ pub struct Queue {
     delayed: BinaryHeap<Reverse<Delayed>>,
     delayed_seq: u64,
     delayed_timer: Option<(i64, SpawnHandle)>,
+    /// Delayed messages being saved (they count against the limit already).
+    scheduling: usize,
 }
 
 impl Queue {
@@ -276,6 +281,7 @@ impl Queue {
             delayed: BinaryHeap::new(),
             delayed_seq: 0,
             delayed_timer: None,
+            scheduling: 0,
         }
     }
 
@@ -291,7 +297,21 @@ impl Queue {
         self.log.front().map_or(self.head + 1, |m| m.offset)
     }
 
-    fn restore(&mut self, state: StoredQueue) {
+    fn restore(&mut self, state: StoredQueue, ctx: &mut Context<Self>) {
+        let pending = state.delayed.len();
+        for d in state.delayed.iter().cloned() {
+            self.delayed_seq = self.delayed_seq.max(d.id);
+            self.delayed.push(Reverse(Delayed {
+                at_ms: d.at_ms,
+                seq: d.id,
+                message: d.message,
+            }));
+        }
+        self.metrics
+            .delayed
+            .with_label_values(&[self.spec.label()])
+            .add(pending as i64);
+        self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
         self.next_offset = state.next_offset;
         self.head = state.next_offset - 1;
@@ -442,7 +462,7 @@ impl Actor for Queue {
                 .open(&self.name)
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
-                    Ok(state) => act.restore(state),
+                    Ok(state) => act.restore(state, ctx),
                     Err(e) => {
                         tracing::error!(queue = %act.name, error = %e, "cannot open queue");
                         ctx.stop();
@@ -488,9 +508,11 @@ impl Queue {
     }
 
     /// Gives offsets, hands the batch to the store and makes it visible once stored.
+    /// `released`: the delayed entries these messages come from (forgotten atomically).
     fn append(
         &mut self,
         messages: Vec<NewMessage>,
+        released: Vec<u64>,
     ) -> ResponseActFuture<Self, Result<Published, Error>> {
         if messages.is_empty() {
             let head = self.next_offset - 1;
@@ -521,7 +543,11 @@ impl Queue {
             .collect();
         let last = first + messages.len() as u64 - 1;
         self.next_offset = last + 1;
-        let append = self.store.append(&self.name, messages.clone());
+        let append = if released.is_empty() {
+            self.store.append(&self.name, messages.clone())
+        } else {
+            self.store.release(&self.name, messages.clone(), released)
+        };
         self.inflight.push_back(Inflight {
             messages,
             outcome: None,
@@ -569,17 +595,28 @@ impl Queue {
         let now = now_ms();
         let mut due = Vec::new();
         while self.delayed.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
-            due.push(self.delayed.pop().expect("peeked").0.message);
+            due.push(self.delayed.pop().expect("peeked").0);
         }
         self.metrics
             .delayed
             .with_label_values(&[self.spec.label()])
             .sub(due.len() as i64);
         if !due.is_empty() {
-            let name = self.name.clone();
-            ctx.spawn(self.append(due).map(move |res, _, _| {
+            let ids = due.iter().map(|d| d.seq).collect();
+            let messages = due.iter().map(|d| d.message.clone()).collect();
+            ctx.spawn(self.append(messages, ids).map(move |res, act, ctx| {
                 if let Err(e) = res {
-                    tracing::error!(queue = %name, error = %e, "delayed messages could not be stored");
+                    // Still in the store: try again shortly rather than lose them.
+                    tracing::error!(queue = %act.name, error = %e, "delayed messages could not be released; retrying");
+                    let retry_at = now_ms() + DELAYED_RETRY_MS;
+                    act.metrics
+                        .delayed
+                        .with_label_values(&[act.spec.label()])
+                        .add(due.len() as i64);
+                    for d in due {
+                        act.delayed.push(Reverse(Delayed { at_ms: retry_at, ..d }));
+                    }
+                    act.arm_delayed_timer(ctx);
                 }
             }));
         }
@@ -594,40 +631,62 @@ impl Handler<Publish> for Queue {
         if let Err(e) = self.check_sizes(&msg.messages) {
             return Box::pin(fut::ready(Err(e)));
         }
-        self.append(msg.messages)
+        self.append(msg.messages, Vec::new())
     }
 }
 
 impl Handler<PublishAt> for Queue {
-    type Result = Result<Scheduled, Error>;
+    type Result = ResponseActFuture<Self, Result<Scheduled, Error>>;
 
-    fn handle(&mut self, msg: PublishAt, ctx: &mut Self::Context) -> Self::Result {
-        self.check_sizes(&msg.messages)?;
+    fn handle(&mut self, msg: PublishAt, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = self.check_sizes(&msg.messages) {
+            return Box::pin(fut::ready(Err(e)));
+        }
         let max = self.spec.limits.max_delayed_messages;
-        if self.delayed.len() + msg.messages.len() > max {
-            return Err(Error::rejected(
+        let count = msg.messages.len();
+        if self.delayed.len() + self.scheduling + count > max {
+            let e = Error::rejected(
                 Rejection::TooManyDelayed,
                 format!("queue `{}` holds {max} delayed messages already", self.name),
-            ));
+            );
+            return Box::pin(fut::ready(Err(e)));
         }
-        let count = msg.messages.len();
-        for message in msg.messages {
-            self.delayed_seq += 1;
-            self.delayed.push(Reverse(Delayed {
-                at_ms: msg.deliver_at_ms,
-                seq: self.delayed_seq,
-                message,
-            }));
-        }
-        self.metrics
-            .delayed
-            .with_label_values(&[self.spec.label()])
-            .add(count as i64);
-        self.arm_delayed_timer(ctx);
-        Ok(Scheduled {
-            count,
-            deliver_at_ms: msg.deliver_at_ms,
-        })
+        let at_ms = msg.deliver_at_ms;
+        let items: Vec<StoredDelayed> = msg
+            .messages
+            .into_iter()
+            .map(|message| {
+                self.delayed_seq += 1;
+                StoredDelayed {
+                    id: self.delayed_seq,
+                    at_ms,
+                    message,
+                }
+            })
+            .collect();
+        self.scheduling += count;
+        // Acknowledged once the store has them, like any publish.
+        let save = self.store.schedule(&self.name, items.clone());
+        Box::pin(save.into_actor(self).map(move |res, act, ctx| {
+            act.scheduling -= count;
+            res?;
+            for d in items {
+                act.delayed.push(Reverse(Delayed {
+                    at_ms: d.at_ms,
+                    seq: d.id,
+                    message: d.message,
+                }));
+            }
+            act.metrics
+                .delayed
+                .with_label_values(&[act.spec.label()])
+                .add(count as i64);
+            act.arm_delayed_timer(ctx);
+            Ok(Scheduled {
+                count,
+                deliver_at_ms: at_ms,
+            })
+        }))
     }
 }
 

@@ -77,6 +77,39 @@ async fn suite(url: &str, durable: bool) {
     s.remove_delivery_cursor(&q, "http://t/2");
     s.append(&q, vec![msg(&q, 69, "y")]).await.unwrap(); // orders the removal
     assert_eq!(s.delivery_cursor(&q, "http://t/2").await.unwrap(), None);
+
+    // Delayed messages: kept until released; a release appends and forgets atomically.
+    let delayed = |id: u64, body: &str| super::StoredDelayed {
+        id,
+        at_ms: 1_800_000_000_000 + id as i64,
+        message: crate::message::NewMessage {
+            body: Bytes::from(body.to_owned()),
+            content_type: None,
+            headers: vec![("k".into(), "v".into())],
+        },
+    };
+    s.schedule(&q, vec![delayed(1, "later-1"), delayed(2, "later-2")])
+        .await
+        .unwrap();
+    let held = s.open(&q).await.unwrap().delayed;
+    assert_eq!(held.iter().map(|d| d.id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        (&held[1].message.body[..], held[1].at_ms),
+        (&b"later-2"[..], 1_800_000_000_002)
+    );
+    assert_eq!(
+        held[0].message.headers,
+        vec![("k".to_owned(), "v".to_owned())]
+    );
+    s.release(&q, vec![msg(&q, 70, "later-1")], vec![1])
+        .await
+        .unwrap();
+    let after = s.open(&q).await.unwrap();
+    assert_eq!(
+        after.delayed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(after.messages.last().map(|m| m.offset), Some(70));
     assert!(s.healthy());
 
     if durable {
@@ -85,8 +118,13 @@ async fn suite(url: &str, durable: bool) {
         let s2 = open(url, metrics).await.unwrap();
         let back = s2.open(&q).await.unwrap();
         assert_eq!(back.epoch, fresh.epoch);
-        assert_eq!(offsets(&back.messages), (2..70).collect::<Vec<_>>());
-        assert_eq!(back.next_offset, 70);
+        assert_eq!(offsets(&back.messages), (2..71).collect::<Vec<_>>());
+        assert_eq!(back.next_offset, 71);
+        assert_eq!(
+            back.delayed.iter().map(|d| d.id).collect::<Vec<_>>(),
+            vec![2],
+            "delayed entries survive"
+        );
         assert_eq!(s2.delivery_cursor(&q, "http://t/1").await.unwrap(), Some(9));
         s2.remove(&q);
         let q2 = format!("{q}.2");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{self, BoxFuture, FutureExt};
 
-use super::{random_epoch, Store, StoredQueue};
+use super::{random_epoch, Store, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
 
@@ -16,6 +16,7 @@ struct MemQueue {
     messages: VecDeque<Arc<Message>>,
     next_offset: u64,
     cursors: HashMap<String, u64>,
+    delayed: std::collections::BTreeMap<u64, StoredDelayed>,
 }
 
 /// The in-memory store. Messages are shared `Arc`s with the queue's window: no copies.
@@ -41,6 +42,7 @@ impl Store for MemoryStore {
             epoch: q.epoch.get_or_insert_with(random_epoch).clone(),
             messages: q.messages.iter().cloned().collect(),
             next_offset: q.next_offset,
+            delayed: q.delayed.values().cloned().collect(),
         });
         future::ready(Ok(state)).boxed()
     }
@@ -57,6 +59,31 @@ impl Store for MemoryStore {
             q.messages.extend(messages);
         });
         future::ready(Ok(())).boxed()
+    }
+
+    fn schedule(
+        &self,
+        queue: &str,
+        delayed: Vec<StoredDelayed>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        self.with(queue, |q| {
+            q.delayed.extend(delayed.into_iter().map(|d| (d.id, d)))
+        });
+        future::ready(Ok(())).boxed()
+    }
+
+    fn release(
+        &self,
+        queue: &str,
+        messages: Vec<Arc<Message>>,
+        ids: Vec<u64>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        self.with(queue, |q| {
+            for id in &ids {
+                q.delayed.remove(id);
+            }
+        });
+        self.append(queue, messages)
     }
 
     fn trim(&self, queue: &str, first_kept: u64) {

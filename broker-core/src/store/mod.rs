@@ -21,6 +21,17 @@ pub use sql::SqlStore;
 use crate::error::Error;
 use crate::message::Message;
 
+/// A delayed message as the store keeps it until it is due.
+#[derive(Debug, Clone)]
+pub struct StoredDelayed {
+    /// Its id within the queue (grows).
+    pub id: u64,
+    /// When it is due, Unix ms.
+    pub at_ms: i64,
+    /// The message.
+    pub message: crate::message::NewMessage,
+}
+
 /// What a queue finds in the store when it starts.
 #[derive(Debug, Clone)]
 pub struct StoredQueue {
@@ -30,6 +41,8 @@ pub struct StoredQueue {
     pub messages: Vec<Arc<Message>>,
     /// Offset the next message gets.
     pub next_offset: u64,
+    /// Delayed messages not yet due, in id order.
+    pub delayed: Vec<StoredDelayed>,
 }
 
 /// A storage backend.
@@ -41,6 +54,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         queue: &str,
         messages: Vec<Arc<Message>>,
+    ) -> BoxFuture<'static, Result<(), Error>>;
+    /// Keeps delayed messages; resolves once they are as durable as appends.
+    fn schedule(
+        &self,
+        queue: &str,
+        delayed: Vec<StoredDelayed>,
+    ) -> BoxFuture<'static, Result<(), Error>>;
+    /// Appends due messages and forgets the delayed entries they came from, atomically:
+    /// a crash can neither lose nor duplicate them.
+    fn release(
+        &self,
+        queue: &str,
+        messages: Vec<Arc<Message>>,
+        ids: Vec<u64>,
     ) -> BoxFuture<'static, Result<(), Error>>;
     /// Forgets messages with offsets below `first_kept`.
     fn trim(&self, queue: &str, first_kept: u64);

@@ -25,9 +25,10 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{random_epoch, Store, StoredQueue};
+use super::{random_epoch, Store, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
+use crate::message::NewMessage;
 use crate::metrics::Metrics;
 
 /// Most operations in one transaction.
@@ -44,6 +45,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (queue, pos));
      CREATE TABLE delivery_cursors (queue TEXT NOT NULL, target TEXT NOT NULL, pos {INT} NOT NULL,
         PRIMARY KEY (queue, target));",
+    // 2: delayed messages until they are due.
+    "CREATE TABLE delayed (queue TEXT NOT NULL, id {INT} NOT NULL, at_ms {INT} NOT NULL,
+        body {BLOB} NOT NULL, content_type TEXT, headers TEXT NOT NULL, PRIMARY KEY (queue, id));",
 ];
 
 #[derive(Clone)]
@@ -56,6 +60,13 @@ enum Op {
     Append {
         queue: String,
         messages: Vec<Arc<Message>>,
+        /// Delayed entries these messages came from, deleted in the same transaction.
+        released: Vec<u64>,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    Schedule {
+        queue: String,
+        delayed: Vec<StoredDelayed>,
         done: oneshot::Sender<Result<(), Error>>,
     },
     Trim {
@@ -258,7 +269,9 @@ async fn write_loop(
                 }
             };
             match op {
-                Op::Append { done, .. } | Op::SetCursor { done, .. } => {
+                Op::Append { done, .. }
+                | Op::Schedule { done, .. }
+                | Op::SetCursor { done, .. } => {
                     let _ = done.send(reply());
                 }
                 _ => {}
@@ -325,10 +338,31 @@ macro_rules! apply_ops {
             }
             for op in ops {
                 match op {
-                    Op::Append { queue, messages, .. } => {
+                    Op::Append { queue, messages, released, .. } => {
                         match pending.iter_mut().find(|(q, _)| *q == queue.as_str()) {
                             Some((_, rows)) => rows.extend(messages.iter()),
                             None => pending.push((queue.as_str(), messages.iter().collect())),
+                        }
+                        for id in released {
+                            sqlx::query("DELETE FROM delayed WHERE queue = $1 AND id = $2")
+                                .bind(queue.as_str())
+                                .bind(*id as i64)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                    Op::Schedule { queue, delayed, .. } => {
+                        for d in delayed {
+                            let headers = serde_json::to_string(&d.message.headers).expect("string pairs serialize");
+                            sqlx::query("INSERT INTO delayed (queue, id, at_ms, body, content_type, headers) VALUES ($1, $2, $3, $4, $5, $6)")
+                                .bind(queue.as_str())
+                                .bind(d.id as i64)
+                                .bind(d.at_ms)
+                                .bind(d.message.body.to_vec())
+                                .bind(d.message.content_type.as_deref().map(str::to_owned))
+                                .bind(headers)
+                                .execute(&mut *tx)
+                                .await?;
                         }
                     }
                     Op::Trim { queue, first_kept } => {
@@ -359,6 +393,7 @@ macro_rules! apply_ops {
                         for sql in [
                             "DELETE FROM messages WHERE queue = $1",
                             "DELETE FROM delivery_cursors WHERE queue = $1",
+                            "DELETE FROM delayed WHERE queue = $1",
                         ] {
                             sqlx::query(sql).bind(queue.as_str()).execute(&mut *tx).await?;
                         }
@@ -435,10 +470,32 @@ macro_rules! open_queue {
                 })
             })
             .collect();
+        let delayed = sqlx::query("SELECT id, at_ms, body, content_type, headers FROM delayed WHERE queue = $1 ORDER BY id")
+            .bind($queue)
+            .fetch_all($p)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|r| {
+                let body: Vec<u8> = r.get(2);
+                let content_type: Option<String> = r.get(3);
+                let headers: String = r.get(4);
+                StoredDelayed {
+                    id: r.get::<i64, _>(0) as u64,
+                    at_ms: r.get(1),
+                    message: NewMessage {
+                        body: Bytes::from(body),
+                        content_type: content_type.map(Arc::from),
+                        headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    },
+                }
+            })
+            .collect();
         Ok(StoredQueue {
             epoch: Arc::from(epoch),
             messages,
             next_offset: next_offset as u64,
+            delayed,
         })
     }};
 }
@@ -477,6 +534,35 @@ impl Store for SqlStore {
         self.commit(|done| Op::Append {
             queue,
             messages,
+            released: Vec::new(),
+            done,
+        })
+    }
+
+    fn schedule(
+        &self,
+        queue: &str,
+        delayed: Vec<StoredDelayed>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        let queue = queue.to_owned();
+        self.commit(|done| Op::Schedule {
+            queue,
+            delayed,
+            done,
+        })
+    }
+
+    fn release(
+        &self,
+        queue: &str,
+        messages: Vec<Arc<Message>>,
+        ids: Vec<u64>,
+    ) -> BoxFuture<'static, Result<(), Error>> {
+        let queue = queue.to_owned();
+        self.commit(|done| Op::Append {
+            queue,
+            messages,
+            released: ids,
             done,
         })
     }
