@@ -47,10 +47,33 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Opens the store and starts the hub. Call inside a running actix system.
+    /// Opens the store, restores the runtime definitions kept there, and starts the
+    /// actors. Call inside a running actix system.
     pub async fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
         let metrics = Arc::new(Metrics::new());
         let store = store::open(&settings.config.storage.url, metrics.clone()).await?;
+        let pg_hooks = crate::pg_hooks::PgHooks::default();
+        let mut settings = settings;
+        if let Some(json) = store.state(STATE_KEY).await? {
+            match serde_json::from_str::<PersistedState>(&json) {
+                Ok(p) => {
+                    let (cfg, source) = (settings.config.clone(), settings.source.clone());
+                    match Settings::compile_with(cfg, source, p.runtime) {
+                        Ok(s) => settings = s,
+                        // The config file changed under them: start without, say so loudly.
+                        Err(e) => {
+                            tracing::error!(error = %e, "stored runtime definitions no longer fit the config; not loaded")
+                        }
+                    }
+                    if let Err(e) = pg_hooks.restore(p.pg_hooks) {
+                        tracing::error!(error = %e, "stored pg-hooks state is unreadable; not loaded");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stored runtime definitions are unreadable; not loaded")
+                }
+            }
+        }
         warn_weak_passwords(&settings);
         let settings = Arc::new(settings);
         let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
@@ -79,7 +102,7 @@ impl Broker {
             leader,
             cron,
             _deliveries: arbiter,
-            pg_hooks: Default::default(),
+            pg_hooks,
             settings: RwLock::new(settings),
             metrics,
             credentials: CredentialCache::default(),
@@ -285,7 +308,19 @@ impl Broker {
         change(&mut runtime)?;
         let compiled =
             Settings::compile_with(current.config.clone(), current.source.clone(), runtime);
-        self.finish_reload(compiled).await
+        self.finish_reload(compiled).await?;
+        self.persist_state().await
+    }
+
+    /// Saves the runtime definitions and the pg-hooks entities to the store (they come
+    /// back at the next start); resolves after the commit.
+    pub async fn persist_state(&self) -> Result<(), Error> {
+        let state = PersistedState {
+            runtime: self.settings().runtime.clone(),
+            pg_hooks: self.pg_hooks.snapshot(),
+        };
+        let json = serde_json::to_string(&state).expect("runtime definitions serialize");
+        self.store.set_state(STATE_KEY, json).await
     }
 
     /// webhook-queue's `/setPassword`: hashes with argon2id, writes the hash into the
@@ -401,6 +436,17 @@ impl Broker {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// Store key of the persisted runtime definitions.
+const STATE_KEY: &str = "runtime";
+
+/// What survives a restart of the admin API's and pg-hooks routes' definitions.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedState {
+    runtime: Runtime,
+    #[serde(default)]
+    pg_hooks: serde_json::Value,
 }
 
 /// What a publish did.

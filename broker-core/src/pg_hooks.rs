@@ -21,7 +21,7 @@ pub struct PgHooks {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct State {
     last_queue: u64,
     last_message: u64,
@@ -58,6 +58,17 @@ impl PgHooks {
             .expect("pg-hooks lock")
             .queues
             .insert(id, entity);
+    }
+
+    /// The whole state as JSON (persisted with the runtime definitions).
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.state.lock().expect("pg-hooks lock")).expect("serializable")
+    }
+
+    /// Restores a snapshot.
+    pub fn restore(&self, v: serde_json::Value) -> Result<(), serde_json::Error> {
+        *self.state.lock().expect("pg-hooks lock") = serde_json::from_value(v)?;
+        Ok(())
     }
 
     /// Every queue entity, by id.

@@ -75,7 +75,7 @@ pub fn grants(list: &[String], queue: &str) -> bool {
 
 /// Queues and crons defined through the admin API (and the pg-hooks routes). They are
 /// compiled together with the config file, so every lookup sees one consistent set.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Runtime {
     /// Runtime queues.
     pub queues: Vec<QueueConfig>,

@@ -169,3 +169,73 @@ async fn delayed_messages_survive_kill_9() {
     assert_eq!(v["messages"][0]["body"], "from before the crash", "{v}");
     assert_eq!(v["messages"][0]["offset"], 1);
 }
+
+#[actix_web::test]
+async fn runtime_definitions_survive_kill_9() {
+    const ADMIN: &str = "durable-admin-token-01";
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/broker.db", dir.path().display());
+    let toml = format!(
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[pg_hooks]\nallow_anonymous = true\n",
+        config(&url, "base")
+    );
+    let (_d, path) = write_config("broker.toml", &toml);
+    let mut b = spawn_broker(&path);
+    let def = serde_json::json!({"max_message_count": 7});
+    let (s, _) = json(
+        b.http
+            .put(format!("{}/v1/queues/orders", b.url))
+            .bearer_auth(ADMIN)
+            .json(&def)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let cron = serde_json::json!({"name": "nightly", "queue": "orders", "schedule": "0 2 * * *"});
+    let (s, _) = json(
+        b.post("/v1/crons")
+            .bearer_auth(ADMIN)
+            .json(&cron)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let pg = serde_json::json!({"name": "hooks", "callbackUrl": "http://127.0.0.1:9/x"});
+    let (s, v) = json(b.post("/queues").json(&pg).send().await.unwrap()).await;
+    assert_eq!((s, v["id"].as_u64()), (200, Some(1)));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+
+    let b2 = spawn_broker(&path);
+    let (s, v) = json(
+        b2.get("/v1/queues/orders")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (
+            s,
+            v["limits"]["max_message_count"].as_u64(),
+            v["runtime"].as_bool()
+        ),
+        (200, Some(7), Some(true)),
+        "{v}"
+    );
+    let (_, v) = json(b2.get("/v1/crons").bearer_auth(ADMIN).send().await.unwrap()).await;
+    assert_eq!(v["crons"][0]["name"], "nightly");
+    let (_, v) = json(b2.get("/queues").send().await.unwrap()).await;
+    assert_eq!(v[0]["name"], "hooks");
+    let (s, v) = json(b2.post("/queues").json(&pg).send().await.unwrap()).await;
+    assert_eq!(
+        (s, v["id"].as_u64()),
+        (200, Some(2)),
+        "pg-hooks ids continue"
+    );
+}

@@ -110,6 +110,13 @@ async fn suite(url: &str, durable: bool) {
         vec![2]
     );
     assert_eq!(after.messages.last().map(|m| m.offset), Some(70));
+
+    // Named state: the last value wins.
+    let key = format!("{q}.state");
+    assert_eq!(s.state(&key).await.unwrap(), None);
+    s.set_state(&key, "one".into()).await.unwrap();
+    s.set_state(&key, "two".into()).await.unwrap();
+    assert_eq!(s.state(&key).await.unwrap().as_deref(), Some("two"));
     assert!(s.healthy());
 
     if durable {

@@ -23,6 +23,7 @@ struct MemQueue {
 #[derive(Default)]
 pub struct MemoryStore {
     queues: Mutex<HashMap<String, MemQueue>>,
+    state: Mutex<HashMap<String, String>>,
 }
 
 impl MemoryStore {
@@ -84,6 +85,24 @@ impl Store for MemoryStore {
             }
         });
         self.append(queue, messages)
+    }
+
+    fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>> {
+        let v = self
+            .state
+            .lock()
+            .expect("memory store lock")
+            .get(key)
+            .cloned();
+        future::ready(Ok(v)).boxed()
+    }
+
+    fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>> {
+        self.state
+            .lock()
+            .expect("memory store lock")
+            .insert(key.to_owned(), value);
+        future::ready(Ok(())).boxed()
     }
 
     fn trim(&self, queue: &str, first_kept: u64) {

@@ -89,6 +89,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), Error>>;
     /// Forgets the cursor of a removed target.
     fn remove_delivery_cursor(&self, queue: &str, target: &str);
+    /// A named piece of broker state (JSON), e.g. the runtime definitions.
+    fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>>;
+    /// Saves a named piece of state; resolves after its commit.
+    fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>>;
     /// Whether the last write succeeded (`/readyz` reports it).
     fn healthy(&self) -> bool {
         true

@@ -48,6 +48,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: delayed messages until they are due.
     "CREATE TABLE delayed (queue TEXT NOT NULL, id {INT} NOT NULL, at_ms {INT} NOT NULL,
         body {BLOB} NOT NULL, content_type TEXT, headers TEXT NOT NULL, PRIMARY KEY (queue, id));",
+    // 3: named pieces of broker state (runtime definitions).
+    "CREATE TABLE broker_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 #[derive(Clone)]
@@ -72,6 +74,11 @@ enum Op {
     Trim {
         queue: String,
         first_kept: u64,
+    },
+    SetState {
+        key: String,
+        value: String,
+        done: oneshot::Sender<Result<(), Error>>,
     },
     SetCursor {
         queue: String,
@@ -271,7 +278,8 @@ async fn write_loop(
             match op {
                 Op::Append { done, .. }
                 | Op::Schedule { done, .. }
-                | Op::SetCursor { done, .. } => {
+                | Op::SetCursor { done, .. }
+                | Op::SetState { done, .. } => {
                     let _ = done.send(reply());
                 }
                 _ => {}
@@ -370,6 +378,13 @@ macro_rules! apply_ops {
                         sqlx::query("DELETE FROM messages WHERE queue = $1 AND pos < $2")
                             .bind(queue.as_str())
                             .bind(*first_kept as i64)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Op::SetState { key, value, .. } => {
+                        sqlx::query("INSERT INTO broker_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                            .bind(key.as_str())
+                            .bind(value.as_str())
                             .execute(&mut *tx)
                             .await?;
                     }
@@ -608,6 +623,25 @@ impl Store for SqlStore {
             offset,
             done,
         })
+    }
+
+    fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>> {
+        let (pool, key) = (self.pool.clone(), key.to_owned());
+        async move {
+            let q = "SELECT value FROM broker_state WHERE key = $1";
+            let v: Option<String> = match &pool {
+                Pool::Sqlite(p) => sqlx::query_scalar(q).bind(key).fetch_optional(p).await,
+                Pool::Postgres(p) => sqlx::query_scalar(q).bind(key).fetch_optional(p).await,
+            }
+            .map_err(store_err)?;
+            Ok(v)
+        }
+        .boxed()
+    }
+
+    fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>> {
+        let key = key.to_owned();
+        self.commit(|done| Op::SetState { key, value, done })
     }
 
     fn remove_delivery_cursor(&self, queue: &str, target: &str) {

@@ -96,6 +96,7 @@ pub async fn create_queue(
         "updatedAt": at,
     });
     broker.pg_hooks.put_queue(id, entity.clone());
+    broker.persist_state().await?;
     Ok(HttpResponse::Ok().json(entity))
 }
 
@@ -154,6 +155,8 @@ pub async fn create_message(
     broker
         .publish(&name, &spec, vec![message], deliver_at)
         .await?;
+    let id = broker.pg_hooks.next_message_id();
+    broker.persist_state().await?; // ids are never reused, even across restarts
     let at = now();
     let when = deliver_at
         .and_then(chrono::DateTime::from_timestamp_millis)
@@ -162,7 +165,7 @@ pub async fn create_message(
             |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         );
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "id": broker.pg_hooks.next_message_id(),
+        "id": id,
         "queueId": m.queue_id,
         "body": m.body,
         "headers": m.headers,
