@@ -239,3 +239,52 @@ async fn runtime_definitions_survive_kill_9() {
         "pg-hooks ids continue"
     );
 }
+
+#[actix_web::test]
+async fn webhook_queue_clients_resume_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/broker.db", dir.path().display());
+    let (_d, path) = write_config("broker.toml", &config(&url, "q"));
+    let mut b = spawn_broker(&path);
+    let user = |r: reqwest::RequestBuilder| r.basic_auth("u", Some("password1"));
+    assert_eq!(
+        user(b.get("/listen/c1/q")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        user(b.get("/listen/gone/q")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        user(b.get("/unlisten/gone")).send().await.unwrap().status(),
+        200
+    );
+    for m in ["one", "two"] {
+        b.post("/q/q").body(m).send().await.unwrap();
+    }
+    let (_, v) = json(user(b.get("/read/c1")).send().await.unwrap()).await;
+    assert_eq!(v["messages"].as_array().unwrap().len(), 2);
+    b.post("/q/q").body("three").send().await.unwrap();
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+
+    let b2 = spawn_broker(&path);
+    let user = |r: reqwest::RequestBuilder| r.basic_auth("u", Some("password1"));
+    let (s, v) = json(user(b2.get("/read/c1")).send().await.unwrap()).await;
+    assert_eq!(
+        s, 200,
+        "the client is still listening after the restart: {v}"
+    );
+    let got: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ["three"], "exactly what it had not read");
+    assert_eq!(
+        user(b2.get("/read/gone")).send().await.unwrap().status(),
+        404,
+        "unlistened stays gone"
+    );
+}

@@ -237,6 +237,50 @@ impl Hub {
         Some(h)
     }
 
+    /// Forgets a consumer, through its queue when that runs (so that a read in flight
+    /// cannot write its position back afterwards), else in the store directly.
+    fn forget_consumer(&self, key: ConsumerKey, queue: &str) {
+        match self.queues.get(queue).filter(|h| h.addr.connected()) {
+            Some(h) => h.addr.do_send(RemoveConsumer { key, forget: true }),
+            None => self.store.remove_consumer(&key.user, &key.client),
+        }
+    }
+
+    /// Brings back the poll consumers kept in the store (after a restart).
+    fn restore_consumers(
+        &mut self,
+        ctx: &mut Context<Self>,
+        stored: Vec<crate::store::StoredConsumer>,
+    ) {
+        for c in stored {
+            let key = ConsumerKey {
+                user: c.user.clone(),
+                client: c.client.clone(),
+            };
+            let Some(user) = self.settings.users.get(&c.user).cloned() else {
+                self.store.remove_consumer(&c.user, &c.client); // the user is gone
+                continue;
+            };
+            let disconnected = match self.queue_with_webhooks(ctx, &c.queue) {
+                None => Some(QUEUE_REMOVED),
+                Some(h) => {
+                    h.addr.do_send(AddConsumer {
+                        key: key.clone(),
+                        last_seen: Some(c.last_seen),
+                    });
+                    (!user.may_read(&c.queue)).then_some(GRANT_REVOKED)
+                }
+            };
+            self.consumers.insert(
+                key,
+                ConsumerEntry {
+                    queue: c.queue,
+                    disconnected,
+                },
+            );
+        }
+    }
+
     fn start_named_queues(&mut self, ctx: &mut Context<Self>) {
         let names: Vec<String> = self
             .settings
@@ -255,6 +299,16 @@ impl Actor for Hub {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
         self.start_named_queues(ctx);
+        // Nothing is handled before the stored consumers are back.
+        ctx.wait(
+            self.store
+                .consumers()
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(stored) => act.restore_consumers(ctx, stored),
+                    Err(e) => tracing::error!(error = %e, "cannot load the poll consumers"),
+                }),
+        );
     }
 }
 
@@ -288,14 +342,17 @@ impl Handler<Listen> for Hub {
                 })?;
         if let Some(old) = self.consumers.remove(&msg.key) {
             if let Some(h) = self.queues.get(&old.queue) {
+                // Moved, not forgotten: the new queue writes its stored position.
                 h.addr.do_send(RemoveConsumer {
                     key: msg.key.clone(),
+                    forget: false,
                 });
             }
         }
         // Mailboxes are FIFO: a read sent after this reply finds the consumer in place.
         handle.addr.do_send(AddConsumer {
             key: msg.key.clone(),
+            last_seen: None,
         });
         self.consumers.insert(
             msg.key,
@@ -318,9 +375,7 @@ impl Handler<Unlisten> for Hub {
             .ok_or_else(|| Error::ClientNotFound {
                 client: msg.key.client.clone(),
             })?;
-        if let Some(h) = self.queues.get(&entry.queue) {
-            h.addr.do_send(RemoveConsumer { key: msg.key });
-        }
+        self.forget_consumer(msg.key, &entry.queue);
         Ok(())
     }
 }
@@ -406,9 +461,20 @@ impl Handler<ApplySettings> for Hub {
         }
         self.start_named_queues(ctx);
         let settings = self.settings.clone();
+        let gone: Vec<(ConsumerKey, String)> = self
+            .consumers
+            .iter()
+            .filter(|(k, _)| !settings.users.contains_key(&k.user))
+            .map(|(k, e)| (k.clone(), e.queue.clone()))
+            .collect();
+        for (key, queue) in gone {
+            // The user is gone, and with it its clients.
+            self.consumers.remove(&key);
+            self.forget_consumer(key, &queue);
+        }
         self.consumers.retain(|key, entry| {
             let Some(user) = settings.users.get(&key.user) else {
-                return false; // the user is gone, and with it its clients
+                return false;
             };
             if entry.disconnected.is_none() {
                 if settings.queue(&entry.queue).is_none() {

@@ -127,6 +127,8 @@ pub struct Read {
 pub struct AddConsumer {
     /// The consumer.
     pub key: ConsumerKey,
+    /// Its stored position (restart); `None` for a new consumer (after the newest).
+    pub last_seen: Option<u64>,
 }
 
 /// Forgets a poll consumer.
@@ -135,6 +137,8 @@ pub struct AddConsumer {
 pub struct RemoveConsumer {
     /// The consumer.
     pub key: ConsumerKey,
+    /// Also delete it from the store (not when it is being moved to another queue).
+    pub forget: bool,
 }
 
 /// Reads a poll consumer's unread messages and moves its cursor past them.
@@ -445,6 +449,16 @@ impl Queue {
         }
     }
 
+    /// Keeps a consumer's position in the store (survives restarts with a durable store).
+    fn save_cursor(&self, key: &ConsumerKey, last_seen: u64) {
+        self.store.save_consumer(crate::store::StoredConsumer {
+            user: key.user.clone(),
+            client: key.client.clone(),
+            queue: self.name.to_string(),
+            last_seen,
+        });
+    }
+
     fn batch_after(&self, since: u64, limit: usize) -> Vec<Arc<Message>> {
         let start = self.log.partition_point(|m| m.offset <= since);
         self.log.range(start..).take(limit).cloned().collect()
@@ -732,9 +746,12 @@ impl Handler<AddConsumer> for Queue {
 
     fn handle(&mut self, msg: AddConsumer, _: &mut Self::Context) {
         let cursor = Cursor {
-            last_seen: self.head,
+            last_seen: msg.last_seen.unwrap_or(self.head).min(self.head),
             losses_seen: self.losses,
         };
+        if msg.last_seen.is_none() {
+            self.save_cursor(&msg.key, cursor.last_seen);
+        }
         self.consumers.insert(msg.key, cursor);
     }
 }
@@ -743,6 +760,9 @@ impl Handler<RemoveConsumer> for Queue {
     type Result = ();
 
     fn handle(&mut self, msg: RemoveConsumer, _: &mut Self::Context) {
+        if msg.forget {
+            self.store.remove_consumer(&msg.key.user, &msg.key.client);
+        }
         self.consumers.remove(&msg.key);
     }
 }
@@ -770,6 +790,7 @@ impl Handler<ConsumerRead> for Queue {
                 last_seen: head,
                 losses_seen: losses,
             };
+            self.save_cursor(&msg.key, head);
             self.consumers.insert(msg.key, jumped);
             self.metrics
                 .poll_reads
@@ -788,6 +809,7 @@ impl Handler<ConsumerRead> for Queue {
                 last_seen: last.offset,
                 ..cursor
             };
+            self.save_cursor(&msg.key, last.offset);
             self.consumers.insert(msg.key, moved);
         }
         let outcome = if messages.is_empty() {
@@ -1055,7 +1077,12 @@ mod tests {
     async fn consumer_refresh_rules_of_webhook_queue() {
         let (q, _) = spawn(limits(2, 10, 100));
         publish(&q, &[1]).await.unwrap();
-        q.send(AddConsumer { key: key() }).await.unwrap();
+        q.send(AddConsumer {
+            key: key(),
+            last_seen: None,
+        })
+        .await
+        .unwrap();
         assert_eq!(
             consumer_read(&q).await,
             Ok(vec![]),
@@ -1079,7 +1106,12 @@ mod tests {
         publish(&q, &[1]).await.unwrap();
         assert_eq!(consumer_read(&q).await, Ok(vec![8]));
         // A consumer added after the oversized message is not affected by it.
-        q.send(RemoveConsumer { key: key() }).await.unwrap();
+        q.send(RemoveConsumer {
+            key: key(),
+            forget: true,
+        })
+        .await
+        .unwrap();
         assert!(consumer_read(&q)
             .await
             .unwrap_err()

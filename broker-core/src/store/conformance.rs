@@ -111,6 +111,29 @@ async fn suite(url: &str, durable: bool) {
     );
     assert_eq!(after.messages.last().map(|m| m.offset), Some(70));
 
+    // Poll consumers: created, moved, removed; writes are ordered with later commits.
+    let consumer = |client: &str, last_seen: u64| super::StoredConsumer {
+        user: format!("{q}.user"),
+        client: client.into(),
+        queue: q.clone(),
+        last_seen,
+    };
+    s.save_consumer(consumer("c1", 3));
+    s.save_consumer(consumer("c1", 5));
+    s.save_consumer(consumer("c2", 1));
+    s.remove_consumer(&format!("{q}.user"), "c2");
+    s.set_state(&format!("{q}.barrier"), String::new())
+        .await
+        .unwrap();
+    let mine: Vec<_> = s
+        .consumers()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.queue == q)
+        .collect();
+    assert_eq!(mine, vec![consumer("c1", 5)]);
+
     // Named state: the last value wins.
     let key = format!("{q}.state");
     assert_eq!(s.state(&key).await.unwrap(), None);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{self, BoxFuture, FutureExt};
 
-use super::{random_epoch, Store, StoredDelayed, StoredQueue};
+use super::{random_epoch, Store, StoredConsumer, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
 
@@ -24,6 +24,7 @@ struct MemQueue {
 pub struct MemoryStore {
     queues: Mutex<HashMap<String, MemQueue>>,
     state: Mutex<HashMap<String, String>>,
+    consumers: Mutex<HashMap<(String, String), StoredConsumer>>,
 }
 
 impl MemoryStore {
@@ -85,6 +86,33 @@ impl Store for MemoryStore {
             }
         });
         self.append(queue, messages)
+    }
+
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<StoredConsumer>, Error>> {
+        let v = self
+            .consumers
+            .lock()
+            .expect("memory store lock")
+            .values()
+            .cloned()
+            .collect();
+        future::ready(Ok(v)).boxed()
+    }
+
+    fn save_consumer(&self, c: StoredConsumer) {
+        let key = (c.user.clone(), c.client.clone());
+        self.consumers
+            .lock()
+            .expect("memory store lock")
+            .insert(key, c);
+    }
+
+    fn remove_consumer(&self, user: &str, client: &str) {
+        let key = (user.to_owned(), client.to_owned());
+        self.consumers
+            .lock()
+            .expect("memory store lock")
+            .remove(&key);
     }
 
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>> {

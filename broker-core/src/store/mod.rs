@@ -32,6 +32,19 @@ pub struct StoredDelayed {
     pub message: crate::message::NewMessage,
 }
 
+/// A named poll consumer as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredConsumer {
+    /// Its user.
+    pub user: String,
+    /// Its client name.
+    pub client: String,
+    /// Its queue.
+    pub queue: String,
+    /// The last offset it has read.
+    pub last_seen: u64,
+}
+
 /// What a queue finds in the store when it starts.
 #[derive(Debug, Clone)]
 pub struct StoredQueue {
@@ -89,6 +102,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), Error>>;
     /// Forgets the cursor of a removed target.
     fn remove_delivery_cursor(&self, queue: &str, target: &str);
+    /// Every named poll consumer.
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<StoredConsumer>, Error>>;
+    /// Creates or moves a consumer's cursor (not awaited: a crash can only make a reader
+    /// see messages again, never skip them).
+    fn save_consumer(&self, consumer: StoredConsumer);
+    /// Forgets a consumer.
+    fn remove_consumer(&self, user: &str, client: &str);
     /// A named piece of broker state (JSON), e.g. the runtime definitions.
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>>;
     /// Saves a named piece of state; resolves after its commit.

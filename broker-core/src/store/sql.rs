@@ -25,7 +25,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{random_epoch, Store, StoredDelayed, StoredQueue};
+use super::{random_epoch, Store, StoredConsumer, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
 use crate::message::NewMessage;
@@ -50,6 +50,9 @@ const MIGRATIONS: &[&str] = &[
         body {BLOB} NOT NULL, content_type TEXT, headers TEXT NOT NULL, PRIMARY KEY (queue, id));",
     // 3: named pieces of broker state (runtime definitions).
     "CREATE TABLE broker_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 4: named poll consumers and their cursors.
+    "CREATE TABLE consumers (username TEXT NOT NULL, client TEXT NOT NULL, queue TEXT NOT NULL,
+        last_seen {INT} NOT NULL, PRIMARY KEY (username, client));",
 ];
 
 #[derive(Clone)]
@@ -74,6 +77,11 @@ enum Op {
     Trim {
         queue: String,
         first_kept: u64,
+    },
+    SaveConsumer(StoredConsumer),
+    RemoveConsumer {
+        user: String,
+        client: String,
     },
     SetState {
         key: String,
@@ -381,6 +389,22 @@ macro_rules! apply_ops {
                             .execute(&mut *tx)
                             .await?;
                     }
+                    Op::SaveConsumer(c) => {
+                        sqlx::query("INSERT INTO consumers (username, client, queue, last_seen) VALUES ($1, $2, $3, $4) ON CONFLICT (username, client) DO UPDATE SET queue = excluded.queue, last_seen = excluded.last_seen")
+                            .bind(c.user.as_str())
+                            .bind(c.client.as_str())
+                            .bind(c.queue.as_str())
+                            .bind(c.last_seen as i64)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Op::RemoveConsumer { user, client } => {
+                        sqlx::query("DELETE FROM consumers WHERE username = $1 AND client = $2")
+                            .bind(user.as_str())
+                            .bind(client.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     Op::SetState { key, value, .. } => {
                         sqlx::query("INSERT INTO broker_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
                             .bind(key.as_str())
@@ -623,6 +647,47 @@ impl Store for SqlStore {
             offset,
             done,
         })
+    }
+
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<StoredConsumer>, Error>> {
+        let pool = self.pool.clone();
+        async move {
+            let q = "SELECT username, client, queue, last_seen FROM consumers";
+            let rows = match &pool {
+                Pool::Sqlite(p) => sqlx::query(q).fetch_all(p).await.map(|rows| {
+                    rows.into_iter()
+                        .map(|r| (r.get(0), r.get(1), r.get(2), r.get::<i64, _>(3)))
+                        .collect::<Vec<(String, String, String, i64)>>()
+                }),
+                Pool::Postgres(p) => sqlx::query(q).fetch_all(p).await.map(|rows| {
+                    rows.into_iter()
+                        .map(|r| (r.get(0), r.get(1), r.get(2), r.get::<i64, _>(3)))
+                        .collect::<Vec<(String, String, String, i64)>>()
+                }),
+            }
+            .map_err(store_err)?;
+            Ok(rows
+                .into_iter()
+                .map(|(user, client, queue, last_seen)| StoredConsumer {
+                    user,
+                    client,
+                    queue,
+                    last_seen: last_seen as u64,
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn save_consumer(&self, consumer: StoredConsumer) {
+        self.send(Op::SaveConsumer(consumer));
+    }
+
+    fn remove_consumer(&self, user: &str, client: &str) {
+        self.send(Op::RemoveConsumer {
+            user: user.to_owned(),
+            client: client.to_owned(),
+        });
     }
 
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>> {
