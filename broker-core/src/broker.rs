@@ -89,7 +89,13 @@ impl Broker {
             arbiter: arbiter.handle(),
         };
         let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
-        let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
+        let cron = Cron::new(
+            settings.crons.clone(),
+            hub.clone(),
+            metrics.clone(),
+            store.clone(),
+        )
+        .start();
         leader.do_send(Follow {
             recipient: cron.clone().recipient(),
         });

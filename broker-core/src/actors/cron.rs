@@ -19,6 +19,10 @@ use crate::delivery::CronSpec;
 use crate::error::Error;
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Store key of the last fired tick of every entry.
+const TICKS_KEY: &str = "cron_ticks";
 
 /// Replaces the set of entries (load, reload, admin API).
 #[derive(Message)]
@@ -63,11 +67,17 @@ pub struct Cron {
     leader: bool,
     hub: Addr<Hub>,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
 }
 
 impl Cron {
     /// A scheduler publishing through `hub`.
-    pub fn new(crons: Vec<Arc<CronSpec>>, hub: Addr<Hub>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        crons: Vec<Arc<CronSpec>>,
+        hub: Addr<Hub>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+    ) -> Self {
         let entries = crons
             .into_iter()
             .map(|spec| {
@@ -85,7 +95,25 @@ impl Cron {
             leader: false,
             hub,
             metrics,
+            store,
         }
+    }
+
+    /// Saves every entry's last fired tick (a restart fires a missed tick once, never
+    /// one that already fired).
+    fn save_ticks(&self) {
+        let ticks: HashMap<&str, i64> = self
+            .entries
+            .iter()
+            .filter_map(|(n, e)| e.last_tick.map(|t| (n.as_str(), t.timestamp_millis())))
+            .collect();
+        let json = serde_json::to_string(&ticks).expect("a map of numbers serializes");
+        let save = self.store.set_state(TICKS_KEY, json);
+        actix::spawn(async move {
+            if let Err(e) = save.await {
+                tracing::error!(error = %e, "cannot save cron ticks");
+            }
+        });
     }
 
     fn arm(&mut self, ctx: &mut Context<Self>, name: &str) {
@@ -98,6 +126,26 @@ impl Cron {
         if !self.leader {
             e.next = None;
             return;
+        }
+        // A tick missed while no node ran it (the last fired one is older than the most
+        // recent occurrence) fires once, now; older missed ticks are not replayed.
+        if let Some(last) = e.last_tick {
+            let now_local = Utc::now().with_timezone(&e.spec.tz);
+            let missed = e
+                .spec
+                .schedule
+                .find_previous_occurrence(&now_local, true)
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+                .filter(|prev| *prev > last);
+            if let Some(tick) = missed {
+                let name = name.to_owned();
+                e.next = Some(tick);
+                e.timer = Some(ctx.run_later(std::time::Duration::ZERO, move |act, ctx| {
+                    act.fire(ctx, &name, tick)
+                }));
+                return;
+            }
         }
         // Never the tick that already fired, even if the timer woke a little early.
         let from = e.last_tick.map_or(Utc::now(), |t| t.max(Utc::now()));
@@ -155,6 +203,7 @@ impl Cron {
                 .await?
         };
         let label = name.to_owned();
+        self.save_ticks();
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
             let outcome = if res.is_ok() { "ok" } else { "error" };
             if let Err(e) = res {
@@ -178,6 +227,30 @@ impl Cron {
 
 impl Actor for Cron {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Last ticks first: no leadership change is handled before they are known.
+        ctx.wait(
+            self.store
+                .state(TICKS_KEY)
+                .into_actor(self)
+                .map(|res, act, _| {
+                    let ticks: HashMap<String, i64> = match res {
+                        Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_default(),
+                        Ok(None) => HashMap::new(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot load cron ticks");
+                            HashMap::new()
+                        }
+                    };
+                    for (name, ms) in ticks {
+                        if let Some(e) = act.entries.get_mut(&name) {
+                            e.last_tick = DateTime::from_timestamp_millis(ms);
+                        }
+                    }
+                }),
+        );
+    }
 }
 
 impl Handler<LeadershipChanged> for Cron {
@@ -304,8 +377,14 @@ mod tests {
         let store = crate::store::open("memory://", metrics.clone())
             .await
             .unwrap();
-        let hub = Hub::new(settings.clone(), store, metrics.clone(), deliveries).start();
-        let cron = Cron::new(settings.crons.clone(), hub.clone(), metrics.clone()).start();
+        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+        let cron = Cron::new(
+            settings.crons.clone(),
+            hub.clone(),
+            metrics.clone(),
+            store.clone(),
+        )
+        .start();
         leader
             .send(Follow {
                 recipient: cron.clone().recipient(),
@@ -360,5 +439,109 @@ mod tests {
                 .get() as usize,
             before
         );
+    }
+
+    #[actix::test]
+    async fn a_missed_tick_fires_once_after_a_restart_and_never_twice() {
+        use chrono::Timelike;
+        // Keep clear of a minute boundary during the test.
+        let sec = Utc::now().second();
+        if sec >= 55 {
+            actix::clock::sleep(Duration::from_secs(61 - u64::from(sec))).await;
+        }
+        const EVERY_MINUTE: &str = "[[queues]]\nname = \"ticks\"\n[[crons]]\nname = \"every-minute\"\nqueue = \"ticks\"\nschedule = \"* * * * *\"\n";
+        let (cfg, src) = parse(None, EVERY_MINUTE, Vec::<(String, String)>::new()).unwrap();
+        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::open("memory://", metrics.clone())
+            .await
+            .unwrap();
+        // The last run was three minutes ago: three ticks were missed.
+        let three_min_ago = (Utc::now() - chrono::Duration::minutes(3))
+            .with_second(0)
+            .unwrap();
+        let ticks = format!("{{\"every-minute\":{}}}", three_min_ago.timestamp_millis());
+        store.set_state(TICKS_KEY, ticks).await.unwrap();
+        let leader =
+            Leader::new(Box::new(crate::actors::leader::SingleNode), metrics.clone()).start();
+        let arbiter = Arbiter::new();
+        let deliveries = Deliveries {
+            leader: leader.clone(),
+            client: reqwest::Client::new(),
+            arbiter: arbiter.handle(),
+        };
+        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+        let q = hub
+            .send(GetQueue {
+                name: "ticks".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let mut changes = q.changes.clone();
+
+        let first = Cron::new(
+            settings.crons.clone(),
+            hub.clone(),
+            metrics.clone(),
+            store.clone(),
+        )
+        .start();
+        leader
+            .send(Follow {
+                recipient: first.clone().recipient(),
+            })
+            .await
+            .unwrap();
+        while head(&hub).await.is_empty() {
+            tokio::time::timeout(Duration::from_secs(5), changes.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let this_minute = Utc::now()
+            .with_second(0)
+            .unwrap()
+            .with_nanosecond(0)
+            .unwrap();
+        let listed = first.send(ListCrons).await.unwrap();
+        assert_eq!(
+            listed[0].last_run.as_deref(),
+            Some(
+                this_minute
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    .as_str()
+            )
+        );
+        actix::clock::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            head(&hub).await.len(),
+            1,
+            "the missed ticks fire once, not three times"
+        );
+
+        // A restart (a new scheduler on the same store) does not fire that tick again.
+        first.send(SetCrons { crons: vec![] }).await.unwrap();
+        let second = Cron::new(
+            settings.crons.clone(),
+            hub.clone(),
+            metrics.clone(),
+            store.clone(),
+        )
+        .start();
+        leader
+            .send(Follow {
+                recipient: second.clone().recipient(),
+            })
+            .await
+            .unwrap();
+        let _ = second.send(ListCrons).await; // leadership handled (FIFO)
+        actix::clock::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            head(&hub).await.len(),
+            1,
+            "a tick that fired never fires twice"
+        );
+        assert!(second.send(ListCrons).await.unwrap()[0].next_run.is_some());
     }
 }
