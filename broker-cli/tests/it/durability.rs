@@ -288,3 +288,104 @@ async fn webhook_queue_clients_resume_after_kill_9() {
         "unlistened stays gone"
     );
 }
+
+#[actix_web::test]
+async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
+    use std::time::Instant;
+    // A target that always fails, recording when it is called.
+    let hits: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let (tx, mut rx) = tokio::sync::watch::channel(0usize);
+    let tx = Arc::new(tx);
+    let rec = hits.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = actix_web::HttpServer::new(move || {
+        let (rec, tx) = (rec.clone(), tx.clone());
+        actix_web::App::new().default_service(actix_web::web::to(move || {
+            let (rec, tx) = (rec.clone(), tx.clone());
+            async move {
+                let n = {
+                    let mut h = rec.lock().unwrap();
+                    h.push(Instant::now());
+                    h.len()
+                };
+                tx.send_replace(n);
+                actix_web::HttpResponse::InternalServerError().finish()
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .disable_signals()
+    .run();
+    actix_web::rt::spawn(server);
+
+    const ADMIN: &str = "retry-admin-token-0123";
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/broker.db", dir.path().display());
+    let toml = format!(
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues.webhooks]]\nurl = \"{sink}\"\nmax_retries = 1\ndead_letter_queue = \"dlq\"\nbackoff = {{ schedule = [\"3s\"], jitter = 0.0 }}\n[[queues]]\nname = \"dlq\"\n[[queues]]\nname = \"barrier\"\n[[users]]\nname = \"ops\"\npass_hash = \"plain;;password2\"\nqueues = [\"dlq\"]\n",
+        config(&url, "q")
+    );
+    let (_d, path) = write_config("broker.toml", &toml);
+    let mut b = spawn_broker(&path);
+    let t0 = Instant::now();
+    b.post("/q/q").body("retry me").send().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    // Until the retry is scheduled (and so its record queued for the store)…
+    loop {
+        let (_, v) = json(
+            b.get("/v1/queues/q")
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if v["webhooks"][0]["next_attempt"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // …and an acknowledged publish after it has been committed (one writer, in order).
+    assert_eq!(
+        b.post("/q/barrier")
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+
+    let b2 = spawn_broker(&path);
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= 2))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = hits.lock().unwrap()[1];
+    assert!(
+        second - t0 >= Duration::from_millis(2900),
+        "the retry kept its time: {:?}",
+        second - t0
+    );
+    let (_, v) = json(
+        b2.get("/v1/queues/dlq/messages?since=0&wait=10s")
+            .basic_auth("ops", Some("password2"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        v["messages"][0]["headers"]["x-broker-attempts"], "2",
+        "the count went on: {v}"
+    );
+    assert_eq!(hits.lock().unwrap().len(), 2, "not started over");
+}

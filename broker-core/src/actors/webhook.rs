@@ -23,7 +23,7 @@ use crate::delivery::{WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoredAttempt};
 
 /// Wait before reading again after the queue itself failed to answer.
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -114,6 +114,8 @@ pub struct Webhook {
     cursor: Option<u64>,
     /// Last value saved to the store: everything up to it is settled.
     settled: u64,
+    /// Retries that were pending when the actor last stopped, by offset.
+    resume: std::collections::HashMap<u64, StoredAttempt>,
     head: u64,
     epoch: Arc<str>,
     /// Distinguishes queues in webhook ids.
@@ -161,6 +163,7 @@ impl Webhook {
             leader: false,
             cursor: None,
             settled: 0,
+            resume: Default::default(),
             head: 0,
             reading: false,
             watching: false,
@@ -212,14 +215,15 @@ impl Webhook {
         let Some(since) = self.cursor else {
             // First start: resume after the settled cursor kept in the store, or, for a
             // new target, deliver what is published from now on.
-            let saved = self
-                .store
-                .delivery_cursor(&self.handle.name, self.spec.url.as_str());
-            let fut = async move { (saved.await, addr.send(Head).await) };
+            let (queue, url) = (&self.handle.name, self.spec.url.as_str());
+            let saved = self.store.delivery_cursor(queue, url);
+            let pending = self.store.pending_attempts(queue, url);
+            let fut = async move { (saved.await, pending.await, addr.send(Head).await) };
             let fut = fut.into_actor(self).map(|res, act, ctx| {
                 act.reading = false;
                 match res {
-                    (Ok(saved), Ok(h)) => {
+                    (Ok(saved), Ok(pending), Ok(h)) => {
+                        act.resume = pending.into_iter().map(|a| (a.offset, a)).collect();
                         let start = saved.unwrap_or(h.head).min(h.head);
                         act.cursor = Some(start);
                         act.settled = start;
@@ -254,7 +258,10 @@ impl Webhook {
                     }
                     for m in batch.messages {
                         act.cursor = Some(m.offset);
-                        act.attempt(ctx, m, 1);
+                        match act.resume.remove(&m.offset) {
+                            Some(a) => act.resume_retry(ctx, m, a),
+                            None => act.attempt(ctx, m, 1),
+                        }
                     }
                     act.gauges();
                     act.pump(ctx);
@@ -401,6 +408,28 @@ impl Webhook {
         );
     }
 
+    /// A retry that was pending before a restart: due at its saved time, counted on.
+    fn resume_retry(&mut self, ctx: &mut Context<Self>, m: Arc<Message>, a: StoredAttempt) {
+        let offset = m.offset;
+        let wait = Duration::from_millis((a.next_attempt_ms - now_ms()).max(0) as u64);
+        let handle = ctx.run_later(wait, move |act, ctx| {
+            if let Some(e) = act.in_flight.get(&offset) {
+                let m = e.message.clone();
+                act.attempt(ctx, m, a.attempts + 1);
+            }
+        });
+        self.in_flight.insert(
+            offset,
+            InFlight {
+                message: m,
+                attempts: a.attempts,
+                retry: Some((handle, a.next_attempt_ms)),
+                last_status: None,
+                last_error: None,
+            },
+        );
+    }
+
     fn settle(&mut self, ctx: &mut Context<Self>, offset: u64, res: Result<(), Failure>) {
         let Some(entry) = self.in_flight.get_mut(&offset) else {
             return;
@@ -412,11 +441,15 @@ impl Webhook {
                 .with_label_values(&[&act.label, outcome])
                 .inc();
         };
+        let target = self.spec.url.to_string();
         match res {
             Ok(()) => {
                 self.in_flight.remove(&offset);
                 self.delivered += 1;
                 count(self, "success");
+                if n > 1 {
+                    self.store.clear_attempt(&self.handle.name, &target, offset);
+                }
             }
             Err(f) => {
                 entry.last_status = f.status;
@@ -426,6 +459,9 @@ impl Webhook {
                     let done = self.in_flight.remove(&offset).expect("present");
                     self.failed += 1;
                     self.give_up(ctx, done);
+                    if n > 1 {
+                        self.store.clear_attempt(&self.handle.name, &target, offset);
+                    }
                 } else {
                     count(self, "retry");
                     let unit = random_unit();
@@ -444,6 +480,13 @@ impl Webhook {
                     if let Some(e) = self.in_flight.get_mut(&offset) {
                         e.retry = Some((handle, due));
                     }
+                    // Survives a restart: the retry resumes at this time and count.
+                    let attempt = StoredAttempt {
+                        offset,
+                        attempts: n,
+                        next_attempt_ms: due,
+                    };
+                    self.store.save_attempt(&self.handle.name, &target, attempt);
                 }
             }
         }

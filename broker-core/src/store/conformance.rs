@@ -134,6 +134,25 @@ async fn suite(url: &str, durable: bool) {
         .collect();
     assert_eq!(mine, vec![consumer("c1", 5)]);
 
+    // Webhook retries: saved, moved, cleared.
+    let attempt = |offset: u64, attempts: u32| super::StoredAttempt {
+        offset,
+        attempts,
+        next_attempt_ms: 1_800_000_000_000 + offset as i64,
+    };
+    s.save_attempt(&q, "http://t/1", attempt(4, 1));
+    s.save_attempt(&q, "http://t/1", attempt(4, 2));
+    s.save_attempt(&q, "http://t/1", attempt(5, 1));
+    s.save_attempt(&q, "http://t/other", attempt(6, 1));
+    s.clear_attempt(&q, "http://t/1", 5);
+    s.set_state(&format!("{q}.barrier2"), String::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.pending_attempts(&q, "http://t/1").await.unwrap(),
+        vec![attempt(4, 2)]
+    );
+
     // Named state: the last value wins.
     let key = format!("{q}.state");
     assert_eq!(s.state(&key).await.unwrap(), None);

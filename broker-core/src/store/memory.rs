@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{self, BoxFuture, FutureExt};
 
-use super::{random_epoch, Store, StoredConsumer, StoredDelayed, StoredQueue};
+use super::{random_epoch, Store, StoredAttempt, StoredConsumer, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
 
@@ -17,6 +17,7 @@ struct MemQueue {
     next_offset: u64,
     cursors: HashMap<String, u64>,
     delayed: std::collections::BTreeMap<u64, StoredDelayed>,
+    attempts: HashMap<(String, u64), StoredAttempt>,
 }
 
 /// The in-memory store. Messages are shared `Arc`s with the queue's window: no copies.
@@ -165,7 +166,37 @@ impl Store for MemoryStore {
     }
 
     fn remove_delivery_cursor(&self, queue: &str, target: &str) {
-        self.with(queue, |q| q.cursors.remove(target));
+        self.with(queue, |q| {
+            q.cursors.remove(target);
+            q.attempts.retain(|(t, _), _| t != target);
+        });
+    }
+
+    fn pending_attempts(
+        &self,
+        queue: &str,
+        target: &str,
+    ) -> BoxFuture<'static, Result<Vec<StoredAttempt>, Error>> {
+        let mut v: Vec<StoredAttempt> = self.with(queue, |q| {
+            q.attempts
+                .iter()
+                .filter(|((t, _), _)| t == target)
+                .map(|(_, a)| *a)
+                .collect()
+        });
+        v.sort_by_key(|a| a.offset);
+        future::ready(Ok(v)).boxed()
+    }
+
+    fn save_attempt(&self, queue: &str, target: &str, attempt: StoredAttempt) {
+        self.with(queue, |q| {
+            q.attempts
+                .insert((target.to_owned(), attempt.offset), attempt)
+        });
+    }
+
+    fn clear_attempt(&self, queue: &str, target: &str, offset: u64) {
+        self.with(queue, |q| q.attempts.remove(&(target.to_owned(), offset)));
     }
 }
 

@@ -45,6 +45,17 @@ pub struct StoredConsumer {
     pub last_seen: u64,
 }
 
+/// A webhook delivery waiting for a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredAttempt {
+    /// The message's offset.
+    pub offset: u64,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due, Unix ms.
+    pub next_attempt_ms: i64,
+}
+
 /// What a queue finds in the store when it starts.
 #[derive(Debug, Clone)]
 pub struct StoredQueue {
@@ -100,8 +111,18 @@ pub trait Store: Send + Sync + 'static {
         target: &str,
         offset: u64,
     ) -> BoxFuture<'static, Result<(), Error>>;
-    /// Forgets the cursor of a removed target.
+    /// Forgets the cursor (and the pending attempts) of a removed target.
     fn remove_delivery_cursor(&self, queue: &str, target: &str);
+    /// Deliveries of a target waiting for a retry.
+    fn pending_attempts(
+        &self,
+        queue: &str,
+        target: &str,
+    ) -> BoxFuture<'static, Result<Vec<StoredAttempt>, Error>>;
+    /// Records a scheduled retry (not awaited).
+    fn save_attempt(&self, queue: &str, target: &str, attempt: StoredAttempt);
+    /// Forgets a settled delivery's retry record (not awaited).
+    fn clear_attempt(&self, queue: &str, target: &str, offset: u64);
     /// Every named poll consumer.
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<StoredConsumer>, Error>>;
     /// Creates or moves a consumer's cursor (not awaited: a crash can only make a reader

@@ -25,7 +25,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{random_epoch, Store, StoredConsumer, StoredDelayed, StoredQueue};
+use super::{random_epoch, Store, StoredAttempt, StoredConsumer, StoredDelayed, StoredQueue};
 use crate::error::Error;
 use crate::message::Message;
 use crate::message::NewMessage;
@@ -53,6 +53,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: named poll consumers and their cursors.
     "CREATE TABLE consumers (username TEXT NOT NULL, client TEXT NOT NULL, queue TEXT NOT NULL,
         last_seen {INT} NOT NULL, PRIMARY KEY (username, client));",
+    // 5: webhook deliveries waiting for a retry.
+    "CREATE TABLE delivery_attempts (queue TEXT NOT NULL, target TEXT NOT NULL, pos {INT} NOT NULL,
+        attempts {INT} NOT NULL, next_attempt_ms {INT} NOT NULL, PRIMARY KEY (queue, target, pos));",
 ];
 
 #[derive(Clone)]
@@ -79,6 +82,16 @@ enum Op {
         first_kept: u64,
     },
     SaveConsumer(StoredConsumer),
+    SaveAttempt {
+        queue: String,
+        target: String,
+        attempt: StoredAttempt,
+    },
+    ClearAttempt {
+        queue: String,
+        target: String,
+        offset: u64,
+    },
     RemoveConsumer {
         user: String,
         client: String,
@@ -389,6 +402,24 @@ macro_rules! apply_ops {
                             .execute(&mut *tx)
                             .await?;
                     }
+                    Op::SaveAttempt { queue, target, attempt } => {
+                        sqlx::query("INSERT INTO delivery_attempts (queue, target, pos, attempts, next_attempt_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (queue, target, pos) DO UPDATE SET attempts = excluded.attempts, next_attempt_ms = excluded.next_attempt_ms")
+                            .bind(queue.as_str())
+                            .bind(target.as_str())
+                            .bind(attempt.offset as i64)
+                            .bind(i64::from(attempt.attempts))
+                            .bind(attempt.next_attempt_ms)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Op::ClearAttempt { queue, target, offset } => {
+                        sqlx::query("DELETE FROM delivery_attempts WHERE queue = $1 AND target = $2 AND pos = $3")
+                            .bind(queue.as_str())
+                            .bind(target.as_str())
+                            .bind(*offset as i64)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     Op::SaveConsumer(c) => {
                         sqlx::query("INSERT INTO consumers (username, client, queue, last_seen) VALUES ($1, $2, $3, $4) ON CONFLICT (username, client) DO UPDATE SET queue = excluded.queue, last_seen = excluded.last_seen")
                             .bind(c.user.as_str())
@@ -421,11 +452,16 @@ macro_rules! apply_ops {
                             .await?;
                     }
                     Op::RemoveCursor { queue, target } => {
-                        sqlx::query("DELETE FROM delivery_cursors WHERE queue = $1 AND target = $2")
-                            .bind(queue.as_str())
-                            .bind(target.as_str())
-                            .execute(&mut *tx)
-                            .await?;
+                        for sql in [
+                            "DELETE FROM delivery_cursors WHERE queue = $1 AND target = $2",
+                            "DELETE FROM delivery_attempts WHERE queue = $1 AND target = $2",
+                        ] {
+                            sqlx::query(sql)
+                                .bind(queue.as_str())
+                                .bind(target.as_str())
+                                .execute(&mut *tx)
+                                .await?;
+                        }
                     }
                     Op::Remove { queue } => {
                         flush_queue!(queue.as_str());
@@ -433,6 +469,7 @@ macro_rules! apply_ops {
                             "DELETE FROM messages WHERE queue = $1",
                             "DELETE FROM delivery_cursors WHERE queue = $1",
                             "DELETE FROM delayed WHERE queue = $1",
+                            "DELETE FROM delivery_attempts WHERE queue = $1",
                         ] {
                             sqlx::query(sql).bind(queue.as_str()).execute(&mut *tx).await?;
                         }
@@ -647,6 +684,47 @@ impl Store for SqlStore {
             offset,
             done,
         })
+    }
+
+    fn pending_attempts(
+        &self,
+        queue: &str,
+        target: &str,
+    ) -> BoxFuture<'static, Result<Vec<StoredAttempt>, Error>> {
+        let (pool, queue, target) = (self.pool.clone(), queue.to_owned(), target.to_owned());
+        async move {
+            let q = "SELECT pos, attempts, next_attempt_ms FROM delivery_attempts WHERE queue = $1 AND target = $2 ORDER BY pos";
+            let rows: Vec<(i64, i64, i64)> = match &pool {
+                Pool::Sqlite(p) => sqlx::query_as(q).bind(queue).bind(target).fetch_all(p).await,
+                Pool::Postgres(p) => sqlx::query_as(q).bind(queue).bind(target).fetch_all(p).await,
+            }
+            .map_err(store_err)?;
+            Ok(rows
+                .into_iter()
+                .map(|(pos, attempts, next)| StoredAttempt {
+                    offset: pos as u64,
+                    attempts: attempts as u32,
+                    next_attempt_ms: next,
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn save_attempt(&self, queue: &str, target: &str, attempt: StoredAttempt) {
+        self.send(Op::SaveAttempt {
+            queue: queue.to_owned(),
+            target: target.to_owned(),
+            attempt,
+        });
+    }
+
+    fn clear_attempt(&self, queue: &str, target: &str, offset: u64) {
+        self.send(Op::ClearAttempt {
+            queue: queue.to_owned(),
+            target: target.to_owned(),
+            offset,
+        });
     }
 
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<StoredConsumer>, Error>> {
