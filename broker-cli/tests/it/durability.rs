@@ -389,3 +389,78 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
     );
     assert_eq!(hits.lock().unwrap().len(), 2, "not started over");
 }
+
+#[actix_web::test]
+async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart() {
+    let Ok(url) = std::env::var("BROKER_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BROKER_TEST_POSTGRES_URL must be set in CI"
+        );
+        eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped");
+        return;
+    };
+    let queue = format!("fail.{}", broker_core::message::random_id());
+    let (_d, path) = write_config("broker.toml", &config(&url, &queue));
+    let b = spawn_broker(&path);
+    let publish = |body: &'static str| {
+        b.post(&format!("/v1/queues/{queue}/messages"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(publish("before").await.unwrap().status(), 200);
+
+    // Break writes for this queue only (other tests share the database).
+    let psql = |sql: String| {
+        let out = std::process::Command::new("psql")
+            .args([url.as_str(), "-qc", sql.as_str()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let constraint = format!("block_{}", queue.replace('.', "_"));
+    psql(format!(
+        "ALTER TABLE messages ADD CONSTRAINT {constraint} CHECK (queue <> '{queue}') NOT VALID"
+    ));
+    let (s, v) = json(publish("during").await.unwrap()).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    let (s, v) = json(b.get("/readyz").send().await.unwrap()).await;
+    assert_eq!((s, v["status"].as_str()), (503, Some("store_unavailable")));
+
+    psql(format!("ALTER TABLE messages DROP CONSTRAINT {constraint}"));
+    assert_eq!(
+        publish("after").await.unwrap().status(),
+        200,
+        "recovers without a restart"
+    );
+    assert_eq!(b.get("/readyz").send().await.unwrap().status(), 200);
+    let (_, v) = json(
+        b.get(&format!("/v1/queues/{queue}/messages?since=0"))
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let bodies: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["before", "after"],
+        "what was refused was never acknowledged nor shown"
+    );
+    let m = b.metrics().await;
+    assert!(crate::support::metric(&m, "broker_store_errors_total").unwrap() >= 1.0);
+}
