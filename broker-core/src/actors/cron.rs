@@ -361,36 +361,72 @@ mod tests {
         b.messages.iter().map(|m| m.received_at_ms).collect()
     }
 
+    /// A hub, a leader and a store for a config; schedulers are started on demand.
+    struct Harness {
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+        leader: Addr<Leader>,
+        hub: Addr<Hub>,
+        _arbiter: Arbiter,
+    }
+
+    impl Harness {
+        async fn new(
+            config: &str,
+            election: Box<dyn crate::actors::leader::Election>,
+            ticks: Option<String>,
+        ) -> Self {
+            let (cfg, src) = parse(None, config, Vec::<(String, String)>::new()).unwrap();
+            let settings = Arc::new(Settings::compile(cfg, src).unwrap());
+            let metrics = Arc::new(Metrics::new());
+            let store = crate::store::open("memory://", metrics.clone())
+                .await
+                .unwrap();
+            if let Some(t) = ticks {
+                store.set_state(TICKS_KEY, t).await.unwrap();
+            }
+            let leader = Leader::new(election, metrics.clone()).start();
+            let arbiter = Arbiter::new();
+            let deliveries = Deliveries {
+                leader: leader.clone(),
+                client: reqwest::Client::new(),
+                arbiter: arbiter.handle(),
+            };
+            let hub =
+                Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+            Harness {
+                settings,
+                metrics,
+                store,
+                leader,
+                hub,
+                _arbiter: arbiter,
+            }
+        }
+
+        /// A scheduler following the leader, as after a start or a restart.
+        async fn start_cron(&self) -> Addr<Cron> {
+            let crons = self.settings.crons.clone();
+            let cron = Cron::new(
+                crons,
+                self.hub.clone(),
+                self.metrics.clone(),
+                self.store.clone(),
+            )
+            .start();
+            let recipient = cron.clone().recipient();
+            self.leader.send(Follow { recipient }).await.unwrap();
+            cron
+        }
+    }
+
     #[actix::test]
     async fn fires_every_tick_only_while_leader() {
-        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
-        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
-        let metrics = Arc::new(Metrics::new());
         let hook = Arc::new(std::sync::Mutex::new(None));
-        let leader = Leader::new(Box::new(Manual(hook.clone())), metrics.clone()).start();
-        let arbiter = Arbiter::new();
-        let deliveries = Deliveries {
-            leader: leader.clone(),
-            client: reqwest::Client::new(),
-            arbiter: arbiter.handle(),
-        };
-        let store = crate::store::open("memory://", metrics.clone())
-            .await
-            .unwrap();
-        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
-        let cron = Cron::new(
-            settings.crons.clone(),
-            hub.clone(),
-            metrics.clone(),
-            store.clone(),
-        )
-        .start();
-        leader
-            .send(Follow {
-                recipient: cron.clone().recipient(),
-            })
-            .await
-            .unwrap();
+        let h = Harness::new(CONFIG, Box::new(Manual(hook.clone())), None).await;
+        let (hub, leader, metrics) = (h.hub.clone(), h.leader.clone(), h.metrics.clone());
+        let cron = h.start_cron().await;
 
         // A follower never fires (an absence: observed over 1.5 ticks).
         actix::clock::sleep(Duration::from_millis(1500)).await;
@@ -450,27 +486,14 @@ mod tests {
             actix::clock::sleep(Duration::from_secs(61 - u64::from(sec))).await;
         }
         const EVERY_MINUTE: &str = "[[queues]]\nname = \"ticks\"\n[[crons]]\nname = \"every-minute\"\nqueue = \"ticks\"\nschedule = \"* * * * *\"\n";
-        let (cfg, src) = parse(None, EVERY_MINUTE, Vec::<(String, String)>::new()).unwrap();
-        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let store = crate::store::open("memory://", metrics.clone())
-            .await
-            .unwrap();
         // The last run was three minutes ago: three ticks were missed.
         let three_min_ago = (Utc::now() - chrono::Duration::minutes(3))
             .with_second(0)
             .unwrap();
         let ticks = format!("{{\"every-minute\":{}}}", three_min_ago.timestamp_millis());
-        store.set_state(TICKS_KEY, ticks).await.unwrap();
-        let leader =
-            Leader::new(Box::new(crate::actors::leader::SingleNode), metrics.clone()).start();
-        let arbiter = Arbiter::new();
-        let deliveries = Deliveries {
-            leader: leader.clone(),
-            client: reqwest::Client::new(),
-            arbiter: arbiter.handle(),
-        };
-        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+        let single = Box::new(crate::actors::leader::SingleNode);
+        let h = Harness::new(EVERY_MINUTE, single, Some(ticks)).await;
+        let hub = h.hub.clone();
         let q = hub
             .send(GetQueue {
                 name: "ticks".into(),
@@ -480,19 +503,7 @@ mod tests {
             .unwrap();
         let mut changes = q.changes.clone();
 
-        let first = Cron::new(
-            settings.crons.clone(),
-            hub.clone(),
-            metrics.clone(),
-            store.clone(),
-        )
-        .start();
-        leader
-            .send(Follow {
-                recipient: first.clone().recipient(),
-            })
-            .await
-            .unwrap();
+        let first = h.start_cron().await;
         while head(&hub).await.is_empty() {
             tokio::time::timeout(Duration::from_secs(5), changes.changed())
                 .await
@@ -522,19 +533,7 @@ mod tests {
 
         // A restart (a new scheduler on the same store) does not fire that tick again.
         first.send(SetCrons { crons: vec![] }).await.unwrap();
-        let second = Cron::new(
-            settings.crons.clone(),
-            hub.clone(),
-            metrics.clone(),
-            store.clone(),
-        )
-        .start();
-        leader
-            .send(Follow {
-                recipient: second.clone().recipient(),
-            })
-            .await
-            .unwrap();
+        let second = h.start_cron().await;
         let _ = second.send(ListCrons).await; // leadership handled (FIFO)
         actix::clock::sleep(Duration::from_millis(300)).await;
         assert_eq!(
