@@ -9,12 +9,11 @@ use std::time::Duration;
 use actix_web::{http::header, web, HttpRequest};
 use base64::Engine;
 use broker_core::actors::{Batch, QueueHandle};
-use broker_core::config::Secret;
+use broker_core::auth::secrets::matches_secrets;
 use broker_core::settings::{Settings, UserSpec};
 use broker_core::{Broker, Error};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
@@ -65,24 +64,10 @@ pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Constant-time: whether `given` equals one of `secrets` (compared as SHA-256 digests,
-/// so neither content nor length leaks through timing).
-fn matches_any(given: &str, secrets: &[Secret]) -> bool {
-    use sha2::{Digest, Sha256};
-    let g: [u8; 32] = Sha256::digest(given).into();
-    secrets
-        .iter()
-        .fold(subtle::Choice::from(0), |acc, s| {
-            let d: [u8; 32] = Sha256::digest(s.expose()).into();
-            acc | d.ct_eq(&g)
-        })
-        .into()
-}
-
 /// Whether the request carries the admin token (`Authorization: Bearer …`).
 pub fn is_admin(req: &HttpRequest, settings: &Settings) -> bool {
     match (settings.admin_token.as_ref(), bearer_token(req)) {
-        (Some(token), Some(given)) => matches_any(given, std::slice::from_ref(token)),
+        (Some(token), Some(given)) => matches_secrets(given, std::slice::from_ref(token)),
         _ => false,
     }
 }
@@ -98,7 +83,7 @@ pub fn require_admin(req: &HttpRequest, settings: &Settings) -> Result<(), ApiEr
         return Err(ApiError::MissingToken);
     }
     let by_header = match (settings.admin_token.as_ref(), platformatic) {
-        (Some(token), Some(given)) => matches_any(given, std::slice::from_ref(token)),
+        (Some(token), Some(given)) => matches_secrets(given, std::slice::from_ref(token)),
         _ => false,
     };
     if by_header || is_admin(req, settings) {
@@ -113,7 +98,7 @@ pub fn require_notifier(req: &HttpRequest, settings: &Settings) -> Result<(), Ap
     let Some(given) = bearer_token(req) else {
         return Err(ApiError::MissingToken);
     };
-    if is_admin(req, settings) || matches_any(given, &settings.ws.notify_secrets) {
+    if is_admin(req, settings) || matches_secrets(given, &settings.ws.notify_secrets) {
         Ok(())
     } else {
         Err(ApiError::Forbidden(

@@ -1,12 +1,11 @@
 //! Ingest authentication: who may publish into a queue.
 //!
-//! Every comparison is constant-time: HMACs through `Mac::verify_slice`, shared secrets
-//! by comparing SHA-256 digests with `subtle` (equal length, so the length of the
-//! secret does not leak either).
+//! Every comparison is constant-time: HMACs with `subtle`, shared secrets through
+//! [`super::secrets`] (SHA-256 digests, every candidate compared).
 
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, Secret};
@@ -88,7 +87,7 @@ impl IngestAuth {
             "bearer" => IngestAuth::Bearer(
                 need_keys()?
                     .iter()
-                    .map(|k| Sha256::digest(k.expose().as_bytes()).into())
+                    .map(|k| super::secrets::digest(k.expose()))
                     .collect(),
             ),
             "hmac-sha256" => IngestAuth::Hmac {
@@ -177,12 +176,7 @@ impl IngestAuth {
                     .or_else(|| raw.strip_prefix("bearer "))
                     .unwrap_or(raw)
                     .trim();
-                let got: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                // Compare against every key, without stopping at the first match.
-                let ok = digests
-                    .iter()
-                    .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&got));
-                if bool::from(ok) {
+                if super::secrets::matches_digests(token, digests) {
                     Ok(())
                 } else {
                     Err(invalid("the secret does not match"))

@@ -4,6 +4,7 @@
 pub mod client_ip;
 pub mod ingest;
 pub mod password;
+pub mod secrets;
 pub mod token;
 
 pub use client_ip::{client_ip, parse_nets};
