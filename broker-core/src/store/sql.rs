@@ -4,8 +4,11 @@
 //! that takes whatever is waiting — up to [`MAX_BATCH`] operations — and applies it in
 //! one transaction: concurrent publishes share one commit (and, for SQLite in WAL mode
 //! with `synchronous=FULL`, one fsync). An append is acknowledged only after the commit
-//! that holds it. Reads (a queue's retained window at start, cursors) use the pool.
-//! Operations of one queue are applied in the order they were sent.
+//! that holds it. The writer keeps one connection of its own (for SQLite, on a thread of
+//! its own); reads (a queue's retained window at start, cursors) use the pool.
+//! Operations of one queue are applied in the order they were sent, except that trims
+//! of a queue within one batch are merged into one (a trim never touches an append
+//! that is not yet acknowledged).
 //!
 //! Migrations are a numbered list applied in one transaction each, recorded in
 //! `broker_migrations`; sqlx's migrate feature is not used so that the build needs no
@@ -166,7 +169,27 @@ impl SqlStore {
         migrate(&pool).await?;
         let (writer, rx) = mpsc::channel(WRITER_QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
-        tokio::spawn(write_loop(pool.clone(), rx, healthy.clone(), metrics));
+        let writer_loop = write_loop(pool.clone(), rx, healthy.clone(), metrics);
+        match &pool {
+            // SQLite's connections do their I/O on their own threads: the writer gets
+            // a thread of its own too, so a busy actor thread never delays a commit.
+            Pool::Sqlite(_) => {
+                std::thread::Builder::new()
+                    .name("broker-store-writer".into())
+                    .spawn(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a current-thread runtime builds")
+                            .block_on(writer_loop)
+                    })
+                    .map_err(store_err)?;
+            }
+            // PostgreSQL sockets belong to the runtime that opened them.
+            Pool::Postgres(_) => {
+                tokio::spawn(writer_loop);
+            }
+        }
         Ok(SqlStore {
             pool,
             writer,
@@ -265,12 +288,34 @@ async fn write_loop(
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
+    // The writer keeps one connection while it works (no pool round trip per commit);
+    // after a failure it takes a fresh one for the next batch.
+    let mut sqlite = None;
+    let mut pg = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
+        macro_rules! apply {
+            ($conn:ident, $p:expr, $apply:path) => {{
+                let conn = match $conn.take() {
+                    Some(c) => Ok(c),
+                    None => $p.acquire().await,
+                };
+                match conn {
+                    Ok(mut c) => {
+                        let r = $apply(&mut c, &batch).await;
+                        if r.is_ok() {
+                            $conn = Some(c);
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                }
+            }};
+        }
         let result = match &pool {
-            Pool::Sqlite(p) => apply_sqlite(p, &batch).await,
-            Pool::Postgres(p) => apply_pg(p, &batch).await,
+            Pool::Sqlite(p) => apply!(sqlite, p, apply_sqlite),
+            Pool::Postgres(p) => apply!(pg, p, apply_pg),
         };
         metrics
             .store_commit
@@ -320,16 +365,20 @@ fn headers_json(m: &Message) -> String {
 const ROWS_PER_INSERT: usize = 500;
 
 macro_rules! apply_ops {
-    ($name:ident, $pool:ty, $db:ty, $upsert_cursor:expr, $upsert_next:expr) => {
-        pub(super) async fn $name(pool: &$pool, ops: &[Op]) -> Result<(), sqlx::Error> {
-            let mut tx = pool.begin().await?;
+    ($name:ident, $db:ty, $upsert_cursor:expr, $upsert_next:expr) => {
+        pub(super) async fn $name(
+            conn: &mut sqlx::pool::PoolConnection<$db>,
+            ops: &[Op],
+        ) -> Result<(), sqlx::Error> {
+            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
             // Appends are gathered per queue and written as multi-row INSERTs (one
             // statement per few hundred rows, not one per message); any other operation
             // on a queue first flushes that queue's gathered appends, so per-queue order
             // is kept.
             let mut pending: Vec<(&str, Vec<&Arc<Message>>)> = Vec::new();
+            let mut trims: Vec<(&str, u64)> = Vec::new();
             async fn flush(
-                tx: &mut sqlx::Transaction<'static, $db>,
+                tx: &mut sqlx::Transaction<'_, $db>,
                 queue: &str,
                 rows: &[&Arc<Message>],
             ) -> Result<(), sqlx::Error> {
@@ -395,12 +444,14 @@ macro_rules! apply_ops {
                         }
                     }
                     Op::Trim { queue, first_kept } => {
-                        flush_queue!(queue.as_str());
-                        sqlx::query("DELETE FROM messages WHERE queue = $1 AND pos < $2")
-                            .bind(queue.as_str())
-                            .bind(*first_kept as i64)
-                            .execute(&mut *tx)
-                            .await?;
+                        // A trim only removes acknowledged messages, never an append
+                        // still waiting in this batch: trims of a queue are coalesced
+                        // into one DELETE at the end (a queue at its limit sends one
+                        // per publish).
+                        match trims.iter_mut().find(|(q, _)| *q == queue.as_str()) {
+                            Some((_, kept)) => *kept = (*kept).max(*first_kept),
+                            None => trims.push((queue.as_str(), *first_kept)),
+                        }
                     }
                     Op::SaveAttempt { queue, target, attempt } => {
                         sqlx::query("INSERT INTO delivery_attempts (queue, target, pos, attempts, next_attempt_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (queue, target, pos) DO UPDATE SET attempts = excluded.attempts, next_attempt_ms = excluded.next_attempt_ms")
@@ -465,6 +516,7 @@ macro_rules! apply_ops {
                     }
                     Op::Remove { queue } => {
                         flush_queue!(queue.as_str());
+                        trims.retain(|(q, _)| *q != queue.as_str());
                         for sql in [
                             "DELETE FROM messages WHERE queue = $1",
                             "DELETE FROM delivery_cursors WHERE queue = $1",
@@ -483,6 +535,13 @@ macro_rules! apply_ops {
             for (q, rows) in std::mem::take(&mut pending) {
                 flush(&mut tx, q, &rows).await?;
             }
+            for (q, first_kept) in trims {
+                sqlx::query("DELETE FROM messages WHERE queue = $1 AND pos < $2")
+                    .bind(q)
+                    .bind(first_kept as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await
         }
     };
@@ -493,11 +552,11 @@ const UPDATE_NEXT: &str = "UPDATE queues SET next_offset = $2 WHERE name = $1";
 
 mod sqlite_ops {
     use super::*;
-    apply_ops!(apply, SqlitePool, sqlx::Sqlite, UPSERT_CURSOR, UPDATE_NEXT);
+    apply_ops!(apply, sqlx::Sqlite, UPSERT_CURSOR, UPDATE_NEXT);
 }
 mod pg_ops {
     use super::*;
-    apply_ops!(apply, PgPool, sqlx::Postgres, UPSERT_CURSOR, UPDATE_NEXT);
+    apply_ops!(apply, sqlx::Postgres, UPSERT_CURSOR, UPDATE_NEXT);
 }
 use pg_ops::apply as apply_pg;
 use sqlite_ops::apply as apply_sqlite;
@@ -796,5 +855,76 @@ impl Store for SqlStore {
 
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(queue: &str, offset: u64) -> Arc<Message> {
+        Arc::new(Message {
+            queue: Arc::from(queue),
+            offset,
+            body: Bytes::from(format!("m{offset}")),
+            content_type: None,
+            headers: Vec::new(),
+            received_at_ms: 0,
+            accepted: Instant::now(),
+            ws_frame: Default::default(),
+        })
+    }
+
+    fn append(queue: &str, offsets: std::ops::RangeInclusive<u64>) -> Op {
+        Op::Append {
+            queue: queue.into(),
+            messages: offsets.map(|o| msg(queue, o)).collect(),
+            released: Vec::new(),
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn trim(queue: &str, first_kept: u64) -> Op {
+        Op::Trim {
+            queue: queue.into(),
+            first_kept,
+        }
+    }
+
+    /// Trims of one batch are merged, and a trim sent before a queue was removed never
+    /// reaches the messages of the queue created again under that name.
+    #[actix::test]
+    async fn trims_in_one_batch_are_merged_and_end_at_a_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let store = SqlStore::connect(&url, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let Pool::Sqlite(pool) = &store.pool else {
+            unreachable!()
+        };
+        let mut conn = pool.acquire().await.unwrap();
+        let batch = vec![
+            append("a", 1..=5),
+            trim("a", 2),
+            append("a", 6..=6),
+            trim("a", 4),
+            trim("a", 3),
+            append("b", 1..=8),
+            trim("b", 7),
+            Op::Remove { queue: "b".into() },
+            append("b", 1..=3),
+            trim("b", 2),
+        ];
+        apply_sqlite(&mut conn, &batch).await.unwrap();
+        let sql = "SELECT pos FROM messages WHERE queue = $1 ORDER BY pos";
+        for (queue, kept) in [("a", vec![4, 5, 6]), ("b", vec![2, 3])] {
+            let rows: Vec<i64> = sqlx::query_scalar(sql)
+                .bind(queue)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+            assert_eq!(rows, kept, "queue {queue}");
+        }
     }
 }
