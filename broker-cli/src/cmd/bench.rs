@@ -8,7 +8,8 @@
 //! `broker bench latency`: what WebSocket delivery adds to a publish, measured against a
 //! baseline taken in the same run.
 //!
-//! A broker runs in this process on a loopback port (its own actix system and workers).
+//! A broker runs in this process on a loopback port (its own actix system and workers),
+//! for `latency` on `memory://`, so the figures are the broker's own, not the disk's.
 //! Baseline: sequential HTTP publishes into a queue nobody subscribes to, timed from
 //! sending the request to receiving the response. Measured: the same publishes into a
 //! queue with one WebSocket subscriber, timed from sending the request to receiving the
@@ -45,6 +46,8 @@ pub struct LatencyArgs {
 const CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"
+[storage]
+url = "memory://"
 [limits]
 max_message_count = 10000
 max_queue_size = 100000000

@@ -148,11 +148,11 @@ fn hash_password_from_stdin() {
     assert!(err.contains("at least 6"), "{err}");
 }
 
-#[actix_web::test]
-async fn default_config_serves_the_demo_queue() {
-    // `broker serve` without --config: the built-in example.
+/// `broker serve` without --config (the built-in example) in `dir`; its URL.
+fn serve_default(dir: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(broker_bin())
         .arg("serve")
+        .current_dir(dir)
         .env("BROKER__SERVER__LISTEN", "127.0.0.1:0")
         .env("BROKER_LOG", "warn")
         .stdout(Stdio::piped())
@@ -169,7 +169,16 @@ async fn default_config_serves_the_demo_queue() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_owned();
+    (child, url)
+}
+
+#[actix_web::test]
+async fn default_config_serves_the_demo_queue_durably() {
+    // The default storage is SQLite in ./data/broker.db: what was acknowledged survives
+    // kill -9 with its offset and epoch.
+    let dir = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
+    let (mut child, url) = serve_default(dir.path());
     let res = http
         .post(format!("{url}/v1/queues/demo/messages"))
         .body("hi")
@@ -177,13 +186,27 @@ async fn default_config_serves_the_demo_queue() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    let (_, published) = json(res).await;
+    assert!(dir.path().join("data/broker.db").exists());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (mut child, url) = serve_default(dir.path());
     let res = http
-        .get(format!("{url}/v1/queues/demo/messages"))
+        .get(format!("{url}/v1/queues/demo/messages?since=0"))
         .basic_auth("demo", Some("demo-password"))
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 200);
+    let (status, read) = json(res).await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["epoch"], published["epoch"], "{read} vs {published}");
+    let first = &read["messages"][0];
+    assert_eq!(
+        (&first["offset"], &first["body"]),
+        (&published["offset"], &serde_json::json!("hi")),
+        "{read}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

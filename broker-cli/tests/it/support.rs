@@ -38,6 +38,8 @@ pub fn spawn_broker_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
     let mut child = Command::new(broker_bin())
         .args(["serve", "--config"])
         .arg(config)
+        // The default storage (./data/broker.db) lands beside the test's config.
+        .current_dir(config.parent().expect("config in a directory"))
         .env("BROKER__SERVER__LISTEN", "127.0.0.1:0")
         .env("BROKER_LOG", "error")
         .envs(env.iter().copied())

@@ -204,18 +204,30 @@ impl Default for ServerConfig {
     }
 }
 
+/// Where `broker serve` keeps queues unless `storage.url` says otherwise.
+pub const DEFAULT_STORAGE_URL: &str = "sqlite://./data/broker.db";
+
 /// `[storage]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `memory://` (nothing survives a restart). Durable backends come later.
+    /// `sqlite://PATH` (the default, `./data/broker.db`, relative to the working
+    /// directory), `postgres://…`, or `memory://` (nothing survives a restart).
     pub url: String,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("url", &crate::store::without_password(&self.url))
+            .finish()
+    }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
-            url: "memory://".into(),
+            url: DEFAULT_STORAGE_URL.into(),
         }
     }
 }

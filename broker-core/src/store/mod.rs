@@ -150,13 +150,35 @@ pub async fn open(
     url: &str,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<Arc<dyn Store>, Error> {
-    if url == "memory://" {
-        return Ok(Arc::new(MemoryStore::default()));
+    let store: Arc<dyn Store> = if url == "memory://" {
+        Arc::new(MemoryStore::default())
+    } else if is_sql_url(url) {
+        Arc::new(SqlStore::connect(url, metrics).await?)
+    } else {
+        return Err(Error::Store(format!(
+            "unsupported storage url `{}`",
+            without_password(url)
+        )));
+    };
+    tracing::info!(storage = %without_password(url), "store opened");
+    Ok(store)
+}
+
+/// `url` with the password of its user info (`postgres://user:PASSWORD@host`) replaced,
+/// for logs and errors.
+pub fn without_password(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let tail = &rest[authority.len()..];
+            format!("{scheme}://{user}:***@{host}{tail}").into()
+        }
+        _ => url.into(),
     }
-    if is_sql_url(url) {
-        return Ok(Arc::new(SqlStore::connect(url, metrics).await?));
-    }
-    Err(Error::Store(format!("unsupported storage url `{url}`")))
 }
 
 /// Whether `url` names a SQL backend.
@@ -164,4 +186,24 @@ pub fn is_sql_url(url: &str) -> bool {
     url.starts_with("sqlite://")
         || url.starts_with("postgres://")
         || url.starts_with("postgresql://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn passwords_are_kept_out_of_logged_urls() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cr%40t@db:5432/broker?sslmode=require",
+                "postgres://app:***@db:5432/broker?sslmode=require",
+            ),
+            ("postgres://app@db/broker", "postgres://app@db/broker"),
+            ("sqlite://./data/broker.db", "sqlite://./data/broker.db"),
+            ("memory://", "memory://"),
+        ] {
+            assert_eq!(without_password(url), shown);
+        }
+    }
 }

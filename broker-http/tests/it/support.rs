@@ -29,10 +29,17 @@ pub async fn spawn_broker(toml: &str) -> TestBroker {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("broker.toml");
     std::fs::write(&config_path, toml).unwrap();
-    let env = vec![(
+    let mut env = vec![(
         "BROKER__SERVER__LISTEN".to_owned(),
         "127.0.0.1:0".to_owned(),
     )];
+    if !toml.contains("[storage]") {
+        // The default backend (SQLite), in this test's own directory.
+        env.push((
+            "BROKER__STORAGE__URL".to_owned(),
+            format!("sqlite://{}/data/broker.db", dir.path().display()),
+        ));
+    }
     let (cfg, source) = parse(Some(&config_path), toml, env).unwrap();
     let settings = Settings::compile(cfg, source).unwrap();
     let listener = std::net::TcpListener::bind(settings.listen).unwrap();
