@@ -40,6 +40,8 @@ pub struct Broker {
     settings: RwLock<Arc<Settings>>,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
+    /// Nonces of signed pusher requests within their window.
+    pusher_nonces: crate::auth::crossbar::NonceCache,
     started_at: i64,
     shutdown: watch::Sender<bool>,
     /// Serialises reloads and password changes (each reads, edits and swaps the config).
@@ -112,10 +114,16 @@ impl Broker {
             settings: RwLock::new(settings),
             metrics,
             credentials: CredentialCache::default(),
+            pusher_nonces: Default::default(),
             started_at: chrono::Utc::now().timestamp(),
             shutdown,
             config_lock: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Nonces of signed pusher requests seen within the timestamp window.
+    pub fn pusher_nonces(&self) -> &crate::auth::crossbar::NonceCache {
+        &self.pusher_nonces
     }
 
     /// The hub actor.
@@ -407,6 +415,7 @@ impl Broker {
                 continue; // not a dead letter
             };
             let message = NewMessage {
+                audience: None,
                 body: m.body.clone(),
                 content_type: m.content_type.clone(),
                 headers: m

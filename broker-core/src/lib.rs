@@ -15,6 +15,7 @@ pub mod actors;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod crossbar;
 pub mod delivery;
 pub mod error;
 pub mod message;

@@ -30,6 +30,29 @@ pub struct Message {
     /// The WebSocket `message` event of this message, encoded by the first session that
     /// sends it and shared by all others: a broadcast to N sessions encodes once.
     pub ws_frame: OnceLock<ByteString>,
+    /// The session-independent part of its WAMP `EVENT`, encoded once like `ws_frame`.
+    pub wamp_event: OnceLock<String>,
+    /// Which WebSocket sessions it is for, when not all (not persisted).
+    pub audience: Option<Arc<Audience>>,
+}
+
+/// The WebSocket sessions a message is for, by numeric session id: Crossbar's
+/// `exclude` / `eligible` publish options and WAMP's `exclude_me`. It concerns live
+/// sessions only (session ids do not outlive a connection), so it is not persisted;
+/// HTTP readers and webhooks get every message.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Audience {
+    /// Sessions that must not receive it.
+    pub exclude: Vec<u64>,
+    /// When set, only these sessions receive it.
+    pub eligible: Option<Vec<u64>>,
+}
+
+impl Audience {
+    /// Whether session `id` receives the message.
+    pub fn admits(&self, id: u64) -> bool {
+        !self.exclude.contains(&id) && self.eligible.as_ref().is_none_or(|e| e.contains(&id))
+    }
 }
 
 impl Message {
@@ -91,6 +114,8 @@ pub struct NewMessage {
     pub content_type: Option<Arc<str>>,
     /// Extra headers.
     pub headers: Vec<(String, String)>,
+    /// Which WebSocket sessions it is for, when not all.
+    pub audience: Option<Arc<Audience>>,
 }
 
 /// A random 16-hex-digit id (queue epochs, connection ids).

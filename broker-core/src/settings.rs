@@ -94,6 +94,22 @@ pub struct WsSettings {
     pub notify_secrets: Vec<Secret>,
 }
 
+/// `[pusher]` with its secret resolved and networks parsed.
+#[derive(Debug)]
+pub struct PusherSettings {
+    /// The section as configured.
+    pub config: config::PusherConfig,
+    /// `key` and resolved `secret`, when requests must be signed.
+    pub signing: Option<(String, Secret)>,
+    /// Parsed `require_ip`.
+    pub require_ip: Vec<IpNet>,
+    /// Effective body limit in bytes.
+    pub body_limit: usize,
+}
+
+/// The WAMP realm when `[pusher]` does not name one.
+pub const DEFAULT_REALM: &str = "realm1";
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Settings {
@@ -119,6 +135,8 @@ pub struct Settings {
     pub crons: Vec<Arc<CronSpec>>,
     /// The runtime definitions compiled in.
     pub runtime: Runtime,
+    /// Crossbar's HTTP pusher, when configured.
+    pub pusher: Option<Arc<PusherSettings>>,
 }
 
 /// Whether a queue name or `prefix.*` pattern covers `name`.
@@ -422,6 +440,9 @@ impl Settings {
             jwt_secrets,
             notify_secrets,
         });
+        let pusher = cfg.pusher.as_ref().map(|p| {
+            compile_pusher(p, cfg.server.max_body_size, &mut err)
+        });
 
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
@@ -438,7 +459,15 @@ impl Settings {
             ws,
             crons,
             runtime,
+            pusher,
         })
+    }
+
+    /// The WAMP realm: `pusher.realm`, or `realm1`.
+    pub fn realm(&self) -> &str {
+        self.pusher
+            .as_ref()
+            .map_or(DEFAULT_REALM, |p| p.config.realm.as_str())
     }
 
     /// The spec of queue `name`: an exact entry, else the longest matching pattern.
@@ -527,4 +556,86 @@ fn check_limits(
             ),
         );
     }
+}
+
+/// Routes of the broker that `pusher.path` must not shadow.
+const RESERVED_PATHS: &[&str] = &[
+    "/v1", "/q", "/listen", "/read", "/unlisten", "/setPassword", "/reload", "/time",
+    "/metrics", "/healthz", "/readyz", "/queues", "/messages", "/cron", "/ws",
+];
+
+fn compile_pusher(
+    p: &config::PusherConfig,
+    max_body_size: usize,
+    err: &mut impl FnMut(String, String),
+) -> Arc<PusherSettings> {
+    let path_ok = p.path.len() > 1
+        && p.path.starts_with('/')
+        && !p.path.ends_with('/')
+        && p.path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'));
+    if !path_ok {
+        err(
+            "pusher.path".into(),
+            format!("`{}` is not a path like /push", p.path),
+        );
+    } else if RESERVED_PATHS
+        .iter()
+        .any(|r| p.path == *r || p.path.starts_with(&format!("{r}/")))
+    {
+        err(
+            "pusher.path".into(),
+            format!("`{}` is a route of the broker already", p.path),
+        );
+    }
+    if p.realm.is_empty() {
+        err("pusher.realm".into(), "must not be empty".into());
+    }
+    let signing = match (&p.key, &p.secret) {
+        (Some(k), Some(s)) => match s.resolve() {
+            Ok(s) if !k.is_empty() && !s.expose().is_empty() => {
+                if p.timestamp_delta_limit == 0 {
+                    err(
+                        "pusher.timestamp_delta_limit".into(),
+                        "must be greater than 0 with a secret: nonces are remembered for \
+                         that window to refuse replays"
+                            .into(),
+                    );
+                }
+                Some((k.clone(), s))
+            }
+            Ok(_) => {
+                err("pusher.key".into(), "key and secret must not be empty".into());
+                None
+            }
+            Err(m) => {
+                err("pusher.secret".into(), m);
+                None
+            }
+        },
+        (None, None) => None,
+        (Some(_), None) => {
+            err("pusher.secret".into(), "a key needs a secret".into());
+            None
+        }
+        (None, Some(_)) => {
+            err("pusher.key".into(), "a secret needs a key".into());
+            None
+        }
+    };
+    let require_ip = parse_nets(&p.require_ip).unwrap_or_else(|(i, m)| {
+        err(format!("pusher.require_ip[{i}]"), m);
+        Vec::new()
+    });
+    let body_limit = match p.post_body_limit {
+        0 => max_body_size,
+        n => n.min(max_body_size),
+    };
+    Arc::new(PusherSettings {
+        config: p.clone(),
+        signing,
+        require_ip,
+        body_limit,
+    })
 }

@@ -143,6 +143,48 @@ impl ResponseError for ApiError {
     }
 }
 
+/// An error on Crossbar's pusher path, answered as Crossbar does:
+/// `{"error": <message>, "args": [], "kwargs": {}}` with Crossbar's status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PusherError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `error` text (Crossbar's wording where Crossbar has the case).
+    pub message: String,
+}
+
+impl PusherError {
+    /// An error with `status`.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            message: message.into(),
+        }
+    }
+
+    /// The body Crossbar sends.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": self.message, "args": [], "kwargs": {}})
+    }
+}
+
+impl From<broker_core::auth::crossbar::SignatureError> for PusherError {
+    fn from(e: broker_core::auth::crossbar::SignatureError) -> Self {
+        PusherError::new(e.status(), e.to_string())
+    }
+}
+
+impl From<Error> for PusherError {
+    fn from(e: Error) -> Self {
+        let api = ApiError::Core(e);
+        PusherError {
+            status: api.parts().0,
+            message: api.to_string(),
+        }
+    }
+}
+
 impl From<broker_ws::Error> for ApiError {
     fn from(e: broker_ws::Error) -> Self {
         match e {

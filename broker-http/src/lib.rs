@@ -12,6 +12,8 @@
 //! - webhook-queue compatible: `POST /q/{name}`, `GET /listen/{client}/{queue}`,
 //!   `GET /read/{client}`, `GET /unlisten/{client}`, `POST /setPassword`,
 //!   `GET|POST /reload`, `GET /time`;
+//! - Crossbar.io compatible: `POST|PUT pusher.path` (default `/push`) when `[pusher]` is
+//!   configured, and WAMP v2 (`wamp.2.json`) on `GET /v1/ws` and `GET /ws`;
 //! - operations: `GET /metrics`, `GET /healthz`, `GET /readyz`.
 //!
 //! Every error, including those of extractors and unknown routes, is the JSON of
@@ -31,7 +33,7 @@ use actix_web::{web, App, HttpRequest, HttpServer};
 use broker_core::Broker;
 
 use error::ApiError;
-use routes::{admin, compat, connections, ingest, ops, pg_hooks, read};
+use routes::{admin, compat, connections, ingest, ops, pg_hooks, pusher, read};
 
 /// Largest JSON body of the small JSON endpoints (setPassword, consumers).
 const JSON_LIMIT: usize = 64 * 1024;
@@ -49,6 +51,12 @@ pub fn app(
     >,
 > {
     let metrics = broker.metrics().clone();
+    // The pusher's route is fixed at start (a reload can turn it off, not move it).
+    let pusher_path = broker
+        .settings()
+        .pusher
+        .as_ref()
+        .map(|p| p.config.path.clone());
     App::new()
         .app_data(web::Data::from(broker))
         .app_data(
@@ -94,6 +102,11 @@ pub fn app(
             }
         })
         .configure(routes)
+        .configure(move |cfg| {
+            if let Some(path) = &pusher_path {
+                pusher::configure(cfg, path);
+            }
+        })
         .default_service(web::to(not_found))
 }
 
@@ -125,6 +138,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(resource("/v1/consumers/{client}/messages").route(web::get().to(read::read_consumer)))
     .service(resource("/v1/ws").route(web::get().to(connections::upgrade)))
+    // Crossbar's conventional WebSocket path, for WAMP clients.
+    .service(resource("/ws").route(web::get().to(connections::upgrade)))
     .service(resource("/v1/users/{user}/notify").route(web::post().to(connections::notify_user)))
     .service(resource("/v1/connections").route(web::get().to(connections::list)))
     .service(resource("/v1/connections/{id}").route(web::delete().to(connections::close)))

@@ -119,6 +119,7 @@ impl BatchElement {
         };
         let content_type = self.content_type.as_deref().or(default_ct).map(Arc::from);
         Ok(NewMessage {
+            audience: None,
             body,
             content_type,
             headers: self.headers.into_iter().collect(),
@@ -288,6 +289,8 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             accepted: std::time::Instant::now(),
             ws_frame: Default::default(),
+            wamp_event: Default::default(),
+            audience: None,
         }
     }
 

@@ -1,13 +1,16 @@
 //! broker-ws: WebSocket subscribers.
 //!
 //! One [`WsSession`] actor per connection (actix-web-actors), speaking the native JSON
-//! protocol of [`protocol`]. The rest of the broker sees a session only through the
+//! protocol of [`protocol`], or WAMP v2 ([`wamp`]) when the client offers the
+//! `wamp.2.json` subprotocol. The rest of the broker sees a session only through the
 //! subscriber messages of broker-core (`Deliver`, `Lagged`, `Notify`, `Disconnect`), and
 //! the HTTP layer only through [`connect`]: moving to another WebSocket implementation
 //! (actix-ws) replaces this crate's transport and nothing else.
 
 pub mod protocol;
+pub mod wamp;
 mod session;
+mod wamp_session;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -74,9 +77,23 @@ pub async fn connect(
         Credentials::None => None,
     };
     let max_frame = settings.ws.config.max_frame_size;
-    let session = WsSession::new(broker, remote, identity);
+    let session = if offers_wamp(req) {
+        WsSession::wamp(broker, remote, identity)
+    } else {
+        WsSession::new(broker, remote, identity)
+    };
     ws::WsResponseBuilder::new(session, req, payload)
         .frame_size(max_frame)
+        .protocols(&[wamp::SUBPROTOCOL])
         .start()
         .map_err(|e| Error::Handshake(e.to_string()))
+}
+
+/// Whether the client offers the `wamp.2.json` subprotocol.
+fn offers_wamp(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == wamp::SUBPROTOCOL)
 }

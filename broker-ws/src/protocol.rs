@@ -391,6 +391,8 @@ mod tests {
             received_at_ms: 0,
             accepted: std::time::Instant::now(),
             ws_frame: Default::default(),
+            wamp_event: Default::default(),
+            audience: None,
         };
         assert_eq!(
             v(&message(&m)),

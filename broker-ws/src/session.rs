@@ -69,25 +69,40 @@ impl Identity {
     }
 }
 
-struct Sub {
-    id: u64,
-    queue: Addr<Queue>,
-    pending: Arc<AtomicUsize>,
-    last_offset: u64,
+pub(crate) struct Sub {
+    /// Queue name, or the prefix of a prefix subscription.
+    pub(crate) topic: String,
+    /// The queue, for an exact subscription (a prefix one is the Hub's).
+    pub(crate) queue: Option<Addr<Queue>>,
+    pub(crate) pending: Arc<AtomicUsize>,
+    /// Newest offset delivered (exact subscriptions: the replay/live seam).
+    pub(crate) last_offset: u64,
+}
+
+/// The protocol a connection speaks, chosen by its subprotocol at the upgrade.
+pub(crate) enum Dialect {
+    /// The native JSON protocol (`protocol`).
+    Native,
+    /// WAMP v2 (`wamp.2.json`).
+    Wamp(crate::wamp_session::WampState),
 }
 
 /// A WebSocket connection.
 pub struct WsSession {
-    id: Arc<str>,
-    broker: Arc<Broker>,
-    ws: Arc<WsSettings>,
-    remote: IpAddr,
-    identity: Option<Identity>,
+    pub(crate) id: Arc<str>,
+    /// Numeric id (WAMP's session id; what `exclude`/`eligible` name).
+    pub(crate) session_id: u64,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) ws: Arc<WsSettings>,
+    pub(crate) remote: IpAddr,
+    pub(crate) identity: Option<Identity>,
     registered: bool,
-    subs: HashMap<String, Sub>,
+    /// Subscriptions by id.
+    pub(crate) subs: HashMap<u64, Sub>,
     last_heard: Instant,
     fragments: Option<(bool, BytesMut)>,
     close_reason: &'static str,
+    pub(crate) dialect: Dialect,
 }
 
 impl WsSession {
@@ -96,6 +111,7 @@ impl WsSession {
         let ws = broker.settings().ws.clone();
         Self {
             id: new_connection_id(),
+            session_id: broker_core::crossbar::random_session_id(),
             broker,
             ws,
             remote,
@@ -105,10 +121,48 @@ impl WsSession {
             last_heard: Instant::now(),
             fragments: None,
             close_reason: "client_closed",
+            dialect: Dialect::Native,
         }
     }
 
-    fn send(&self, ctx: &mut ws::WebsocketContext<Self>, frame: bytestring::ByteString) {
+    /// The same session speaking WAMP (`wamp.2.json`): credentials given at the upgrade
+    /// are used once the client sends HELLO.
+    pub fn wamp(broker: Arc<Broker>, remote: IpAddr, identity: Option<Identity>) -> Self {
+        let mut s = Self::new(broker, remote, None);
+        s.dialect = Dialect::Wamp(crate::wamp_session::WampState::new(identity));
+        s
+    }
+
+    fn is_wamp(&self) -> bool {
+        matches!(self.dialect, Dialect::Wamp(_))
+    }
+
+    /// The id of the native subscription to `queue`.
+    fn native_sub(&self, queue: &str) -> Option<u64> {
+        self.subs
+            .iter()
+            .find(|(_, s)| s.queue.is_some() && s.topic == queue)
+            .map(|(id, _)| *id)
+    }
+
+    /// A subscriber for this session, and its pending-bytes counter.
+    pub(crate) fn new_subscriber(
+        &self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        id: u64,
+    ) -> (Subscriber, Arc<AtomicUsize>) {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let addr = ctx.address();
+        let subscriber = Subscriber {
+            id,
+            deliver: addr.clone().recipient(),
+            lagged: addr.recipient(),
+            pending_bytes: pending.clone(),
+            max_pending_bytes: self.ws.config.max_pending_bytes,
+        };
+        (subscriber, pending)
+    }
+    pub(crate) fn send(&self, ctx: &mut ws::WebsocketContext<Self>, frame: bytestring::ByteString) {
         self.broker
             .metrics()
             .ws_frames
@@ -127,7 +181,15 @@ impl WsSession {
         self.send(ctx, protocol::error(id, code, message));
     }
 
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &'static str) {
+    pub(crate) fn close(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: u16,
+        reason: &'static str,
+    ) {
+        if self.is_wamp() && self.identity.is_some() {
+            self.wamp_goodbye(ctx, code);
+        }
         self.close_reason = reason;
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::Other(code),
@@ -137,7 +199,7 @@ impl WsSession {
     }
 
     /// Registers the now-authenticated session and greets it.
-    fn authorized(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity) {
+    pub(crate) fn authorized(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity) {
         let user = identity.user.clone();
         self.identity = Some(identity);
         let addr = ctx.address();
@@ -160,11 +222,19 @@ impl WsSession {
                 .map(move |res, act, ctx| match res {
                     Ok(Ok(())) => {
                         act.registered = true;
-                        let hello = protocol::connected(&act.id, &user);
-                        act.send(ctx, hello);
+                        if act.is_wamp() {
+                            act.wamp_welcome(ctx);
+                        } else {
+                            let hello = protocol::connected(&act.id, &user);
+                            act.send(ctx, hello);
+                        }
                     }
                     Ok(Err(e)) => {
-                        act.error(ctx, None, "too_many_connections", &e.to_string());
+                        if act.is_wamp() {
+                            act.wamp_abort(ctx, crate::wamp::uri::NOT_AUTHORIZED, &e.to_string());
+                        } else {
+                            act.error(ctx, None, "too_many_connections", &e.to_string());
+                        }
                         act.close(ctx, close::TOO_MANY_CONNECTIONS, "too_many_connections");
                     }
                     Err(_) => act.close(ctx, close::GOING_AWAY, "shutting_down"),
@@ -173,6 +243,9 @@ impl WsSession {
     }
 
     fn handle_text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
+        if self.is_wamp() {
+            return self.wamp_text(ctx, text);
+        }
         let (id, action) = match protocol::parse(text) {
             Ok(p) => p,
             Err((id, (code, message))) => return self.error(ctx, id.as_deref(), code, &message),
@@ -221,9 +294,9 @@ impl WsSession {
                 since,
                 epoch,
             } => self.subscribe(ctx, &identity, id, queue, since, epoch),
-            Action::Unsubscribe(queue) => match self.subs.remove(&queue) {
-                Some(sub) => {
-                    sub.queue.do_send(Unsubscribe { id: sub.id });
+            Action::Unsubscribe(queue) => match self.native_sub(&queue) {
+                Some(sub_id) => {
+                    self.drop_sub(sub_id);
                     self.send(ctx, protocol::unsubscribed(id.as_deref(), &queue));
                 }
                 None => self.error(
@@ -258,7 +331,7 @@ impl WsSession {
                 &format!("not allowed to subscribe to `{queue}`"),
             );
         }
-        if self.subs.contains_key(&queue) {
+        if self.native_sub(&queue).is_some() {
             return self.error(
                 ctx,
                 id_ref,
@@ -273,15 +346,7 @@ impl WsSession {
             );
             return self.error(ctx, id_ref, "too_many_subscriptions", &msg);
         }
-        let pending = Arc::new(AtomicUsize::new(0));
-        let addr = ctx.address();
-        let subscriber = Subscriber {
-            id: next_subscription_id(),
-            deliver: addr.clone().recipient(),
-            lagged: addr.recipient(),
-            pending_bytes: pending.clone(),
-            max_pending_bytes: self.ws.config.max_pending_bytes,
-        };
+        let (subscriber, pending) = self.new_subscriber(ctx, next_subscription_id());
         let sub_id = subscriber.id;
         let broker = self.broker.clone();
         let name = queue.clone();
@@ -321,13 +386,13 @@ impl WsSession {
                 ),
             );
             for m in &reply.replay {
-                act.send_message(ctx, m);
+                act.send_message(ctx, sub_id, m);
             }
             act.subs.insert(
-                queue,
+                sub_id,
                 Sub {
-                    id: sub_id,
-                    queue: queue_addr,
+                    topic: queue,
+                    queue: Some(queue_addr),
                     pending,
                     last_offset: reply.head,
                 },
@@ -370,6 +435,7 @@ impl WsSession {
             );
         }
         let msg = NewMessage {
+            audience: None,
             body: Bytes::from(data),
             content_type: Some(Arc::from("application/json")),
             headers: Vec::new(),
@@ -399,8 +465,33 @@ impl WsSession {
         }));
     }
 
-    fn send_message(&self, ctx: &mut ws::WebsocketContext<Self>, m: &Message) {
-        let frame = m.ws_frame.get_or_init(|| protocol::message(m)).clone();
+    /// Ends subscription `id` (with its queue, or the Hub for a prefix one).
+    pub(crate) fn drop_sub(&mut self, id: u64) -> Option<Sub> {
+        let sub = self.subs.remove(&id)?;
+        match &sub.queue {
+            Some(q) => q.do_send(Unsubscribe { id }),
+            None => self
+                .broker
+                .hub()
+                .do_send(broker_core::actors::UnsubscribePrefix { id }),
+        }
+        Some(sub)
+    }
+
+    fn send_message(&self, ctx: &mut ws::WebsocketContext<Self>, sub_id: u64, m: &Message) {
+        if m
+            .audience
+            .as_ref()
+            .is_some_and(|a| !a.admits(self.session_id))
+        {
+            return;
+        }
+        let frame = if self.is_wamp() {
+            let tail = m.wamp_event.get_or_init(|| crate::wamp::event_tail(m));
+            crate::wamp::event(sub_id, tail)
+        } else {
+            m.ws_frame.get_or_init(|| protocol::message(m)).clone()
+        };
         self.send(ctx, frame);
         self.broker
             .metrics()
@@ -445,12 +536,20 @@ impl Actor for WsSession {
             None => {
                 ctx.run_later(self.ws.config.auth_timeout, |act, ctx| {
                     if act.identity.is_none() {
-                        act.error(
-                            ctx,
-                            None,
-                            "auth_timeout",
-                            "no authorize within ws.auth_timeout",
-                        );
+                        if act.is_wamp() {
+                            act.wamp_abort(
+                                ctx,
+                                crate::wamp::uri::AUTHENTICATION_FAILED,
+                                "no HELLO/AUTHENTICATE within ws.auth_timeout",
+                            );
+                        } else {
+                            act.error(
+                                ctx,
+                                None,
+                                "auth_timeout",
+                                "no authorize within ws.auth_timeout",
+                            );
+                        }
                         act.close(ctx, close::AUTH_TIMEOUT, "auth_timeout");
                     }
                 });
@@ -459,8 +558,9 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        for sub in self.subs.values() {
-            sub.queue.do_send(Unsubscribe { id: sub.id });
+        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        for id in ids {
+            self.drop_sub(id);
         }
         if self.registered {
             self.broker.registry().do_send(Unregister {
@@ -558,20 +658,21 @@ impl Handler<Deliver> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        let Some(sub) = self
-            .subs
-            .get_mut(&*msg.queue)
-            .filter(|s| s.id == msg.subscription)
-        else {
+        let Some(sub) = self.subs.get_mut(&msg.subscription) else {
             return; // unsubscribed meanwhile
         };
         sub.pending.fetch_sub(msg.bytes, Ordering::AcqRel);
-        let from = sub.last_offset;
+        // Exact subscriptions skip what their replay sent; prefix ones have no replay.
+        let from = if sub.queue.is_some() {
+            sub.last_offset
+        } else {
+            0
+        };
         if let Some(last) = msg.messages.last() {
             sub.last_offset = sub.last_offset.max(last.offset);
         }
         for m in msg.messages.iter().filter(|m| m.offset > from) {
-            self.send_message(ctx, m);
+            self.send_message(ctx, msg.subscription, m);
         }
     }
 }
@@ -580,14 +681,13 @@ impl Handler<Lagged> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: Lagged, ctx: &mut Self::Context) {
-        if self
-            .subs
-            .get(&*msg.queue)
-            .is_none_or(|s| s.id != msg.subscription)
-        {
-            return; // an older subscription of this queue
+        if !self.subs.contains_key(&msg.subscription) {
+            return; // ended meanwhile
         }
-        self.subs.remove(&*msg.queue);
+        if self.is_wamp() {
+            return self.wamp_lagged(ctx, msg);
+        }
+        self.subs.remove(&msg.subscription);
         match self.ws.config.slow_consumer {
             SlowConsumer::Close => self.close(ctx, close::SLOW_CONSUMER, "slow_consumer"),
             SlowConsumer::Refresh => {
@@ -608,6 +708,9 @@ impl Handler<Notify> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: Notify, ctx: &mut Self::Context) {
+        if self.is_wamp() {
+            return; // notifications are part of the native protocol only
+        }
         if let Some(frame) = protocol::notify(&msg.data) {
             self.send(ctx, frame);
         }

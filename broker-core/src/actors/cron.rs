@@ -184,6 +184,7 @@ impl Cron {
             .map(|(_, v)| Arc::from(v.as_str()))
             .or(content_type);
         let message = NewMessage {
+            audience: None,
             body: spec.body.clone(),
             content_type,
             headers,

@@ -6,6 +6,9 @@
 //! lives in the queue. A reload keeps queue contents, applies new limits, stops removed
 //! queues, and puts consumers of removed queues or revoked grants into the
 //! "disconnected" state that webhook-queue documents.
+//! Prefix subscriptions (WAMP's `match: "prefix"`) are kept here too: the hub registers
+//! the subscriber with every running queue whose name starts with the prefix (and that
+//! the subscriber may read), and with each such queue that starts later.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +17,10 @@ use actix::prelude::*;
 use tokio::sync::watch;
 
 use super::leader::{Follow, Leader};
-use super::queue::{AddConsumer, ConsumerKey, Queue, Reconfigure, RemoveConsumer};
+use super::queue::{
+    AddConsumer, ConsumerKey, Queue, Reconfigure, RemoveConsumer, Subscribe, Unsubscribe,
+};
+use super::subscriber::Subscriber;
 use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -91,6 +97,47 @@ pub struct Deliveries {
     pub arbiter: ArbiterHandle,
 }
 
+/// Subscribes to every queue whose name starts with `prefix` and that `grants` cover,
+/// running now or started later, live (no replay).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubscribePrefix {
+    /// The name prefix.
+    pub prefix: String,
+    /// Queues (and patterns) the subscriber may read.
+    pub grants: Vec<String>,
+    /// The subscriber, registered with each queue under its one id.
+    pub subscriber: Subscriber,
+}
+
+/// Ends a prefix subscription.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnsubscribePrefix {
+    /// The subscriber's id.
+    pub id: u64,
+}
+
+struct PrefixSub {
+    prefix: String,
+    grants: Vec<String>,
+    subscriber: Subscriber,
+}
+
+impl PrefixSub {
+    fn covers(&self, name: &str) -> bool {
+        name.starts_with(&self.prefix) && crate::settings::grants(&self.grants, name)
+    }
+
+    fn attach(&self, queue: &Addr<Queue>) {
+        queue.do_send(Subscribe {
+            subscriber: self.subscriber.clone(),
+            since: None,
+            epoch: None,
+        });
+    }
+}
+
 /// Swaps in reloaded settings.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -117,6 +164,8 @@ pub struct Hub {
     deliveries: Deliveries,
     /// Webhook actors by queue, with their target spec.
     webhooks: HashMap<String, Vec<Target>>,
+    /// Prefix subscriptions by subscriber id.
+    prefix_subs: HashMap<u64, PrefixSub>,
 }
 
 impl Hub {
@@ -135,6 +184,7 @@ impl Hub {
             consumers: HashMap::new(),
             deliveries,
             webhooks: HashMap::new(),
+            prefix_subs: HashMap::new(),
         }
     }
 
@@ -224,6 +274,9 @@ impl Hub {
             changes: rx,
         };
         self.queues.insert(name.to_string(), handle.clone());
+        for sub in self.prefix_subs.values().filter(|s| s.covers(&name)) {
+            sub.attach(&handle.addr);
+        }
         Some(handle)
     }
 
@@ -433,6 +486,39 @@ pub async fn webhook_status(hub: &Addr<Hub>, queue: &str) -> Vec<WebhookStatus> 
         }
     }
     out
+}
+
+impl Handler<SubscribePrefix> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubscribePrefix, _: &mut Self::Context) {
+        let sub = PrefixSub {
+            prefix: msg.prefix,
+            grants: msg.grants,
+            subscriber: msg.subscriber,
+        };
+        for (name, handle) in &self.queues {
+            if handle.addr.connected() && sub.covers(name) {
+                sub.attach(&handle.addr);
+            }
+        }
+        self.prefix_subs.insert(sub.subscriber.id, sub);
+    }
+}
+
+impl Handler<UnsubscribePrefix> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnsubscribePrefix, _: &mut Self::Context) {
+        let Some(sub) = self.prefix_subs.remove(&msg.id) else {
+            return;
+        };
+        for (name, handle) in &self.queues {
+            if sub.covers(name) {
+                handle.addr.do_send(Unsubscribe { id: msg.id });
+            }
+        }
+    }
 }
 
 impl Handler<ApplySettings> for Hub {

@@ -10,7 +10,10 @@ pub mod registry;
 pub mod subscriber;
 pub mod webhook;
 
-pub use hub::{ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, Unlisten};
+pub use hub::{
+    ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, SubscribePrefix, Unlisten,
+    UnsubscribePrefix,
+};
 pub use queue::{
     AddConsumer, Batch, ConsumerKey, ConsumerRead, Head, Publish, PublishAt, Published, Queue,
     Read, Reconfigure, RemoveConsumer, Scheduled, Subscribe, Subscribed, Unsubscribe,

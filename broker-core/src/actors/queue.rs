@@ -552,6 +552,8 @@ impl Queue {
                     received_at_ms: now,
                     accepted: std::time::Instant::now(),
                     ws_frame: Default::default(),
+                    wamp_event: Default::default(),
+                    audience: m.audience,
                 })
             })
             .collect();
@@ -910,6 +912,7 @@ mod tests {
 
     fn body(n: usize) -> NewMessage {
         NewMessage {
+            audience: None,
             body: Bytes::from(vec![b'x'; n]),
             content_type: None,
             headers: vec![],

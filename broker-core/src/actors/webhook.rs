@@ -524,6 +524,7 @@ impl Webhook {
             headers.push((dlq_headers::LAST_ERROR.into(), e));
         }
         let message = NewMessage {
+            audience: None,
             body: m.body.clone(),
             content_type: m.content_type.clone(),
             headers,
@@ -743,6 +744,7 @@ mod tests {
             .unwrap();
         let msgs = (0..5)
             .map(|i| NewMessage {
+                audience: None,
                 body: bytes::Bytes::from(format!("m{i}")),
                 content_type: None,
                 headers: vec![],

@@ -298,7 +298,7 @@ fn any_key(keys: &[Secret], f: impl Fn(&[u8]) -> bool) -> Result<(), Error> {
     }
 }
 
-fn verify_mac(algo: HmacAlgo, key: &[u8], parts: &[&[u8]], sig: &[u8]) -> bool {
+pub(crate) fn verify_mac(algo: HmacAlgo, key: &[u8], parts: &[&[u8]], sig: &[u8]) -> bool {
     bool::from(compute_mac(algo, key, parts).ct_eq(sig))
 }
 

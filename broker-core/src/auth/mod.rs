@@ -2,6 +2,7 @@
 //! and the client address behind trusted proxies.
 
 pub mod client_ip;
+pub mod crossbar;
 pub mod ingest;
 pub mod password;
 pub mod secrets;

@@ -58,6 +58,49 @@ pub struct Config {
     /// @platformatic/pg-hooks compatible routes.
     #[serde(default)]
     pub pg_hooks: PgHooksConfig,
+    /// Crossbar's HTTP pusher (`POST /push`) and the WAMP realm; absent: no pusher route.
+    #[serde(default)]
+    pub pusher: Option<PusherConfig>,
+}
+
+/// `[pusher]`: Crossbar.io's HTTP Publisher bridge, with Crossbar's option names.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PusherConfig {
+    /// Route of the pusher.
+    pub path: String,
+    /// The WAMP realm (sessions must `HELLO` with it).
+    pub realm: String,
+    /// Key of signed requests (`key` query parameter); with `secret`.
+    pub key: Option<String>,
+    /// Secret of signed requests: with it, every request must be signed.
+    pub secret: Option<Secret>,
+    /// Largest body in bytes (0: `server.max_body_size`).
+    pub post_body_limit: usize,
+    /// Largest difference between a signed request's `timestamp` and now, in seconds.
+    pub timestamp_delta_limit: u64,
+    /// Addresses or networks allowed to push (empty: any).
+    pub require_ip: Vec<String>,
+    /// Refuse requests that did not arrive over TLS.
+    pub require_tls: bool,
+    /// Log each request's outcome at info level.
+    pub debug: bool,
+}
+
+impl Default for PusherConfig {
+    fn default() -> Self {
+        Self {
+            path: "/push".into(),
+            realm: "realm1".into(),
+            key: None,
+            secret: None,
+            post_body_limit: 0,
+            timestamp_delta_limit: 300,
+            require_ip: Vec::new(),
+            require_tls: false,
+            debug: false,
+        }
+    }
 }
 
 /// `[pg_hooks]`: the `POST /queues`, `/messages`, `/cron` routes of @platformatic/pg-hooks.

@@ -20,6 +20,8 @@ fn msg(queue: &str, offset: u64, body: &str) -> Arc<Message> {
         received_at_ms: 1_700_000_000_000 + offset as i64,
         accepted: std::time::Instant::now(),
         ws_frame: Default::default(),
+        wamp_event: Default::default(),
+        audience: None,
     })
 }
 
@@ -83,6 +85,7 @@ async fn suite(url: &str, durable: bool) {
         id,
         at_ms: 1_800_000_000_000 + id as i64,
         message: crate::message::NewMessage {
+            audience: None,
             body: Bytes::from(body.to_owned()),
             content_type: None,
             headers: vec![("k".into(), "v".into())],

@@ -602,6 +602,8 @@ macro_rules! open_queue {
                     received_at_ms: r.get(4),
                     accepted: Instant::now(),
                     ws_frame: Default::default(),
+                    wamp_event: Default::default(),
+                    audience: None,
                 })
             })
             .collect();
@@ -619,6 +621,7 @@ macro_rules! open_queue {
                     id: r.get::<i64, _>(0) as u64,
                     at_ms: r.get(1),
                     message: NewMessage {
+                        audience: None,
                         body: Bytes::from(body),
                         content_type: content_type.map(Arc::from),
                         headers: serde_json::from_str(&headers).unwrap_or_default(),
@@ -872,6 +875,8 @@ mod tests {
             received_at_ms: 0,
             accepted: Instant::now(),
             ws_frame: Default::default(),
+            wamp_event: Default::default(),
+            audience: None,
         })
     }
 

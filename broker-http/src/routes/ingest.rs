@@ -104,6 +104,7 @@ async fn publish(
 
 fn single(a: &Admitted) -> Vec<NewMessage> {
     vec![NewMessage {
+        audience: None,
         body: a.body.clone(),
         content_type: a.content_type.clone(),
         headers: Vec::new(),

@@ -6,4 +6,5 @@ pub mod connections;
 pub mod ingest;
 pub mod ops;
 pub mod pg_hooks;
+pub mod pusher;
 pub mod read;

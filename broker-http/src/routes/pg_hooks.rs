@@ -148,6 +148,7 @@ pub async fn create_message(
         .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
         .map(|(_, v)| std::sync::Arc::from(v.as_str()));
     let message = NewMessage {
+        audience: None,
         body: bytes::Bytes::from(m.body.clone().unwrap_or_default()),
         content_type,
         headers,
