@@ -79,7 +79,9 @@ pub fn event_arguments(m: &Message) -> (String, Option<String>) {
             let args_ok = d.args.is_none_or(|a| a.get().starts_with('['));
             let kwargs_ok = d.kwargs.is_none_or(|k| k.get().starts_with('{'));
             if args_ok && kwargs_ok && (d.args.is_some() || d.kwargs.is_some()) {
-                let args = d.args.map_or_else(|| "[]".to_owned(), |a| a.get().to_owned());
+                let args = d
+                    .args
+                    .map_or_else(|| "[]".to_owned(), |a| a.get().to_owned());
                 let kwargs = d.kwargs.map(|k| k.get().to_owned()).filter(|k| k != "{}");
                 return (args, kwargs);
             }
@@ -124,12 +126,18 @@ mod tests {
         let args = raw(r#"["Hello", 1]"#);
         let kwargs = raw(r#"{"a": true}"#);
         let p = publication(Some(&args), Some(&kwargs), None);
-        assert_eq!(&p.body[..], br#"{"args":["Hello", 1],"kwargs":{"a": true}}"#);
+        assert_eq!(
+            &p.body[..],
+            br#"{"args":["Hello", 1],"kwargs":{"a": true}}"#
+        );
         assert!(p.audience.is_none());
         let m = message(std::str::from_utf8(&p.body).unwrap(), true);
         assert_eq!(
             event_arguments(&m),
-            (r#"["Hello", 1]"#.to_owned(), Some(r#"{"a": true}"#.to_owned()))
+            (
+                r#"["Hello", 1]"#.to_owned(),
+                Some(r#"{"a": true}"#.to_owned())
+            )
         );
         let p = publication(None, None, Some(Audience::default()));
         assert_eq!(&p.body[..], br#"{"args":[],"kwargs":{}}"#);
@@ -140,12 +148,19 @@ mod tests {
     fn other_messages_become_one_argument() {
         for (body, json, args) in [
             (r#"{"hello":"world"}"#, true, r#"[{"hello":"world"}]"#),
-            (r#"{"args":"not a list"}"#, true, r#"[{"args":"not a list"}]"#),
+            (
+                r#"{"args":"not a list"}"#,
+                true,
+                r#"[{"args":"not a list"}]"#,
+            ),
             ("42", true, "[42]"),
             ("plain text", false, r#"["plain text"]"#),
             ("{not json", true, r#"["{not json"]"#),
         ] {
-            assert_eq!(event_arguments(&message(body, json)), (args.to_owned(), None));
+            assert_eq!(
+                event_arguments(&message(body, json)),
+                (args.to_owned(), None)
+            );
         }
         let mut m = message("", false);
         m.body = Bytes::from_static(&[0xff, 0x00]);

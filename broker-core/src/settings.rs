@@ -440,9 +440,10 @@ impl Settings {
             jwt_secrets,
             notify_secrets,
         });
-        let pusher = cfg.pusher.as_ref().map(|p| {
-            compile_pusher(p, cfg.server.max_body_size, &mut err)
-        });
+        let pusher = cfg
+            .pusher
+            .as_ref()
+            .map(|p| compile_pusher(p, cfg.server.max_body_size, &mut err));
 
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
@@ -560,8 +561,21 @@ fn check_limits(
 
 /// Routes of the broker that `pusher.path` must not shadow.
 const RESERVED_PATHS: &[&str] = &[
-    "/v1", "/q", "/listen", "/read", "/unlisten", "/setPassword", "/reload", "/time",
-    "/metrics", "/healthz", "/readyz", "/queues", "/messages", "/cron", "/ws",
+    "/v1",
+    "/q",
+    "/listen",
+    "/read",
+    "/unlisten",
+    "/setPassword",
+    "/reload",
+    "/time",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/queues",
+    "/messages",
+    "/cron",
+    "/ws",
 ];
 
 fn compile_pusher(
@@ -606,7 +620,10 @@ fn compile_pusher(
                 Some((k.clone(), s))
             }
             Ok(_) => {
-                err("pusher.key".into(), "key and secret must not be empty".into());
+                err(
+                    "pusher.key".into(),
+                    "key and secret must not be empty".into(),
+                );
                 None
             }
             Err(m) => {

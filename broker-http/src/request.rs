@@ -195,6 +195,17 @@ where
     }
 }
 
+/// Whether the request came over TLS: this server does not terminate TLS itself, so only
+/// a trusted proxy's `X-Forwarded-Proto: https` says so (anyone else's is ignored).
+pub fn is_tls(req: &HttpRequest, settings: &Settings) -> bool {
+    let peer = req.peer_addr().map(|a| a.ip());
+    let trusted = peer.is_some_and(|ip| settings.trusted_proxies.iter().any(|n| n.contains(&ip)));
+    trusted
+        && header_str(req, "x-forwarded-proto")
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,15 +237,4 @@ mod tests {
             .to_http_request();
         assert_eq!(basic_credentials(&req), None);
     }
-}
-
-/// Whether the request came over TLS: this server does not terminate TLS itself, so only
-/// a trusted proxy's `X-Forwarded-Proto: https` says so (anyone else's is ignored).
-pub fn is_tls(req: &HttpRequest, settings: &Settings) -> bool {
-    let peer = req.peer_addr().map(|a| a.ip());
-    let trusted = peer.is_some_and(|ip| settings.trusted_proxies.iter().any(|n| n.contains(&ip)));
-    trusted
-        && header_str(req, "x-forwarded-proto")
-            .and_then(|v| v.split(',').next())
-            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
 }

@@ -8,8 +8,8 @@
 //! (actix-ws) replaces this crate's transport and nothing else.
 
 pub mod protocol;
-pub mod wamp;
 mod session;
+pub mod wamp;
 mod wamp_session;
 
 use std::net::IpAddr;

@@ -479,8 +479,7 @@ impl WsSession {
     }
 
     fn send_message(&self, ctx: &mut ws::WebsocketContext<Self>, sub_id: u64, m: &Message) {
-        if m
-            .audience
+        if m.audience
             .as_ref()
             .is_some_and(|a| !a.admits(self.session_id))
         {

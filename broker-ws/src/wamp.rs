@@ -220,7 +220,11 @@ pub fn parse(text: &str) -> Result<ClientMsg, String> {
                 eligible: o.eligible,
             }
         }
-        other => return Err(format!("message type {other} is not handled by this router")),
+        other => {
+            return Err(format!(
+                "message type {other} is not handled by this router"
+            ))
+        }
     };
     Ok(msg)
 }
@@ -272,7 +276,14 @@ pub fn goodbye(reason: &str) -> ByteString {
 
 /// `[ERROR, REQUEST.Type, REQUEST.Request, Details, Error, [message]]`
 pub fn error(request_type: u64, request: u64, error: &str, message: &str) -> ByteString {
-    frame(json!([code::ERROR, request_type, request, {}, error, [message]]))
+    frame(json!([
+        code::ERROR,
+        request_type,
+        request,
+        {},
+        error,
+        [message]
+    ]))
 }
 
 /// `[PUBLISHED, PUBLISH.Request, Publication]`
@@ -361,7 +372,10 @@ mod tests {
             acknowledge,
             exclude_me,
             ..
-        } = parse(r#"[16,239714735,{"acknowledge":true},"com.myapp.mytopic1",["Hello, world!"],{"a":1}]"#).unwrap()
+        } = parse(
+            r#"[16,239714735,{"acknowledge":true},"com.myapp.mytopic1",["Hello, world!"],{"a":1}]"#,
+        )
+        .unwrap()
         else {
             panic!()
         };
@@ -369,7 +383,10 @@ mod tests {
         assert_eq!(args.unwrap(), r#"["Hello, world!"]"#);
         assert_eq!(kwargs.unwrap(), r#"{"a":1}"#);
         assert!(acknowledge && exclude_me);
-        assert_eq!(parse(r#"[6,{},"wamp.close.close_realm"]"#), Ok(ClientMsg::Goodbye));
+        assert_eq!(
+            parse(r#"[6,{},"wamp.close.close_realm"]"#),
+            Ok(ClientMsg::Goodbye)
+        );
     }
 
     #[test]

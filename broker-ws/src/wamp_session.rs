@@ -59,7 +59,12 @@ impl WsSession {
     }
 
     /// ABORT (before WELCOME) and close.
-    pub(crate) fn wamp_abort(&mut self, ctx: &mut ws::WebsocketContext<Self>, reason: &str, msg: &str) {
+    pub(crate) fn wamp_abort(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reason: &str,
+        msg: &str,
+    ) {
         self.wamp_state().phase = Phase::Closing;
         self.send(ctx, wamp::abort(reason, msg));
     }
@@ -93,7 +98,12 @@ impl WsSession {
         self.send(ctx, wamp::welcome(self.session_id, &realm, &user, method));
     }
 
-    fn join(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity, method: &'static str) {
+    fn join(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        identity: Identity,
+        method: &'static str,
+    ) {
         let state = self.wamp_state();
         state.phase = Phase::Joining;
         state.authmethod = method;
@@ -112,9 +122,14 @@ impl WsSession {
         };
         let phase = self.wamp_state().phase.clone();
         match (phase, msg) {
-            (Phase::New, ClientMsg::Hello { realm, authmethods, authid }) => {
-                self.hello(ctx, realm, authmethods, authid)
-            }
+            (
+                Phase::New,
+                ClientMsg::Hello {
+                    realm,
+                    authmethods,
+                    authid,
+                },
+            ) => self.hello(ctx, realm, authmethods, authid),
             (Phase::Challenged(authid), ClientMsg::Authenticate { ticket }) => {
                 self.wamp_state().phase = Phase::Joining;
                 let broker = self.broker.clone();
@@ -139,10 +154,21 @@ impl WsSession {
                 self.send(ctx, wamp::goodbye(uri::GOODBYE_AND_OUT));
                 self.close(ctx, 1000, "client_closed");
             }
-            (Phase::Established, ClientMsg::Subscribe { request, topic, prefix }) => {
-                self.wamp_subscribe(ctx, request, topic, prefix)
-            }
-            (Phase::Established, ClientMsg::Unsubscribe { request, subscription }) => {
+            (
+                Phase::Established,
+                ClientMsg::Subscribe {
+                    request,
+                    topic,
+                    prefix,
+                },
+            ) => self.wamp_subscribe(ctx, request, topic, prefix),
+            (
+                Phase::Established,
+                ClientMsg::Unsubscribe {
+                    request,
+                    subscription,
+                },
+            ) => {
                 if self.drop_sub(subscription).is_some() {
                     self.send(ctx, wamp::unsubscribed(request));
                 } else {
@@ -221,7 +247,10 @@ impl WsSession {
         topic: String,
         prefix: bool,
     ) {
-        let identity = self.identity.clone().expect("established sessions have one");
+        let identity = self
+            .identity
+            .clone()
+            .expect("established sessions have one");
         let refuse = |act: &mut Self, ctx: &mut ws::WebsocketContext<Self>, e: &str, m: &str| {
             act.send(ctx, wamp::error(code::SUBSCRIBE, request, e, m));
         };
@@ -281,11 +310,17 @@ impl WsSession {
             }
             Err(broker_core::Error::UnknownQueue { .. }) => {
                 let m = format!("`{topic}` is not a queue of this broker");
-                act.send(ctx, wamp::error(code::SUBSCRIBE, request, uri::INVALID_URI, &m));
+                act.send(
+                    ctx,
+                    wamp::error(code::SUBSCRIBE, request, uri::INVALID_URI, &m),
+                );
             }
             Err(e) => {
                 let m = e.to_string();
-                act.send(ctx, wamp::error(code::SUBSCRIBE, request, uri::PUBLISH_FAILED, &m));
+                act.send(
+                    ctx,
+                    wamp::error(code::SUBSCRIBE, request, uri::PUBLISH_FAILED, &m),
+                );
             }
         }));
     }
@@ -301,12 +336,16 @@ impl WsSession {
         acknowledge: bool,
         audience: Audience,
     ) {
-        let identity = self.identity.clone().expect("established sessions have one");
-        let refuse = move |act: &mut Self, ctx: &mut ws::WebsocketContext<Self>, e: &str, m: &str| {
-            if acknowledge {
-                act.send(ctx, wamp::error(code::PUBLISH, request, e, m));
-            }
-        };
+        let identity = self
+            .identity
+            .clone()
+            .expect("established sessions have one");
+        let refuse =
+            move |act: &mut Self, ctx: &mut ws::WebsocketContext<Self>, e: &str, m: &str| {
+                if acknowledge {
+                    act.send(ctx, wamp::error(code::PUBLISH, request, e, m));
+                }
+            };
         if !grants(&identity.publish, &topic) {
             let m = format!("not allowed to publish to `{topic}`");
             return refuse(self, ctx, uri::NOT_AUTHORIZED, &m);
@@ -317,13 +356,22 @@ impl WsSession {
             return refuse(self, ctx, uri::INVALID_URI, &m);
         };
         if !spec.allow_ips.is_empty() && !spec.allow_ips.iter().any(|n| n.contains(&self.remote)) {
-            return refuse(self, ctx, uri::NOT_AUTHORIZED, "this address may not publish there");
+            return refuse(
+                self,
+                ctx,
+                uri::NOT_AUTHORIZED,
+                "this address may not publish there",
+            );
         }
         let raw = |s: &Option<String>| {
             s.as_deref()
                 .and_then(|t| serde_json::from_str::<Box<RawValue>>(t).ok())
         };
-        let msg = publication(raw(&args).as_deref(), raw(&kwargs).as_deref(), Some(audience));
+        let msg = publication(
+            raw(&args).as_deref(),
+            raw(&kwargs).as_deref(),
+            Some(audience),
+        );
         let broker = self.broker.clone();
         let fut = async move {
             let out = broker.publish(&topic, &spec, vec![msg], None).await?;

@@ -264,7 +264,10 @@ mod tests {
             nonce: None,
             ..params(SIG_URLSAFE)
         };
-        assert_eq!(check(&p, BODY, &cache), Err(SignatureError::Missing("nonce")));
+        assert_eq!(
+            check(&p, BODY, &cache),
+            Err(SignatureError::Missing("nonce"))
+        );
         let p = SignedParams {
             seq: Some("x"),
             ..params(SIG_URLSAFE)
@@ -307,7 +310,11 @@ mod tests {
         ] {
             assert_eq!(parse_timestamp(s), Some(base + ms), "{s}");
         }
-        for bad in ["2011-10-14T16:59:51.123", "2011-10-14T16:59:51.123+01:00", "x"] {
+        for bad in [
+            "2011-10-14T16:59:51.123",
+            "2011-10-14T16:59:51.123+01:00",
+            "x",
+        ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
     }

@@ -194,3 +194,36 @@ fn storage_urls() {
         key_errors(compile("b.toml", "[storage]\nurl = \"redis://x\"\n", no_env()).unwrap_err());
     assert!(errs[0].starts_with("storage.url"), "{errs:?}");
 }
+
+#[test]
+fn pusher_section_is_validated() {
+    let s = compile(
+        "b.toml",
+        "[pusher]\nkey = \"k\"\nsecret = \"s\"\n",
+        no_env(),
+    )
+    .unwrap();
+    let p = s.pusher.as_ref().unwrap();
+    assert_eq!((p.config.path.as_str(), s.realm()), ("/push", "realm1"));
+    assert_eq!(p.signing.as_ref().unwrap().0, "k");
+    assert_eq!(format!("{:?}", p.signing), "Some((\"k\", ***))");
+    for (toml, key) in [
+        ("[pusher]\nkey = \"k\"\n", "pusher.secret"),
+        ("[pusher]\nsecret = \"s\"\n", "pusher.key"),
+        (
+            "[pusher]\nkey = \"k\"\nsecret = \"s\"\ntimestamp_delta_limit = 0\n",
+            "pusher.timestamp_delta_limit",
+        ),
+        ("[pusher]\npath = \"/v1/push\"\n", "pusher.path"),
+        ("[pusher]\npath = \"push\"\n", "pusher.path"),
+        (
+            "[pusher]\nrequire_ip = [\"nope\"]\n",
+            "pusher.require_ip[0]",
+        ),
+    ] {
+        let errs = key_errors(compile("b.toml", toml, no_env()).unwrap_err());
+        assert!(errs.iter().any(|e| e.starts_with(key)), "{toml}: {errs:?}");
+    }
+    let s = compile("b.toml", "", no_env()).unwrap();
+    assert!(s.pusher.is_none());
+}

@@ -9,7 +9,6 @@
 //! queue with its own ingest authentication accepts pusher requests only when they are
 //! signed.
 
-
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use broker_core::auth::crossbar::{self, SignedParams};
@@ -70,11 +69,7 @@ fn crossbar_headers(req: &HttpRequest, status: StatusCode) -> HttpResponseBuilde
     res
 }
 
-async fn push(
-    req: HttpRequest,
-    payload: web::Payload,
-    broker: web::Data<Broker>,
-) -> HttpResponse {
+async fn push(req: HttpRequest, payload: web::Payload, broker: web::Data<Broker>) -> HttpResponse {
     let pusher = broker.settings().pusher.clone();
     let debug = pusher.as_ref().is_some_and(|p| p.config.debug);
     let outcome = match pusher {

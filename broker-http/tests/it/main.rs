@@ -3,6 +3,7 @@
 mod delayed;
 mod ingest;
 mod ops;
+mod pusher;
 mod read;
 mod support;
 mod webhooks;
