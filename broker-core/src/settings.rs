@@ -39,6 +39,11 @@ pub struct QueueSpec {
 }
 
 impl QueueSpec {
+    /// Whether `ip` may publish here (`allow_ips` empty: anyone).
+    pub fn allows_ip(&self, ip: &std::net::IpAddr) -> bool {
+        self.allow_ips.is_empty() || self.allow_ips.iter().any(|n| n.contains(ip))
+    }
+
     /// The `queue` label of metrics: the configured name, so that pattern queues share
     /// their pattern and label cardinality stays bounded by the config.
     pub fn label(&self) -> &str {

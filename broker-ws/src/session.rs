@@ -426,7 +426,7 @@ impl WsSession {
                 &format!("unknown queue `{queue}`"),
             );
         };
-        if !spec.allow_ips.is_empty() && !spec.allow_ips.iter().any(|n| n.contains(&self.remote)) {
+        if !spec.allows_ip(&self.remote) {
             return self.error(
                 ctx,
                 id_ref,

@@ -355,7 +355,7 @@ impl WsSession {
             let m = format!("`{topic}` is not a queue of this broker");
             return refuse(self, ctx, uri::INVALID_URI, &m);
         };
-        if !spec.allow_ips.is_empty() && !spec.allow_ips.iter().any(|n| n.contains(&self.remote)) {
+        if !spec.allows_ip(&self.remote) {
             return refuse(
                 self,
                 ctx,

@@ -238,7 +238,7 @@ async fn handle(
             "Request denied based on failed authentication. (the queue requires authentication: configure pusher.key and pusher.secret)",
         ));
     }
-    if !spec.allow_ips.is_empty() && !spec.allow_ips.iter().any(|n| n.contains(&ip)) {
+    if !spec.allows_ip(&ip) {
         return Err(PusherError::new(400, "Request denied based on IP address."));
     }
     let options = event.options.unwrap_or_default();
