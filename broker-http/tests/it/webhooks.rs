@@ -229,12 +229,11 @@ name = "q2"
     assert_eq!(m["headers"]["x-broker-attempts"], "3");
     assert_eq!(m["headers"]["x-broker-last-status"], "502");
     assert_eq!(m["headers"]["x-broker-target"], sink.url);
-    let metrics = b.metrics().await;
-    assert_eq!(
-        metric(&metrics, r#"broker_dead_lettered_total{queue="q"}"#),
-        Some(1.0)
-    );
-    assert_eq!(metric(&metrics, "broker_leader"), Some(1.0));
+    // The counter moves once the dead-letter queue acknowledged the append, which a
+    // reader of that queue can observe first: await it rather than read it once.
+    b.wait_for_metric(r#"broker_dead_lettered_total{queue="q"}"#, 1.0)
+        .await;
+    assert_eq!(metric(&b.metrics().await, "broker_leader"), Some(1.0));
 }
 
 const ADMIN: &str = "admin-token-0123456789";
