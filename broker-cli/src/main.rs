@@ -57,6 +57,8 @@ enum Command {
         #[arg(long)]
         stdin: bool,
     },
+    /// Exit 0 if a running broker answers /healthz (or /readyz with --ready), else 1.
+    Healthcheck(cmd::healthcheck::Args),
     /// Benchmarks that measure against a baseline taken in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -95,6 +97,7 @@ fn main() -> std::process::ExitCode {
         Command::Subscribe(args) => cmd::ws::subscribe(args),
         Command::Token(args) => cmd::ws::mint_token(args),
         Command::Notify(args) => cmd::ws::notify(args),
+        Command::Healthcheck(args) => cmd::healthcheck::run(args),
         Command::HashPassword { stdin } => cmd::hash_password(stdin),
         Command::Bench(BenchCommand::Latency(args)) => cmd::bench::latency(args),
         Command::Bench(BenchCommand::Publish(args)) => cmd::bench::publish(args),

@@ -272,6 +272,18 @@ impl Broker {
             })
     }
 
+    /// Subscribes to the queue `name` (created if a pattern allows): its address and the
+    /// queue's reply (epoch, head, replay).
+    pub async fn subscribe(
+        &self,
+        name: &str,
+        subscribe: crate::actors::Subscribe,
+    ) -> Result<(Addr<crate::actors::Queue>, crate::actors::Subscribed), Error> {
+        let handle = self.queue(name).await?;
+        let reply = handle.addr.send(subscribe).await?;
+        Ok((handle.addr, reply))
+    }
+
     /// Checks a login. Argon2 runs on the blocking pool; successes are cached briefly.
     pub async fn authenticate(&self, user: &str, password: &str) -> Result<Arc<UserSpec>, Error> {
         let spec = self
@@ -437,9 +449,19 @@ impl Broker {
         Ok((n, last))
     }
 
-    /// Whether the store's last write succeeded.
-    pub fn store_healthy(&self) -> bool {
-        self.store.healthy()
+    /// Why this node should not get traffic now (`shutting_down`, `store_unavailable`),
+    /// or `None` when it is ready. Each call is an observation for `broker_ready` and
+    /// `broker_readiness_changes_total`, so probes and scrapes see the same readiness.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        let reason = if *self.shutdown.borrow() {
+            Some("shutting_down")
+        } else if !self.store.healthy() {
+            Some("store_unavailable")
+        } else {
+            None
+        };
+        self.metrics.observe_ready(reason.is_none());
+        reason
     }
 
     /// Starts shutting down: long-polls return at once.

@@ -73,6 +73,12 @@ pub struct Metrics {
     pub store_batch: prometheus::Histogram,
     /// `broker_store_errors_total`: failed store transactions.
     pub store_errors: prometheus::IntCounter,
+    /// `broker_ready`: 1 while `/readyz` answers 200 (as of the last probe or scrape).
+    pub ready: prometheus::IntGauge,
+    /// `broker_readiness_changes_total`: times readiness turned, as probes and scrapes saw it.
+    pub readiness_changes: prometheus::IntCounter,
+    /// Readiness last reported (the gauge alone cannot be swapped atomically).
+    ready_state: std::sync::atomic::AtomicI64,
 }
 
 /// Label used for requests to queues that do not exist (keeps cardinality bounded).
@@ -297,6 +303,23 @@ impl Metrics {
         registry
             .register(Box::new(store_errors.clone()))
             .expect("unique metric");
+        let ready = prometheus::IntGauge::new(
+            "broker_ready",
+            "1 while /readyz answers 200 (as of the last probe or scrape).",
+        )
+        .expect("valid metric");
+        ready.set(1);
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("unique metric");
+        let readiness_changes = prometheus::IntCounter::new(
+            "broker_readiness_changes_total",
+            "Times readiness turned (ready to not ready or back), as probes and scrapes saw it.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(readiness_changes.clone()))
+            .expect("unique metric");
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
@@ -357,7 +380,24 @@ impl Metrics {
             store_commit,
             store_batch,
             store_errors,
+            ready,
+            readiness_changes,
+            ready_state: std::sync::atomic::AtomicI64::new(1),
         }
+    }
+
+    /// Records what readiness was just reported; counts a change.
+    pub fn observe_ready(&self, ready: bool) {
+        let now = i64::from(ready);
+        // Probes and scrapes can race; only one of them counts a given turn.
+        if self
+            .ready_state
+            .swap(now, std::sync::atomic::Ordering::AcqRel)
+            != now
+        {
+            self.readiness_changes.inc();
+        }
+        self.ready.set(now);
     }
 
     /// Counts an ingest rejection.
@@ -380,5 +420,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn readiness_turns_are_counted_once_each() {
+        let m = Metrics::new();
+        assert_eq!((m.ready.get(), m.readiness_changes.get()), (1, 0));
+        m.observe_ready(true);
+        assert_eq!((m.ready.get(), m.readiness_changes.get()), (1, 0));
+        m.observe_ready(false);
+        m.observe_ready(false);
+        assert_eq!((m.ready.get(), m.readiness_changes.get()), (0, 1));
+        m.observe_ready(true);
+        assert_eq!((m.ready.get(), m.readiness_changes.get()), (1, 2));
+        let text = m.render();
+        assert!(text.contains("broker_ready 1"), "{text}");
+        assert!(text.contains("broker_readiness_changes_total 2"), "{text}");
     }
 }

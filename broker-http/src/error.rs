@@ -45,6 +45,9 @@ pub enum ApiError {
     /// Route exists, method does not.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// This process is a standby: another broker holds the database's active lock.
+    #[error("this broker is a standby: another broker serves this database; retry")]
+    Standby,
 }
 
 impl ApiError {
@@ -111,6 +114,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large", false),
             ApiError::NotFound => (S::NOT_FOUND, "not_found", false),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", false),
+            ApiError::Standby => (S::SERVICE_UNAVAILABLE, "standby", false),
         }
     }
 }
@@ -132,6 +136,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(status);
         if matches!(self, ApiError::MissingLogin(_)) {
             res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="broker""#));
+        }
+        if matches!(self, ApiError::Standby) {
+            res.insert_header((header::RETRY_AFTER, "1"));
         }
         res.json(ErrorBody {
             code: code.to_owned(),

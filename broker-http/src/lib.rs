@@ -16,13 +16,19 @@
 //!   configured, and WAMP v2 (`wamp.2.json`) on `GET /v1/ws` and `GET /ws`;
 //! - operations: `GET /metrics`, `GET /healthz`, `GET /readyz`.
 //!
+//! A standby (another broker holds the database's active lock) serves
+//! [`standby_server`] instead: health, metrics, and 503 `standby` for the rest.
+//!
 //! Every error, including those of extractors and unknown routes, is the JSON of
 //! [`error::ApiError`], mapped in one place.
 
 pub mod error;
 mod request;
 mod routes;
+mod standby;
 pub mod wire;
+
+pub use standby::standby_server;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -351,16 +351,12 @@ impl WsSession {
         let broker = self.broker.clone();
         let name = queue.clone();
         let fut = async move {
-            let handle = broker.queue(&name).await?;
-            let reply = handle
-                .addr
-                .send(Subscribe {
-                    subscriber,
-                    since,
-                    epoch,
-                })
-                .await?;
-            Ok::<_, Error>((handle.addr, reply))
+            let sub = Subscribe {
+                subscriber,
+                since,
+                epoch,
+            };
+            broker.subscribe(&name, sub).await
         };
         // `wait`: no delivery is handled before the replay is written, so the seam
         // between replay and live messages has no gap and no duplicate.

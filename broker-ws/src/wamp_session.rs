@@ -284,16 +284,13 @@ impl WsSession {
         let broker = self.broker.clone();
         let name = topic.clone();
         let fut = async move {
-            let handle = broker.queue(&name).await?;
-            let reply = handle
-                .addr
-                .send(Subscribe {
-                    subscriber,
-                    since: None,
-                    epoch: None,
-                })
-                .await?;
-            Ok::<_, broker_core::Error>((handle.addr, reply.head))
+            let sub = Subscribe {
+                subscriber,
+                since: None,
+                epoch: None,
+            };
+            let (queue, reply) = broker.subscribe(&name, sub).await?;
+            Ok::<_, broker_core::Error>((queue, reply.head))
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((queue, head)) => {
@@ -406,15 +403,12 @@ impl WsSession {
         let queue: Arc<str> = msg.queue.clone();
         ctx.spawn(
             async move {
-                let handle = broker.queue(&queue).await?;
-                handle
-                    .addr
-                    .send(Subscribe {
-                        subscriber,
-                        since: None,
-                        epoch: None,
-                    })
-                    .await?;
+                let sub = Subscribe {
+                    subscriber,
+                    since: None,
+                    epoch: None,
+                };
+                broker.subscribe(&queue, sub).await?;
                 Ok::<_, broker_core::Error>(())
             }
             .into_actor(self)

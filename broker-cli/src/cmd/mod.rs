@@ -1,6 +1,8 @@
 //! The subcommands.
 
 pub mod bench;
+pub mod healthcheck;
+pub mod kube;
 pub mod publish;
 pub mod serve;
 pub mod ws;

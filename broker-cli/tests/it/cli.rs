@@ -211,6 +211,21 @@ async fn default_config_serves_the_demo_queue_durably() {
     let _ = child.wait();
 }
 
+#[test]
+fn healthcheck_reports_a_live_and_ready_broker_and_fails_on_a_dead_one() {
+    let (_dir, path) = write_config("broker.toml", "[[queues]]\nname = \"q\"\n");
+    let b = spawn_broker(&path);
+    let (code, out, _) = run(&["healthcheck", "--url", &b.url], None);
+    assert_eq!((code, out.trim()), (0, r#"{"status":"ok"}"#));
+    let (code, out, _) = run(&["healthcheck", "--ready", "--url", &b.url], None);
+    assert_eq!((code, out.trim()), (0, r#"{"status":"ready"}"#));
+    let url = b.url.clone();
+    drop(b);
+    let (code, _, err) = run(&["healthcheck", "--url", &url, "--timeout", "2s"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/healthz"), "{err}");
+}
+
 #[actix_web::test]
 async fn sigterm_releases_long_polls_and_exits_zero() {
     let toml = "[[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"q\"]\n[[queues]]\nname = \"q\"\n";

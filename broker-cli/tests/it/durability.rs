@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{json, spawn_broker, write_config};
+use crate::support::{
+    bodies, fresh_postgres, json, metric, psql, spawn_broker, spawn_http, write_config,
+};
 
 fn config(url: &str, queue: &str) -> String {
     format!(
@@ -129,12 +131,8 @@ async fn sqlite_loses_nothing_acknowledged_on_kill_9() {
 
 #[actix_web::test]
 async fn postgres_loses_nothing_acknowledged_on_kill_9() {
-    match std::env::var("BROKER_TEST_POSTGRES_URL") {
-        Ok(url) => crash_and_recover(&url).await,
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("BROKER_TEST_POSTGRES_URL must be set in CI")
-        }
-        Err(_) => eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped"),
+    if let Some(db) = fresh_postgres() {
+        crash_and_recover(&db.url).await;
     }
 }
 
@@ -297,29 +295,18 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
     let (tx, mut rx) = tokio::sync::watch::channel(0usize);
     let tx = Arc::new(tx);
     let rec = hits.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let sink = format!("http://{}/hook", listener.local_addr().unwrap());
-    let server = actix_web::HttpServer::new(move || {
+    let sink = spawn_http(move |_, _| {
         let (rec, tx) = (rec.clone(), tx.clone());
-        actix_web::App::new().default_service(actix_web::web::to(move || {
-            let (rec, tx) = (rec.clone(), tx.clone());
-            async move {
-                let n = {
-                    let mut h = rec.lock().unwrap();
-                    h.push(Instant::now());
-                    h.len()
-                };
-                tx.send_replace(n);
-                actix_web::HttpResponse::InternalServerError().finish()
-            }
-        }))
-    })
-    .workers(1)
-    .listen(listener)
-    .unwrap()
-    .disable_signals()
-    .run();
-    actix_web::rt::spawn(server);
+        async move {
+            let n = {
+                let mut h = rec.lock().unwrap();
+                h.push(Instant::now());
+                h.len()
+            };
+            tx.send_replace(n);
+            actix_web::HttpResponse::InternalServerError().finish()
+        }
+    }) + "/hook";
 
     const ADMIN: &str = "retry-admin-token-0123";
     let dir = tempfile::tempdir().unwrap();
@@ -392,14 +379,8 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
 
 #[actix_web::test]
 async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart() {
-    let Ok(url) = std::env::var("BROKER_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "BROKER_TEST_POSTGRES_URL must be set in CI"
-        );
-        eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped");
-        return;
-    };
+    let Some(db) = fresh_postgres() else { return };
+    let url = db.url.clone();
     let queue = format!("fail.{}", broker_core::message::random_id());
     let (_d, path) = write_config("broker.toml", &config(&url, &queue));
     let b = spawn_broker(&path);
@@ -410,18 +391,8 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
     };
     assert_eq!(publish("before").await.unwrap().status(), 200);
 
-    // Break writes for this queue only (other tests share the database).
-    let psql = |sql: String| {
-        let out = std::process::Command::new("psql")
-            .args([url.as_str(), "-qc", sql.as_str()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    // Break writes for this queue only.
+    let psql = |sql: String| psql(&url, &sql);
     let constraint = format!("block_{}", queue.replace('.', "_"));
     psql(format!(
         "ALTER TABLE messages ADD CONSTRAINT {constraint} CHECK (queue <> '{queue}') NOT VALID"
@@ -434,6 +405,11 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
     );
     let (s, v) = json(b.get("/readyz").send().await.unwrap()).await;
     assert_eq!((s, v["status"].as_str()), (503, Some("store_unavailable")));
+    // What the probe saw is what Prometheus sees (the readiness-flapping alert's input).
+    let m = b.metrics().await;
+    assert_eq!(metric(&m, "broker_ready"), Some(0.0));
+    assert_eq!(metric(&m, "broker_readiness_changes_total"), Some(1.0));
+    assert!(metric(&m, "broker_store_errors_total").unwrap() >= 1.0);
 
     psql(format!("ALTER TABLE messages DROP CONSTRAINT {constraint}"));
     assert_eq!(
@@ -442,20 +418,10 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
         "recovers without a restart"
     );
     assert_eq!(b.get("/readyz").send().await.unwrap().status(), 200);
-    let (_, v) = json(
-        b.get(&format!("/v1/queues/{queue}/messages?since=0"))
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    let bodies: Vec<&str> = v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
+    let m = b.metrics().await;
+    assert_eq!(metric(&m, "broker_ready"), Some(1.0));
+    assert_eq!(metric(&m, "broker_readiness_changes_total"), Some(2.0));
+    let bodies = bodies(&b, &queue, "u", "password1").await;
     assert_eq!(
         bodies,
         ["before", "after"],

@@ -4,6 +4,7 @@
 mod cli;
 mod crossbar;
 mod durability;
+mod ha;
 mod pg_hooks;
 mod support;
 mod webhook_queue;

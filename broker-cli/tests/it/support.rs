@@ -17,6 +17,8 @@ pub struct BrokerProcess {
     pub child: Child,
     pub url: String,
     pub http: reqwest::Client,
+    /// Its stdout lines after the first.
+    pub lines: Lines,
 }
 
 impl Drop for BrokerProcess {
@@ -34,6 +36,13 @@ pub fn spawn_broker(config: &Path) -> BrokerProcess {
 
 /// [`spawn_broker`] with extra environment variables.
 pub fn spawn_broker_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
+    let (child, mut lines) = spawn_serve(config, env);
+    let url = next_line(&mut lines, "listening on ");
+    BrokerProcess::new(child, url, lines)
+}
+
+/// Starts `broker serve` and returns it with its stdout lines.
+pub fn spawn_serve(config: &Path, env: &[(&str, &str)]) -> (Child, Lines) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut child = Command::new(broker_bin())
         .args(["serve", "--config"])
@@ -48,24 +57,101 @@ pub fn spawn_broker_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
         .spawn()
         .expect("spawn broker");
     let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
-    BrokerProcess {
-        child,
-        url,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap(),
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// A child's stdout, line by line.
+pub type Lines = std::sync::mpsc::Receiver<String>;
+
+/// The next stdout line, which must start with `prefix`; the rest of it (bounded: 60 s).
+pub fn next_line(lines: &mut Lines, prefix: &str) -> String {
+    let line = lines
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("no line {prefix:?} from the broker: {e}"));
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+        .to_owned()
+}
+
+/// A fresh PostgreSQL database for one test (each broker deployment needs a database of
+/// its own: the active lock is per database), dropped with the guard. `None` (skip)
+/// without `BROKER_TEST_POSTGRES_URL`; a failure when `CI` is set.
+pub fn fresh_postgres() -> Option<PgDatabase> {
+    let Ok(base) = std::env::var("BROKER_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BROKER_TEST_POSTGRES_URL must be set in CI"
+        );
+        eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped");
+        return None;
+    };
+    let name = format!("broker_it_{}", broker_core::message::random_id());
+    psql(&base, &format!("CREATE DATABASE {name}"));
+    let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
+    Some(PgDatabase {
+        url: format!("{prefix}/{name}"),
+        base,
+        name,
+    })
+}
+
+/// Runs one SQL statement with `psql`; panics with its error.
+pub fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([url, "-qc", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A database made by [`fresh_postgres`].
+pub struct PgDatabase {
+    /// Its URL.
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                self.base.as_str(),
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
     }
 }
 
 impl BrokerProcess {
+    /// Wraps a child serving at `url`.
+    pub fn new(child: Child, url: String, lines: Lines) -> Self {
+        BrokerProcess {
+            child,
+            url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            lines,
+        }
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.http.get(format!("{}{path}", self.url))
     }
@@ -104,6 +190,46 @@ impl BrokerProcess {
         }
         panic!("{sample} never reached {value}");
     }
+}
+
+/// An HTTP endpoint on a free loopback port answering every request with `handler`
+/// (webhook sinks, stand-ins for other services); its base URL.
+pub fn spawn_http<F, Fut>(handler: F) -> String
+where
+    F: Fn(actix_web::HttpRequest, actix_web::web::Bytes) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = actix_web::HttpResponse> + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new().default_service(actix_web::web::to(handler.clone()))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .disable_signals()
+    .run();
+    actix_web::rt::spawn(server);
+    url
+}
+
+/// The text bodies of a queue's retained messages, read with `GET …/messages?since=0`.
+pub async fn bodies(b: &BrokerProcess, queue: &str, user: &str, password: &str) -> Vec<String> {
+    let (s, v) = json(
+        b.get(&format!("/v1/queues/{queue}/messages?since=0"))
+            .basic_auth(user, Some(password))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// Status and body text.

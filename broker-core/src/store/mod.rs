@@ -8,6 +8,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod lock;
 mod memory;
 mod sql;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+pub use lock::{ActiveLock, ACTIVE_LOCK_KEY};
 pub use memory::MemoryStore;
 pub use sql::SqlStore;
 
@@ -183,9 +185,12 @@ pub fn without_password(url: &str) -> std::borrow::Cow<'_, str> {
 
 /// Whether `url` names a SQL backend.
 pub fn is_sql_url(url: &str) -> bool {
-    url.starts_with("sqlite://")
-        || url.starts_with("postgres://")
-        || url.starts_with("postgresql://")
+    url.starts_with("sqlite://") || is_postgres_url(url)
+}
+
+/// Whether `url` names PostgreSQL (where several brokers may share one database).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 #[cfg(test)]

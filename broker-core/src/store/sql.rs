@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -130,6 +130,26 @@ fn store_err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())
 }
 
+/// Session settings of every PostgreSQL connection the broker opens. When a broker's
+/// node vanishes, the database must end its sessions soon — the lock's (so a standby
+/// can take over) and the writer's (whose row locks would otherwise block the new
+/// active broker for as long as the kernel's default keepalive, hours): server-side TCP
+/// keepalives end a silent session after about 5 + 2 × 3 = 11 s, and a session idle
+/// inside a transaction (the writer's take milliseconds) is ended after a minute.
+const PG_SESSION: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "2"),
+    ("tcp_keepalives_count", "3"),
+    ("idle_in_transaction_session_timeout", "60000"),
+];
+
+/// Connect options for a `postgres://` URL, with [`PG_SESSION`].
+pub(super) fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(store_err)?
+        .options(PG_SESSION))
+}
+
 impl SqlStore {
     /// Connects (creating the SQLite file and its directory if needed), migrates, and
     /// starts the writer.
@@ -161,7 +181,7 @@ impl SqlStore {
                 PgPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(10))
-                    .connect(url)
+                    .connect_with(pg_options(url)?)
                     .await
                     .map_err(store_err)?,
             )

@@ -6,6 +6,8 @@ use broker_core::Broker;
 
 /// `GET /metrics` in the Prometheus text format.
 pub async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
+    // Refreshes broker_ready, so a scrape shows what /readyz would answer now.
+    broker.unready_reason();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(broker.metrics().render())
@@ -19,12 +21,10 @@ pub async fn healthz() -> HttpResponse {
 /// `GET /readyz`: 503 once shutdown has begun, or while the store's last write failed,
 /// so load balancers route around this instance.
 pub async fn readyz(broker: web::Data<Broker>) -> HttpResponse {
-    if *broker.shutdown_signal().borrow() {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "shutting_down" }))
-    } else if !broker.store_healthy() {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({ "status": "store_unavailable" }))
-    } else {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    match broker.unready_reason() {
+        Some(reason) => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": reason }))
+        }
+        None => HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })),
     }
 }
