@@ -5,6 +5,7 @@ mod cli;
 mod crossbar;
 mod durability;
 mod ha;
+mod observability;
 mod pg_hooks;
 mod support;
 mod webhook_queue;
