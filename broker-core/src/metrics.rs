@@ -2,7 +2,8 @@
 //! Queue labels are configured names or patterns, so cardinality is bounded by the config.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metrics, registered in one registry.
@@ -84,23 +85,28 @@ pub struct Metrics {
 /// Label used for requests to queues that do not exist (keeps cardinality bounded).
 pub const UNKNOWN_QUEUE_LABEL: &str = "_unknown";
 
+/// A new metric, registered with `registry` (either step fails only on a programming
+/// error: a bad name or a name used twice).
+fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Metrics {
     /// Creates and registers every metric, plus the process collector (`process_*`).
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let published = counter(
             "broker_published_total",
@@ -152,20 +158,17 @@ impl Metrics {
             "HTTP requests, by route and status.",
             &["route", "method", "status"],
         );
-        let poll_waiting = prometheus::IntGauge::new(
-            "broker_poll_waiting",
-            "Long-polls parked waiting for a message.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(poll_waiting.clone()))
-            .expect("unique metric");
-        let ws_connections =
-            prometheus::IntGauge::new("broker_ws_connections", "Open WebSocket connections.")
-                .expect("valid metric");
-        registry
-            .register(Box::new(ws_connections.clone()))
-            .expect("unique metric");
+        let poll_waiting = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_poll_waiting",
+                "Long-polls parked waiting for a message.",
+            ),
+        );
+        let ws_connections = registered(
+            &registry,
+            prometheus::IntGauge::new("broker_ws_connections", "Open WebSocket connections."),
+        );
         let ws_frames = counter(
             "broker_ws_frames_total",
             "WebSocket frames, by direction.",
@@ -176,65 +179,60 @@ impl Metrics {
             "WebSocket disconnects, by reason.",
             &["reason"],
         );
-        let ws_slow_consumers = prometheus::IntCounter::new(
-            "broker_ws_slow_consumers_total",
-            "Subscriptions dropped because the subscriber fell behind.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ws_slow_consumers.clone()))
-            .expect("unique metric");
-        let ws_delivery_latency = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "broker_ws_delivery_latency_seconds",
-                "From accepting a message to writing it to a WebSocket.",
-            )
-            .buckets(vec![
-                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                0.5, 1.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ws_delivery_latency.clone()))
-            .expect("unique metric");
+        let ws_slow_consumers = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "broker_ws_slow_consumers_total",
+                "Subscriptions dropped because the subscriber fell behind.",
+            ),
+        );
+        let ws_delivery_latency = registered(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "broker_ws_delivery_latency_seconds",
+                    "From accepting a message to writing it to a WebSocket.",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.5, 1.0,
+                ]),
+            ),
+        );
         let notifications = counter(
             "broker_notifications_total",
             "Notifications delivered to connections.",
             &["target"],
         );
-        let leader = prometheus::IntGauge::new("broker_leader", "1 while this node is the leader.")
-            .expect("valid metric");
-        registry
-            .register(Box::new(leader.clone()))
-            .expect("unique metric");
-        let leader_changes = prometheus::IntCounter::new(
-            "broker_leader_changes_total",
-            "Leadership changes of this node.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(leader_changes.clone()))
-            .expect("unique metric");
+        let leader = registered(
+            &registry,
+            prometheus::IntGauge::new("broker_leader", "1 while this node is the leader."),
+        );
+        let leader_changes = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "broker_leader_changes_total",
+                "Leadership changes of this node.",
+            ),
+        );
         let webhook_deliveries = counter(
             "broker_webhook_deliveries_total",
             "Webhook delivery attempts, by outcome.",
             &["queue", "outcome"],
         );
-        let webhook_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "broker_webhook_delivery_duration_seconds",
-                "Duration of one webhook delivery attempt.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &["queue"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(webhook_duration.clone()))
-            .expect("unique metric");
+        let webhook_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "broker_webhook_delivery_duration_seconds",
+                    "Duration of one webhook delivery attempt.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["queue"],
+            ),
+        );
         let webhook_in_flight = gauge(
             "broker_webhook_in_flight",
             "Messages being delivered to webhooks, retries included.",
@@ -260,86 +258,75 @@ impl Metrics {
             "Cron runs, by outcome.",
             &["cron", "outcome"],
         );
-        let cron_next_run = prometheus::GaugeVec::new(
-            Opts::new(
-                "broker_cron_next_run_timestamp_seconds",
-                "Unix time of each cron's next run.",
+        let cron_next_run = registered(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "broker_cron_next_run_timestamp_seconds",
+                    "Unix time of each cron's next run.",
+                ),
+                &["cron"],
             ),
-            &["cron"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(cron_next_run.clone()))
-            .expect("unique metric");
-        let store_commit = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "broker_store_commit_duration_seconds",
-                "Duration of one store transaction (group commit).",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(store_commit.clone()))
-            .expect("unique metric");
-        let store_batch = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "broker_store_batch_size",
-                "Operations per store transaction.",
-            )
-            .buckets(vec![
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(store_batch.clone()))
-            .expect("unique metric");
-        let store_errors =
-            prometheus::IntCounter::new("broker_store_errors_total", "Failed store transactions.")
-                .expect("valid metric");
-        registry
-            .register(Box::new(store_errors.clone()))
-            .expect("unique metric");
-        let ready = prometheus::IntGauge::new(
-            "broker_ready",
-            "1 while /readyz answers 200 (as of the last probe or scrape).",
-        )
-        .expect("valid metric");
+        );
+        let store_commit = registered(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "broker_store_commit_duration_seconds",
+                    "Duration of one store transaction (group commit).",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]),
+            ),
+        );
+        let store_batch = registered(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "broker_store_batch_size",
+                    "Operations per store transaction.",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ]),
+            ),
+        );
+        let store_errors = registered(
+            &registry,
+            prometheus::IntCounter::new("broker_store_errors_total", "Failed store transactions."),
+        );
+        let ready = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_ready",
+                "1 while /readyz answers 200 (as of the last probe or scrape).",
+            ),
+        );
         ready.set(1);
-        registry
-            .register(Box::new(ready.clone()))
-            .expect("unique metric");
-        let readiness_changes = prometheus::IntCounter::new(
+        let readiness_changes = registered(&registry, prometheus::IntCounter::new(
             "broker_readiness_changes_total",
             "Times readiness turned (ready to not ready or back), as probes and scrapes saw it.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(readiness_changes.clone()))
-            .expect("unique metric");
+        ));
         let reloads = counter(
             "broker_config_reloads_total",
             "Configuration reloads, by outcome.",
             &["outcome"],
         );
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "broker_http_request_duration_seconds",
-                "HTTP request duration.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-                60.0,
-            ]),
-            &["route"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(http_duration.clone()))
-            .expect("unique metric");
+        let http_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "broker_http_request_duration_seconds",
+                    "HTTP request duration.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                    30.0, 60.0,
+                ]),
+                &["route"],
+            ),
+        );
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(

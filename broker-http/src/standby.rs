@@ -32,9 +32,7 @@ async fn readyz(q: web::Query<ReadyQuery>) -> HttpResponse {
 }
 
 async fn metrics_route(metrics: web::Data<Metrics>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(metrics.render())
+    crate::routes::ops::exposition(&metrics)
 }
 
 async fn standby() -> Result<&'static str, ApiError> {

@@ -66,10 +66,7 @@ const TARGET_ADDED_P50: Duration = Duration::from_millis(1);
 /// Runs the benchmark and prints its report.
 pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let url = start_broker(CONFIG)?;
-    let report = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(measure(&url, &args))?;
+    let report = super::runtime()?.block_on(measure(&url, &args))?;
     println!("{report}");
     if args.check && !report.meets_target() {
         bail!(
@@ -105,9 +102,7 @@ const TARGET_RATIO: f64 = 0.5;
 pub fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = super::runtime()?;
     let mut rates = Vec::new();
     let mut store_stats = String::new();
     for url in ["memory://", sqlite.as_str()] {

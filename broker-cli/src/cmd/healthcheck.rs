@@ -22,10 +22,7 @@ pub struct Args {
 
 /// Exits 0 when the broker answers 200, else fails with what it said.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(check(args))
+    super::runtime()?.block_on(check(args))
 }
 
 async fn check(args: Args) -> anyhow::Result<()> {

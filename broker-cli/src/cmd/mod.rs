@@ -13,6 +13,14 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use broker_core::settings::Settings;
 
+/// The single-threaded runtime the client subcommands (publish, ws, healthcheck, bench)
+/// drive their requests on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 /// The DATA argument, or standard input for `-` or none.
 pub fn read_data(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
     match data {

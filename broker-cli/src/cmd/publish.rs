@@ -41,10 +41,7 @@ enum Algo {
 
 /// Publishes and prints the broker's JSON answer; fails with its error message.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(publish(args))
+    super::runtime()?.block_on(publish(args))
 }
 
 async fn publish(args: Args) -> anyhow::Result<()> {

@@ -45,7 +45,7 @@ pub struct SubscribeArgs {
 /// Subscribes and prints each `message` event as one JSON line on stdout; other events
 /// (subscribed, refresh, errors) go to stderr.
 pub fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
-    runtime()?.block_on(run_subscribe(args))
+    super::runtime()?.block_on(run_subscribe(args))
 }
 
 async fn run_subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
@@ -189,7 +189,7 @@ pub fn notify(args: NotifyArgs) -> anyhow::Result<()> {
     };
     let body = super::read_data(args.data.as_deref())?;
     let url = format!("{}{path}", args.url.trim_end_matches('/'));
-    runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         let res = reqwest::Client::new()
             .post(&url)
             .bearer_auth(&args.token)
@@ -218,12 +218,6 @@ fn ws_url(base: &str) -> anyhow::Result<String> {
     } else {
         format!("{rest}/v1/ws")
     })
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 #[cfg(test)]

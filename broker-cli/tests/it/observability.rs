@@ -425,12 +425,7 @@ async fn a_real_prometheus_answers_the_dashboard_and_evaluates_the_alerts() {
         .until(
             "every rule evaluated",
             |v| {
-                let rules: Vec<&Value> = v["data"]["groups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|g| g["rules"].as_array().unwrap())
-                    .collect();
+                let rules = loaded_rules(v);
                 !rules.is_empty()
                     && rules.iter().all(|r| {
                         r["lastEvaluation"]
@@ -441,12 +436,7 @@ async fn a_real_prometheus_answers_the_dashboard_and_evaluates_the_alerts() {
             |http, url| http.get(format!("{url}/api/v1/rules")),
         )
         .await;
-    let rules: Vec<&Value> = rules["data"]["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["rules"].as_array().unwrap())
-        .collect();
+    let rules = loaded_rules(&rules);
     assert_eq!(rules.len(), 10, "every rule of alerts.yaml is loaded");
     for r in &rules {
         assert_eq!(r["health"], "ok", "{}: {r}", r["name"]);
@@ -472,4 +462,14 @@ async fn a_real_prometheus_answers_the_dashboard_and_evaluates_the_alerts() {
     assert_eq!(leaders["data"]["result"][0]["value"][1], "1", "{leaders}");
     drop(prom);
     drop(b);
+}
+
+/// The rules of every group in Prometheus's `GET /api/v1/rules` answer.
+fn loaded_rules(answer: &Value) -> Vec<&Value> {
+    answer["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect()
 }

@@ -8,9 +8,14 @@ use broker_core::Broker;
 pub async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
     // Refreshes broker_ready, so a scrape shows what /readyz would answer now.
     broker.unready_reason();
+    exposition(broker.metrics())
+}
+
+/// The Prometheus text exposition of `metrics` (also a standby's `GET /metrics`).
+pub fn exposition(metrics: &broker_core::metrics::Metrics) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(broker.metrics().render())
+        .body(metrics.render())
 }
 
 /// `GET /healthz`
