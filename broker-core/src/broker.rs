@@ -52,8 +52,18 @@ impl Broker {
     /// Opens the store, restores the runtime definitions kept there, and starts the
     /// actors. Call inside a running actix system.
     pub async fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
+        Self::start_fenced(settings, None).await
+    }
+
+    /// [`Broker::start`] for a broker that holds the database's active lock: its store
+    /// writes only while `fence` is current (see `store::ActiveLock`).
+    pub async fn start_fenced(
+        settings: Settings,
+        fence: Option<store::Fence>,
+    ) -> Result<Arc<Broker>, Error> {
         let metrics = Arc::new(Metrics::new());
-        let store = store::open(&settings.config.storage.url, metrics.clone()).await?;
+        let store =
+            store::open_fenced(&settings.config.storage.url, metrics.clone(), fence).await?;
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
         if let Some(json) = store.state(STATE_KEY).await? {

@@ -9,7 +9,8 @@
 //! (`broker_core::store::ActiveLock`). While another broker holds it, this one is a
 //! standby: it prints `standby on http://ADDR` first, answers health and metrics on its
 //! address and 503 `standby` to everything else, and becomes active (reading its config
-//! file again) when the lock frees. If an active broker loses the lock it stops at once
+//! file again) when the lock frees. A database that cannot be reached at start is waited
+//! for the same way (retried with backoff, each failure logged). If an active broker loses the lock it stops at once
 //! and exits 1: another broker may be active by then.
 
 use std::cell::RefCell;
@@ -74,7 +75,8 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
         .path
         .as_ref()
         .map_or("built-in example".to_owned(), |p| p.display().to_string());
-    let broker = Broker::start(settings).await?;
+    let fence = lock.as_ref().map(ActiveLock::fence);
+    let broker = Broker::start_fenced(settings, fence).await?;
     let server = broker_http::server(broker.clone(), listener)?;
     let handle = server.handle();
     // The standby answered (health, 503 `standby`) while the store was opened; once it
@@ -165,7 +167,7 @@ async fn wait_until_active(
     let label_task = labelling.clone();
     let role_for_wait = role.cloned();
     let become_standby = move || {
-        tracing::info!(%addr, "another broker holds the database's active lock: standing by");
+        tracing::info!(%addr, "not active yet (another broker holds the database's active lock, or the database cannot be reached): standing by");
         let metrics = Arc::new(broker_core::metrics::Metrics::new());
         metrics.leader.set(0);
         metrics.observe_ready(false);

@@ -391,11 +391,12 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
     };
     assert_eq!(publish("before").await.unwrap().status(), 200);
 
-    // Break writes for this queue only.
+    // Break every write: messages, and the writer's probe (broker_state).
     let psql = |sql: String| psql(&url, &sql);
     let constraint = format!("block_{}", queue.replace('.', "_"));
     psql(format!(
-        "ALTER TABLE messages ADD CONSTRAINT {constraint} CHECK (queue <> '{queue}') NOT VALID"
+        "ALTER TABLE messages ADD CONSTRAINT {constraint} CHECK (queue <> '{queue}') NOT VALID; \
+         ALTER TABLE broker_state ADD CONSTRAINT {constraint} CHECK (false) NOT VALID"
     ));
     let (s, v) = json(publish("during").await.unwrap()).await;
     assert_eq!(
@@ -411,13 +412,25 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
     assert_eq!(metric(&m, "broker_readiness_changes_total"), Some(1.0));
     assert!(metric(&m, "broker_store_errors_total").unwrap() >= 1.0);
 
-    psql(format!("ALTER TABLE messages DROP CONSTRAINT {constraint}"));
+    psql(format!(
+        "ALTER TABLE messages DROP CONSTRAINT {constraint}; \
+         ALTER TABLE broker_state DROP CONSTRAINT {constraint}"
+    ));
+    // Ready again by itself (the writer's probe), then publishes go through.
+    let mut ready = false;
+    for _ in 0..200 {
+        if b.get("/readyz").send().await.unwrap().status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "ready again without a publish");
     assert_eq!(
         publish("after").await.unwrap().status(),
         200,
         "recovers without a restart"
     );
-    assert_eq!(b.get("/readyz").send().await.unwrap().status(), 200);
     let m = b.metrics().await;
     assert_eq!(metric(&m, "broker_ready"), Some(1.0));
     assert_eq!(metric(&m, "broker_readiness_changes_total"), Some(2.0));

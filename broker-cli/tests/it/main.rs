@@ -4,6 +4,7 @@
 mod cli;
 mod crossbar;
 mod durability;
+mod faults;
 mod ha;
 mod observability;
 mod pg_hooks;

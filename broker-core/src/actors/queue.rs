@@ -256,6 +256,21 @@ pub struct Queue {
     delayed_timer: Option<(i64, SpawnHandle)>,
     /// Delayed messages being saved (they count against the limit already).
     scheduling: usize,
+    /// An append failed: nothing more is appended until every append in flight has
+    /// settled and the stored tail has been re-read (a commit reported as failed may
+    /// still have happened; offsets continue from what the store holds).
+    resync: Resync,
+}
+
+/// Where the queue stands after a failed append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// Appends go through.
+    No,
+    /// Waiting for the appends in flight to settle.
+    Draining,
+    /// Reading the stored tail.
+    Reading,
 }
 
 impl Queue {
@@ -286,6 +301,7 @@ impl Queue {
             delayed_seq: 0,
             delayed_timer: None,
             scheduling: 0,
+            resync: Resync::No,
         }
     }
 
@@ -380,42 +396,126 @@ impl Queue {
         }
     }
 
-    /// Makes acknowledged appends visible, strictly in offset order.
-    fn apply_acknowledged(&mut self) {
+    /// Makes acknowledged appends visible, strictly in offset order. After a failed
+    /// append nothing more becomes visible from here: what the store holds past the
+    /// last visible offset is re-read instead ([`Queue::resync_tail`]).
+    fn apply_acknowledged(&mut self, ctx: &mut Context<Self>) {
         let mut changed = false;
         while self.inflight.front().is_some_and(|i| i.outcome.is_some()) {
             let done = self.inflight.pop_front().expect("checked above");
-            changed = true;
             match done.outcome {
-                Some(Ok(())) => {
-                    let n = done.messages.len();
-                    let size: usize = done.messages.iter().map(|m| m.body.len()).sum();
-                    if let Some(last) = done.messages.last() {
-                        self.head = last.offset;
-                    }
-                    self.bytes += size;
-                    self.fan_out(&done.messages, size);
-                    self.log.extend(done.messages);
-                    let label = self.spec.label();
-                    self.metrics
-                        .published
-                        .with_label_values(&[label])
-                        .inc_by(n as u64);
-                    self.metrics.depth.with_label_values(&[label]).add(n as i64);
-                    self.metrics
-                        .bytes
-                        .with_label_values(&[label])
-                        .add(size as i64);
-                    self.enforce_limits();
+                Some(Ok(())) if self.resync == Resync::No => {
+                    self.make_visible(done.messages);
+                    changed = true;
                 }
-                // The store refused: those offsets never become visible. Consumers that
-                // were positioned before them are told to refresh rather than skip.
-                _ => self.losses += 1,
+                Some(Ok(())) => {}
+                _ => self.resync = Resync::Draining,
             }
         }
         if changed {
             self.notify();
         }
+        if self.resync == Resync::Draining && self.inflight.is_empty() {
+            self.resync_tail(ctx);
+        }
+    }
+
+    /// Appends stored messages (contiguous, after `head`) to the visible log.
+    fn make_visible(&mut self, messages: Vec<Arc<Message>>) {
+        let n = messages.len();
+        let size: usize = messages.iter().map(|m| m.body.len()).sum();
+        if let Some(last) = messages.last() {
+            self.head = last.offset;
+        }
+        self.bytes += size;
+        self.fan_out(&messages, size);
+        self.log.extend(messages);
+        let label = self.spec.label();
+        self.metrics
+            .published
+            .with_label_values(&[label])
+            .inc_by(n as u64);
+        self.metrics.depth.with_label_values(&[label]).add(n as i64);
+        self.metrics
+            .bytes
+            .with_label_values(&[label])
+            .add(size as i64);
+        self.enforce_limits();
+    }
+
+    /// Re-reads what the store holds after the last visible offset, makes it visible
+    /// and continues offsets from the stored next offset; retried until the store
+    /// answers.
+    fn resync_tail(&mut self, ctx: &mut Context<Self>) {
+        self.resync = Resync::Reading;
+        let read = self.store.tail(&self.name, self.head);
+        ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
+            Ok(tail) => {
+                if tail.epoch != act.epoch {
+                    act.replace_history(tail);
+                } else {
+                    let found = tail.messages.len();
+                    let fresh: Vec<_> = tail
+                        .messages
+                        .into_iter()
+                        .filter(|m| m.offset > act.head)
+                        .collect();
+                    if !fresh.is_empty() {
+                        tracing::warn!(queue = %act.name, found, "messages whose commit was reported as failed are stored; made visible");
+                        act.make_visible(fresh);
+                        act.notify();
+                    }
+                    act.head = act.head.max(tail.next_offset - 1);
+                }
+                act.next_offset = act.head + 1;
+                act.resync = Resync::No;
+            }
+            Err(e) => {
+                tracing::warn!(queue = %act.name, error = %e, "cannot re-read the queue's stored tail; retrying");
+                ctx.run_later(Duration::from_secs(1), |act, ctx| act.resync_tail(ctx));
+            }
+        }));
+    }
+
+    /// The store holds another history under this name (the queue was removed and
+    /// created again meanwhile): take it, and tell every reader to refresh.
+    fn replace_history(&mut self, tail: crate::store::StoredTail) {
+        tracing::error!(queue = %self.name, old = %self.epoch, new = %tail.epoch, "the stored history of the queue changed: new epoch");
+        let label = self.spec.label().to_owned();
+        self.metrics
+            .depth
+            .with_label_values(&[&label])
+            .sub(self.log.len() as i64);
+        self.metrics
+            .bytes
+            .with_label_values(&[&label])
+            .sub(self.bytes as i64);
+        self.log.clear();
+        self.bytes = 0;
+        self.epoch = tail.epoch;
+        self.head = tail.next_offset - 1;
+        self.losses += 1;
+        for (id, sub) in self.subscribers.drain() {
+            sub.lagged.do_send(Lagged {
+                subscription: id,
+                queue: self.name.clone(),
+                offset: self.head,
+                epoch: self.epoch.clone(),
+            });
+        }
+        let size: usize = tail.messages.iter().map(|m| m.body.len()).sum();
+        self.metrics
+            .depth
+            .with_label_values(&[&label])
+            .add(tail.messages.len() as i64);
+        self.metrics
+            .bytes
+            .with_label_values(&[&label])
+            .add(size as i64);
+        self.bytes = size;
+        self.log.extend(tail.messages);
+        self.enforce_limits();
+        self.notify();
     }
 
     /// Offers new messages to every live subscriber; never waits on one.
@@ -528,6 +628,13 @@ impl Queue {
         messages: Vec<NewMessage>,
         released: Vec<u64>,
     ) -> ResponseActFuture<Self, Result<Published, Error>> {
+        if self.resync != Resync::No {
+            let e = Error::Store(format!(
+                "queue `{}` is re-reading its stored tail after a failed write",
+                self.name
+            ));
+            return Box::pin(fut::ready(Err(e)));
+        }
         if messages.is_empty() {
             let head = self.next_offset - 1;
             let done = Published {
@@ -568,7 +675,7 @@ impl Queue {
             messages,
             outcome: None,
         });
-        Box::pin(append.into_actor(self).map(move |res, act, _| {
+        Box::pin(append.into_actor(self).map(move |res, act, ctx| {
             let ok = res.is_ok();
             if let Some(entry) = act
                 .inflight
@@ -577,7 +684,7 @@ impl Queue {
             {
                 entry.outcome = Some(if ok { Ok(()) } else { Err(()) });
             }
-            act.apply_acknowledged();
+            act.apply_acknowledged(ctx);
             res.map(|()| Published {
                 first_offset: first,
                 last_offset: last,
@@ -888,6 +995,13 @@ mod tests {
     use bytes::Bytes;
 
     fn spawn(limits: LimitsConfig) -> (Addr<Queue>, watch::Receiver<u64>) {
+        spawn_on(limits, Arc::new(MemoryStore::default()))
+    }
+
+    fn spawn_on(
+        limits: LimitsConfig,
+        store: Arc<MemoryStore>,
+    ) -> (Addr<Queue>, watch::Receiver<u64>) {
         let spec = Arc::new(QueueSpec {
             name: "q".into(),
             limits,
@@ -900,13 +1014,7 @@ mod tests {
             runtime: false,
         });
         let (tx, rx) = watch::channel(0);
-        let q = Queue::new(
-            "q".into(),
-            spec,
-            Arc::new(MemoryStore::default()),
-            Arc::new(Metrics::new()),
-            tx,
-        );
+        let q = Queue::new("q".into(), spec, store, Arc::new(Metrics::new()), tx);
         (q.start(), rx)
     }
 
@@ -958,6 +1066,55 @@ mod tests {
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Publishes until the queue takes one again (it refuses while it re-reads its
+    /// stored tail after a failure).
+    async fn publish_when_back(q: &Addr<Queue>) -> Published {
+        for _ in 0..1000 {
+            match publish(q, &[1]).await {
+                Ok(p) => return p,
+                Err(Error::Store(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the queue never took a publish again");
+    }
+
+    async fn visible(q: &Addr<Queue>) -> Vec<u64> {
+        let read = Read {
+            since: 0,
+            epoch: None,
+            limit: 100,
+        };
+        let batch = q.send(read).await.unwrap().unwrap();
+        batch.messages.iter().map(|m| m.offset).collect()
+    }
+
+    /// A refused append takes no offset; an append reported as failed that the store
+    /// kept anyway becomes visible once the queue re-reads its tail, and offsets go on
+    /// after it: offsets stay +1 per stored message, and readers see only stored ones.
+    #[actix::test]
+    async fn failed_appends_skip_no_offset_and_hide_nothing_stored() {
+        use crate::store::Fault;
+        let store = Arc::new(MemoryStore::default());
+        let (q, _) = spawn_on(limits(100, 100, 10_000), store.clone());
+        assert_eq!(publish(&q, &[1]).await.unwrap().first_offset, 1);
+        store.inject(Fault::Refuse);
+        assert!(matches!(publish(&q, &[1]).await, Err(Error::Store(_))));
+        assert_eq!(
+            publish_when_back(&q).await.first_offset,
+            2,
+            "no offset skipped"
+        );
+        store.inject(Fault::KeepButReportFailure);
+        assert!(matches!(publish(&q, &[1]).await, Err(Error::Store(_))));
+        assert_eq!(
+            publish_when_back(&q).await.first_offset,
+            4,
+            "offset 3 is stored, so it is taken"
+        );
+        assert_eq!(visible(&q).await, vec![1, 2, 3, 4]);
     }
 
     #[actix::test]

@@ -62,6 +62,14 @@ async fn suite(url: &str, durable: bool) {
     s.append(&q, vec![msg(&q, 4, "d")]).await.unwrap();
     assert_eq!(offsets(&s.open(&q).await.unwrap().messages), vec![2, 3, 4]);
 
+    // An append that does not continue the stored history (a hole, or offsets written
+    // before) is refused and changes nothing.
+    for bad in [vec![msg(&q, 6, "hole")], vec![msg(&q, 3, "again")]] {
+        assert!(s.append(&q, bad).await.is_err());
+    }
+    let tail = s.tail(&q, 2).await.unwrap();
+    assert_eq!((offsets(&tail.messages), tail.next_offset), (vec![3, 4], 5));
+
     // Many concurrent appends: all acknowledged, all kept, in offset order.
     let appends = (5..69).map(|o| s.append(&q, vec![msg(&q, o, "x")]));
     for r in futures_util::future::join_all(appends).await {

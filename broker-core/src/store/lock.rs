@@ -14,12 +14,96 @@
 //! settings), so the database notices a vanished holder after about 11 s, later than
 //! the holder notices (at most 4 s): the old holder is gone before a standby can take
 //! over.
+//!
+//! Noticing is not enough on its own: between the moment the database ends the holder's
+//! lock session and the moment the holder's check fails, the holder could still commit
+//! through its other connections. So taking the lock also bumps a **fence**, a
+//! generation number in the one-row table `broker_fence`, and every write transaction
+//! of the store first reads that row `FOR SHARE` and refuses to write if the generation
+//! is not the one its broker got (see `sql.rs`). The new holder first ends any session
+//! that is inside such a transaction (a paused old holder would otherwise hold the row
+//! until the database times it out), and the bump waits for a transaction that holds
+//! the row; every later transaction of the old holder sees the new generation: nothing
+//! is acknowledged by a broker that no longer holds the lock.
+//!
+//! A broker that cannot reach the database at start waits and retries with backoff
+//! (unready, saying why), as it would behind a supervisor, but without exiting.
+//!
+//! SQLite has no such sharing: a second broker on one file is refused at start by an OS
+//! lock ([`FileLock`]).
 
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
 use crate::error::Error;
+
+/// The check each write transaction starts with on a fenced store.
+pub(super) const FENCE_CHECK: &str = "SELECT generation FROM broker_fence WHERE id = 1 FOR SHARE";
+/// First wait after a failed connection at start; it doubles up to [`CONNECT_BACKOFF_MAX`].
+const CONNECT_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between connection attempts at start.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The generation a broker got when it took the active lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence(i64);
+
+impl Fence {
+    /// The generation number.
+    pub fn generation(self) -> i64 {
+        self.0
+    }
+}
+
+/// An exclusive OS lock (`flock`) on `PATH.lock` beside a SQLite file, held while the
+/// value lives; the file holds the holder's process id for the refusal message.
+pub(super) struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Takes the lock of the database file `db`, or fails naming the file and the
+    /// process that holds it.
+    pub(super) fn take(db: &Path) -> Result<Self, Error> {
+        let mut path = PathBuf::from(db.as_os_str());
+        path.as_mut_os_string().push(".lock");
+        let err = |e: std::io::Error| Error::Store(format!("{}: {e}", path.display()));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    format!("process {holder}")
+                };
+                return Err(Error::Store(format!(
+                    "the SQLite file {} is in use by {holder} (lock {}); two brokers must not share one SQLite file",
+                    db.display(),
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+        file.set_len(0).map_err(err)?;
+        file.rewind().map_err(err)?;
+        write!(file, "{}", std::process::id()).map_err(err)?;
+        Ok(FileLock { _file: file })
+    }
+}
 
 /// The advisory lock of `broker serve` ("broker" in ASCII). Advisory locks are per
 /// database: one broker deployment per database.
@@ -34,6 +118,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The advisory lock, held by a session of its own for as long as this value lives.
 pub struct ActiveLock {
     conn: PgConnection,
+    fence: Fence,
 }
 
 fn lock_err(e: impl std::fmt::Display) -> Error {
@@ -47,43 +132,57 @@ async fn session(url: &str) -> Result<PgConnection, Error> {
 }
 
 impl ActiveLock {
-    /// Waits until this process holds advisory lock `key` of the database at `url`.
-    /// `waiting` is called once, if the lock is held elsewhere. A first connection that
-    /// fails is an error (a wrong URL should not wait forever); later failures while
-    /// waiting are retried.
+    /// Waits until this process holds advisory lock `key` of the database at `url`,
+    /// then bumps the fence. `waiting` is called once, when the lock is held elsewhere or
+    /// the database cannot be reached. A URL that does not parse is an error at once;
+    /// an unreachable database is retried with backoff (logged each time), since in
+    /// an orchestrated deployment the database may simply not be up yet.
     pub async fn acquire(url: &str, key: i64, waiting: impl FnOnce()) -> Result<Self, Error> {
-        let mut conn = Some(session(url).await?);
+        super::sql::pg_options(url)?;
+        let mut conn: Option<PgConnection> = None;
         let mut waiting = Some(waiting);
+        let mut backoff = CONNECT_BACKOFF;
         loop {
-            if let Some(c) = conn.as_mut() {
-                match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                    .bind(key)
-                    .fetch_one(&mut *c)
-                    .await
-                {
-                    Ok(true) => {
+            let wait = if let Some(c) = conn.as_mut() {
+                match try_lock(c, key).await {
+                    Ok(Some(fence)) => {
                         return Ok(ActiveLock {
                             conn: conn.take().expect("checked above"),
+                            fence,
                         })
                     }
-                    Ok(false) => {
-                        if let Some(w) = waiting.take() {
-                            w();
-                        }
-                    }
+                    Ok(None) => RETRY_EVERY,
                     Err(e) => {
-                        tracing::warn!(error = %e, "standby: asking for the active lock failed; reconnecting");
+                        tracing::warn!(error = %e, "asking for the active lock failed; reconnecting");
                         conn = None;
+                        RETRY_EVERY
                     }
                 }
             } else {
                 match session(url).await {
-                    Ok(c) => conn = Some(c),
-                    Err(e) => tracing::warn!(error = %e, "standby: cannot reach the database"),
+                    Ok(c) => {
+                        backoff = CONNECT_BACKOFF;
+                        conn = Some(c);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the database; not ready, retrying");
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+                        wait
+                    }
                 }
+            };
+            if let Some(w) = waiting.take() {
+                w();
             }
-            tokio::time::sleep(RETRY_EVERY).await;
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    /// The fence generation this holder got.
+    pub fn fence(&self) -> Fence {
+        self.fence
     }
 
     /// The database's process id of the lock's session (tests terminate it).
@@ -111,6 +210,53 @@ impl ActiveLock {
             }
         }
     }
+}
+
+/// Takes advisory lock `key` on `conn` if it is free and bumps the fence: the fence,
+/// or `None` when another session holds the lock.
+async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<Option<Fence>, sqlx::Error> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    // Only the lock holder runs these, so they never race each other.
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS broker_fence (id INTEGER PRIMARY KEY, generation BIGINT NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO broker_fence (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    )
+    .execute(&mut *conn)
+    .await?;
+    // A write transaction of the previous holder that still holds the row (its
+    // process paused, its node cut off) would make the bump below wait until the
+    // database ends it (`idle_in_transaction_session_timeout`): end it now. Only fenced
+    // writers ever touch this table.
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'relation' \
+         AND relation = 'broker_fence'::regclass AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if !ended.is_empty() {
+        tracing::warn!(
+            sessions = ended.len(),
+            "ended the previous active broker's write sessions"
+        );
+    }
+    // Waits for a write transaction of the previous holder that holds the row.
+    let generation: i64 = sqlx::query_scalar(
+        "UPDATE broker_fence SET generation = generation + 1 WHERE id = 1 RETURNING generation",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    tracing::info!(generation, "took the database's active lock");
+    Ok(Some(Fence(generation)))
 }
 
 #[cfg(test)]
@@ -190,6 +336,100 @@ mod tests {
             // Over a Unix socket keepalives read 0: they only apply to TCP.
             assert!(got == want || (got == "0" && unix_socket), "{name} = {got}");
         }
+    }
+
+    /// A database of its own (the fence is per database; other tests take locks).
+    struct FreshDb {
+        base: String,
+        name: String,
+        url: String,
+    }
+
+    impl FreshDb {
+        async fn new(base: &str) -> FreshDb {
+            let name = format!("broker_fence_{}", crate::message::random_id());
+            let mut admin = PgConnection::connect(base).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let (prefix, _) = base.rsplit_once('/').unwrap();
+            FreshDb {
+                url: format!("{prefix}/{name}"),
+                base: base.to_owned(),
+                name,
+            }
+        }
+
+        async fn drop_it(self) {
+            let mut admin = PgConnection::connect(&self.base).await.unwrap();
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+
+    /// Split brain, deterministically: the old holder's lock session is gone and a new
+    /// holder has the lock, but the old broker has not noticed yet and still has its
+    /// store. Nothing it writes now is acknowledged, and the new holder's store sees
+    /// everything the old one acknowledged before.
+    #[actix::test]
+    async fn a_broker_that_lost_its_lock_acknowledges_nothing_more() {
+        let Some(base) = url() else { return };
+        let db = FreshDb::new(&base).await;
+        let key = key();
+        let metrics = || std::sync::Arc::new(crate::metrics::Metrics::new());
+        let msg = |o: u64| {
+            std::sync::Arc::new(crate::message::Message {
+                queue: "q".into(),
+                offset: o,
+                body: bytes::Bytes::from(format!("m{o}")),
+                content_type: None,
+                headers: Vec::new(),
+                received_at_ms: 0,
+                accepted: std::time::Instant::now(),
+                ws_frame: Default::default(),
+                wamp_event: Default::default(),
+                audience: None,
+            })
+        };
+        let mut old = ActiveLock::acquire(&db.url, key, || panic!("the lock is free"))
+            .await
+            .unwrap();
+        let old_store = crate::store::SqlStore::connect(&db.url, metrics(), Some(old.fence()))
+            .await
+            .unwrap();
+        use crate::store::Store;
+        old_store.open("q").await.unwrap();
+        old_store
+            .append("q", (1..=3).map(msg).collect())
+            .await
+            .unwrap();
+
+        let pid = old.session_pid().await.unwrap();
+        let mut admin = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let new = ActiveLock::acquire(&db.url, key, || {}).await.unwrap();
+        assert!(new.fence().generation() > old.fence().generation());
+
+        let err = old_store.append("q", vec![msg(4)]).await.unwrap_err();
+        assert!(err.to_string().contains("fenced"), "{err}");
+        assert!(!old_store.healthy());
+
+        let new_store = crate::store::SqlStore::connect(&db.url, metrics(), Some(new.fence()))
+            .await
+            .unwrap();
+        let q = new_store.open("q").await.unwrap();
+        let offsets: Vec<u64> = q.messages.iter().map(|m| m.offset).collect();
+        assert_eq!((offsets, q.next_offset), (vec![1, 2, 3], 4));
+        new_store.append("q", vec![msg(4)]).await.unwrap();
+        drop((old_store, new_store, old, new));
+        db.drop_it().await;
     }
 
     #[actix::test]

@@ -26,6 +26,30 @@ pub struct MemoryStore {
     queues: Mutex<HashMap<String, MemQueue>>,
     state: Mutex<HashMap<String, String>>,
     consumers: Mutex<HashMap<(String, String), StoredConsumer>>,
+    /// Faults the next appends meet (tests of the queue's failure handling).
+    #[cfg(test)]
+    faults: Mutex<VecDeque<Fault>>,
+}
+
+/// A fault injected into the next append of a [`MemoryStore`].
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// The append is refused and nothing is kept.
+    Refuse,
+    /// The append is kept but reported as failed (a connection cut during `COMMIT`).
+    KeepButReportFailure,
+}
+
+#[cfg(test)]
+impl MemoryStore {
+    /// Makes the next append meet `fault`.
+    pub(crate) fn inject(&self, fault: Fault) {
+        self.faults
+            .lock()
+            .expect("memory store lock")
+            .push_back(fault);
+    }
 }
 
 impl MemoryStore {
@@ -55,13 +79,33 @@ impl Store for MemoryStore {
         queue: &str,
         messages: Vec<Arc<Message>>,
     ) -> BoxFuture<'static, Result<(), Error>> {
-        self.with(queue, |q| {
+        #[cfg(test)]
+        let fault = self.faults.lock().expect("memory store lock").pop_front();
+        #[cfg(test)]
+        if let Some(Fault::Refuse) = fault {
+            return future::ready(Err(Error::Store("injected fault".into()))).boxed();
+        }
+        let res = self.with(queue, |q| {
+            let continues = messages
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.offset == q.next_offset + i as u64);
+            if !continues {
+                return Err(Error::Store(format!(
+                    "queue `{queue}`: offsets do not continue the stored history"
+                )));
+            }
             if let Some(last) = messages.last() {
                 q.next_offset = last.offset + 1;
             }
             q.messages.extend(messages);
+            Ok(())
         });
-        future::ready(Ok(())).boxed()
+        #[cfg(test)]
+        if let Some(Fault::KeepButReportFailure) = fault {
+            return future::ready(Err(Error::Store("injected fault after commit".into()))).boxed();
+        }
+        future::ready(res).boxed()
     }
 
     fn schedule(

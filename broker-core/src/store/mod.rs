@@ -4,7 +4,9 @@
 //!
 //! Contract for implementations: `append` futures of one queue complete in call order,
 //! and a future resolves only once the messages are as durable as the backend promises.
-//! Durable backends (SQLite, PostgreSQL) will implement the same trait.
+//! An append continues the stored history exactly (its first offset is the stored next
+//! offset) or fails; after a failure the queue re-reads its tail (`tail`), because a
+//! commit reported as failed may still have happened.
 
 #[cfg(test)]
 mod conformance;
@@ -16,7 +18,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-pub use lock::{ActiveLock, ACTIVE_LOCK_KEY};
+pub use lock::{ActiveLock, Fence, ACTIVE_LOCK_KEY};
+#[cfg(test)]
+pub(crate) use memory::Fault;
 pub use memory::MemoryStore;
 pub use sql::SqlStore;
 
@@ -71,10 +75,38 @@ pub struct StoredQueue {
     pub delayed: Vec<StoredDelayed>,
 }
 
+/// What a queue re-reads after a failed append: the stored epoch, next offset and the
+/// messages after the offset the queue had seen acknowledged.
+#[derive(Debug, Clone)]
+pub struct StoredTail {
+    /// The queue's epoch (changed if the stored history was replaced meanwhile).
+    pub epoch: Arc<str>,
+    /// Stored messages after the offset asked for, oldest first.
+    pub messages: Vec<Arc<Message>>,
+    /// Offset the next message gets.
+    pub next_offset: u64,
+}
+
 /// A storage backend.
 pub trait Store: Send + Sync + 'static {
     /// Opens (creating if needed) a queue and returns its retained state.
     fn open(&self, queue: &str) -> BoxFuture<'static, Result<StoredQueue, Error>>;
+    /// The queue's stored epoch, next offset and messages after `after`.
+    fn tail(&self, queue: &str, after: u64) -> BoxFuture<'static, Result<StoredTail, Error>> {
+        let open = self.open(queue);
+        Box::pin(async move {
+            let q = open.await?;
+            Ok(StoredTail {
+                epoch: q.epoch,
+                messages: q
+                    .messages
+                    .into_iter()
+                    .filter(|m| m.offset > after)
+                    .collect(),
+                next_offset: q.next_offset,
+            })
+        })
+    }
     /// Appends messages (already given offsets) to a queue.
     fn append(
         &self,
@@ -136,7 +168,8 @@ pub trait Store: Send + Sync + 'static {
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>>;
     /// Saves a named piece of state; resolves after its commit.
     fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>>;
-    /// Whether the last write succeeded (`/readyz` reports it).
+    /// Whether the store takes writes: the outcome of its last write, batch or probe
+    /// (`/readyz` reports it).
     fn healthy(&self) -> bool {
         true
     }
@@ -152,10 +185,20 @@ pub async fn open(
     url: &str,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<Arc<dyn Store>, Error> {
+    open_fenced(url, metrics, None).await
+}
+
+/// [`open`] for a broker holding the database's active lock: every write checks
+/// `fence` (PostgreSQL), so a broker that lost the lock acknowledges nothing more.
+pub async fn open_fenced(
+    url: &str,
+    metrics: Arc<crate::metrics::Metrics>,
+    fence: Option<Fence>,
+) -> Result<Arc<dyn Store>, Error> {
     let store: Arc<dyn Store> = if url == "memory://" {
         Arc::new(MemoryStore::default())
     } else if is_sql_url(url) {
-        Arc::new(SqlStore::connect(url, metrics).await?)
+        Arc::new(SqlStore::connect(url, metrics, fence).await?)
     } else {
         return Err(Error::Store(format!(
             "unsupported storage url `{}`",

@@ -28,7 +28,10 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{random_epoch, Store, StoredAttempt, StoredConsumer, StoredDelayed, StoredQueue};
+use super::lock::{Fence, FileLock, FENCE_CHECK};
+use super::{
+    random_epoch, Store, StoredAttempt, StoredConsumer, StoredDelayed, StoredQueue, StoredTail,
+};
 use crate::error::Error;
 use crate::message::Message;
 use crate::message::NewMessage;
@@ -117,6 +120,26 @@ enum Op {
     Remove {
         queue: String,
     },
+    /// A small write that tells whether the store takes writes (readiness).
+    Probe,
+}
+
+/// Reads run as tasks of their own: the caller (an actor) may be dropped with the
+/// read in flight when the runtime is already shutting down, and an in-flight sqlx
+/// query must not be dropped outside a runtime (its connection's drop spawns).
+trait Detached<T> {
+    fn detached(self) -> BoxFuture<'static, Result<T, Error>>;
+}
+
+impl<T, F> Detached<T> for F
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+{
+    fn detached(self) -> BoxFuture<'static, Result<T, Error>> {
+        let task = tokio::spawn(self);
+        async move { task.await.map_err(|_| Error::ShuttingDown)? }.boxed()
+    }
 }
 
 /// A SQL-backed store.
@@ -124,6 +147,9 @@ pub struct SqlStore {
     pool: Pool,
     writer: mpsc::Sender<Op>,
     healthy: Arc<AtomicBool>,
+    /// SQLite: the OS lock that keeps a second broker off the file, held while this
+    /// store lives.
+    _file_lock: Option<FileLock>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -152,44 +178,74 @@ pub(super) fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
 
 impl SqlStore {
     /// Connects (creating the SQLite file and its directory if needed), migrates, and
-    /// starts the writer.
-    pub async fn connect(url: &str, metrics: Arc<Metrics>) -> Result<Self, Error> {
-        let pool = if let Some(path) = url.strip_prefix("sqlite://") {
-            if let Some(dir) = std::path::Path::new(path)
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir).map_err(store_err)?;
-            }
-            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
-                .map_err(store_err)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                // Checkpoint the WAL less often than every 1000 pages: fewer stalls.
-                .pragma("wal_autocheckpoint", "10000")
-                .busy_timeout(Duration::from_secs(10));
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .connect_with(opts)
-                    .await
-                    .map_err(store_err)?,
-            )
-        } else {
-            Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(pg_options(url)?)
-                    .await
-                    .map_err(store_err)?,
-            )
-        };
+    /// starts the writer. `fence` (PostgreSQL): the generation of the active lock this
+    /// broker holds; every write transaction checks it (see [`super::lock`]).
+    pub async fn connect(
+        url: &str,
+        metrics: Arc<Metrics>,
+        fence: Option<Fence>,
+    ) -> Result<Self, Error> {
+        match url.strip_prefix("sqlite://") {
+            Some(path) => Self::connect_sqlite(path, |o| o, metrics).await,
+            None => Self::connect_pg(url, metrics, fence).await,
+        }
+    }
+
+    /// SQLite at `path`; `tune` may add options (tests limit the file's size).
+    async fn connect_sqlite(
+        path: &str,
+        tune: impl FnOnce(SqliteConnectOptions) -> SqliteConnectOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        if let Some(dir) = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(store_err)?;
+        }
+        let file_lock = FileLock::take(std::path::Path::new(path))?;
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
+            .map_err(store_err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            // Checkpoint the WAL less often than every 1000 pages: fewer stalls.
+            .pragma("wal_autocheckpoint", "10000")
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(tune(opts))
+            .await
+            .map_err(store_err)?;
+        Self::start(Pool::Sqlite(pool), metrics, None, Some(file_lock)).await
+    }
+
+    async fn connect_pg(
+        url: &str,
+        metrics: Arc<Metrics>,
+        fence: Option<Fence>,
+    ) -> Result<Self, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(pg_options(url)?)
+            .await
+            .map_err(store_err)?;
+        Self::start(Pool::Postgres(pool), metrics, fence, None).await
+    }
+
+    /// Migrates and starts the writer.
+    async fn start(
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        fence: Option<Fence>,
+        file_lock: Option<FileLock>,
+    ) -> Result<Self, Error> {
+        {}
         migrate(&pool).await?;
         let (writer, rx) = mpsc::channel(WRITER_QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer_loop = write_loop(pool.clone(), rx, healthy.clone(), metrics);
+        let writer_loop = write_loop(pool.clone(), rx, healthy.clone(), metrics, fence);
         match &pool {
             // SQLite's connections do their I/O on their own threads: the writer gets
             // a thread of its own too, so a busy actor thread never delays a commit.
@@ -214,6 +270,7 @@ impl SqlStore {
             pool,
             writer,
             healthy,
+            _file_lock: file_lock,
         })
     }
 
@@ -301,19 +358,49 @@ async fn migrate(pool: &Pool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies waiting operations in one transaction per batch.
+/// How soon the writer probes the store after a commit failed: readiness follows the
+/// store's health, not the last commit (one rejected batch must not leave an idle
+/// broker unready).
+const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(200);
+/// How often it probes while the store is unhealthy.
+const PROBE_UNHEALTHY: Duration = Duration::from_secs(1);
+/// How often it probes an idle, healthy store (an outage is seen without traffic).
+const PROBE_IDLE: Duration = Duration::from_secs(5);
+
+/// Applies waiting operations in one transaction per batch, and probes the store with a
+/// small write transaction when it is idle or unhealthy. `healthy` is the outcome of
+/// the last transaction, batch or probe.
+///
+/// A connection whose transaction failed is closed, never reused: a failed `COMMIT`
+/// (SQLite's `SQLITE_FULL`, `SQLITE_BUSY`) can leave its transaction open, and a later
+/// `BEGIN` on it would only open a savepoint whose "commit" reaches nothing. Every
+/// transaction starts with an explicit `BEGIN` that the database itself refuses inside
+/// a transaction, so a connection not back in autocommit is never written through.
 async fn write_loop(
     pool: Pool,
     mut rx: mpsc::Receiver<Op>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    fence: Option<Fence>,
 ) {
-    // The writer keeps one connection while it works (no pool round trip per commit);
-    // after a failure it takes a fresh one for the next batch.
+    let fence = fence.map(|f| f.generation());
     let mut sqlite = None;
     let mut pg = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut next_probe = tokio::time::Instant::now() + PROBE_IDLE;
+    loop {
+        let probe = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                false
+            }
+            _ = tokio::time::sleep_until(next_probe) => {
+                batch.push(Op::Probe);
+                true
+            }
+        };
         let started = Instant::now();
         macro_rules! apply {
             ($conn:ident, $p:expr, $apply:path) => {{
@@ -323,9 +410,12 @@ async fn write_loop(
                 };
                 match conn {
                     Ok(mut c) => {
-                        let r = $apply(&mut c, &batch).await;
+                        let r = $apply(&mut c, &batch, fence).await;
                         if r.is_ok() {
                             $conn = Some(c);
+                        } else {
+                            // Closed, not returned to the pool.
+                            c.close_on_drop();
                         }
                         r
                     }
@@ -337,16 +427,34 @@ async fn write_loop(
             Pool::Sqlite(p) => apply!(sqlite, p, apply_sqlite),
             Pool::Postgres(p) => apply!(pg, p, apply_pg),
         };
-        metrics
-            .store_commit
-            .observe(started.elapsed().as_secs_f64());
-        metrics.store_batch.observe(batch.len() as f64);
+        if !probe {
+            metrics
+                .store_commit
+                .observe(started.elapsed().as_secs_f64());
+            metrics.store_batch.observe(batch.len() as f64);
+        }
         let ok = result.is_ok();
         if let Err(e) = &result {
             metrics.store_errors.inc();
-            tracing::error!(error = %e, ops = batch.len(), "store commit failed");
+            if probe {
+                tracing::warn!(error = %e, "store probe failed");
+            } else {
+                tracing::error!(error = %e, ops = batch.len(), "store commit failed");
+            }
         }
-        healthy.store(ok, Ordering::Release);
+        if healthy.swap(ok, Ordering::AcqRel) != ok {
+            if ok {
+                tracing::info!("store healthy again");
+            } else {
+                tracing::warn!("store unhealthy: publishes are refused until a write succeeds");
+            }
+        }
+        next_probe = tokio::time::Instant::now()
+            + match (ok, probe) {
+                (true, _) => PROBE_IDLE,
+                (false, false) => PROBE_AFTER_FAILURE,
+                (false, true) => PROBE_UNHEALTHY,
+            };
         for op in batch.drain(..) {
             let reply = || {
                 if ok {
@@ -385,12 +493,25 @@ fn headers_json(m: &Message) -> String {
 const ROWS_PER_INSERT: usize = 500;
 
 macro_rules! apply_ops {
-    ($name:ident, $db:ty, $upsert_cursor:expr, $upsert_next:expr) => {
+    ($name:ident, $db:ty, $begin:expr) => {
         pub(super) async fn $name(
             conn: &mut sqlx::pool::PoolConnection<$db>,
             ops: &[Op],
+            fence: Option<i64>,
         ) -> Result<(), sqlx::Error> {
-            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+            // `begin_with` fails unless both sqlx and the database say the connection
+            // is in autocommit.
+            let mut tx = sqlx::Connection::begin_with(&mut **conn, $begin).await?;
+            if let Some(mine) = fence {
+                // Holds the fence row (shared) until this transaction ends: a broker
+                // that takes the active lock bumps it, and waits for this commit first.
+                let current: i64 = sqlx::query_scalar(FENCE_CHECK).fetch_one(&mut *tx).await?;
+                if current != mine {
+                    return Err(sqlx::Error::InvalidArgument(format!(
+                        "fenced: another broker took the database's active lock (generation {current}, this broker's {mine}); nothing is written"
+                    )));
+                }
+            }
             // Appends are gathered per queue and written as multi-row INSERTs (one
             // statement per few hundred rows, not one per message); any other operation
             // on a queue first flushes that queue's gathered appends, so per-queue order
@@ -402,6 +523,28 @@ macro_rules! apply_ops {
                 queue: &str,
                 rows: &[&Arc<Message>],
             ) -> Result<(), sqlx::Error> {
+                let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+                    return Ok(());
+                };
+                let contiguous = rows
+                    .iter()
+                    .enumerate()
+                    .all(|(i, m)| m.offset == first.offset + i as u64);
+                // Offsets only ever continue the stored history: a commit reported as
+                // failed (or another writer) cannot leave a gap or be written over.
+                let moved = sqlx::query(ADVANCE_NEXT)
+                    .bind(queue)
+                    .bind(first.offset as i64)
+                    .bind(last.offset as i64 + 1)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                if !contiguous || moved != 1 {
+                    return Err(sqlx::Error::InvalidArgument(format!(
+                        "queue `{queue}`: offsets {}..={} do not continue the stored history",
+                        first.offset, last.offset
+                    )));
+                }
                 for chunk in rows.chunks(ROWS_PER_INSERT) {
                     // sqlx's builder takes owned binds: the one copy a body makes here.
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
@@ -416,13 +559,6 @@ macro_rules! apply_ops {
                             .push_bind(m.received_at_ms);
                     });
                     qb.build().execute(&mut **tx).await?;
-                }
-                if let Some(last) = rows.last() {
-                    sqlx::query($upsert_next)
-                        .bind(queue)
-                        .bind(last.offset as i64 + 1)
-                        .execute(&mut **tx)
-                        .await?;
                 }
                 Ok(())
             }
@@ -508,14 +644,21 @@ macro_rules! apply_ops {
                             .await?;
                     }
                     Op::SetState { key, value, .. } => {
-                        sqlx::query("INSERT INTO broker_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                        sqlx::query(UPSERT_STATE)
                             .bind(key.as_str())
                             .bind(value.as_str())
                             .execute(&mut *tx)
                             .await?;
                     }
+                    Op::Probe => {
+                        sqlx::query(UPSERT_STATE)
+                            .bind(PROBE_KEY)
+                            .bind(crate::message::now_ms().to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     Op::SetCursor { queue, target, offset, .. } => {
-                        sqlx::query($upsert_cursor)
+                        sqlx::query(UPSERT_CURSOR)
                             .bind(queue.as_str())
                             .bind(target.as_str())
                             .bind(*offset as i64)
@@ -568,28 +711,67 @@ macro_rules! apply_ops {
 }
 
 const UPSERT_CURSOR: &str = "INSERT INTO delivery_cursors (queue, target, pos) VALUES ($1, $2, $3) ON CONFLICT (queue, target) DO UPDATE SET pos = excluded.pos";
-const UPDATE_NEXT: &str = "UPDATE queues SET next_offset = $2 WHERE name = $1";
+const UPSERT_STATE: &str = "INSERT INTO broker_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// Moves a queue's next offset only from where this writer expects it.
+const ADVANCE_NEXT: &str =
+    "UPDATE queues SET next_offset = $3 WHERE name = $1 AND next_offset = $2";
+/// The key the writer's probe transactions write.
+const PROBE_KEY: &str = "broker.probe";
 
 mod sqlite_ops {
     use super::*;
-    apply_ops!(apply, sqlx::Sqlite, UPSERT_CURSOR, UPDATE_NEXT);
+    // IMMEDIATE: the write lock is taken at the start, never upgraded mid-transaction.
+    apply_ops!(apply, sqlx::Sqlite, "BEGIN IMMEDIATE");
 }
 mod pg_ops {
     use super::*;
-    apply_ops!(apply, sqlx::Postgres, UPSERT_CURSOR, UPDATE_NEXT);
+    apply_ops!(apply, sqlx::Postgres, "BEGIN");
 }
 use pg_ops::apply as apply_pg;
 use sqlite_ops::apply as apply_sqlite;
 
-macro_rules! open_queue {
+/// A queue's row (created if missing): its epoch and next offset. Stored cursors (a
+/// webhook target's, a poll consumer's) beyond the stored history prove that history
+/// was lost (e.g. a file restored from an older copy): the queue then starts a new
+/// epoch, with offsets continuing past every cursor so none of them skips new messages.
+macro_rules! queue_row {
     ($p:expr, $queue:expr) => {{
-        let row = sqlx::query("SELECT epoch, next_offset FROM queues WHERE name = $1")
-            .bind($queue)
-            .fetch_optional($p)
-            .await
-            .map_err(store_err)?;
-        let (epoch, next_offset): (String, i64) = match row {
-            Some(r) => (r.get(0), r.get(1)),
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT epoch, next_offset FROM queues WHERE name = $1")
+                .bind($queue)
+                .fetch_optional($p)
+                .await
+                .map_err(store_err)?;
+        match row {
+            Some((epoch, next)) => {
+                let beyond: Option<i64> = sqlx::query_scalar(CURSORS_BEYOND)
+                    .bind($queue)
+                    .bind(next - 1)
+                    .fetch_one($p)
+                    .await
+                    .map_err(store_err)?;
+                match beyond {
+                    None => (epoch, next),
+                    Some(cursor) => {
+                        let epoch = random_epoch().to_string();
+                        tracing::error!(
+                            queue = $queue,
+                            stored_next_offset = next,
+                            cursor,
+                            %epoch,
+                            "the stored history is older than its cursors (restored from an older copy?): new epoch, readers will be told to refresh"
+                        );
+                        sqlx::query("UPDATE queues SET epoch = $2, next_offset = $3 WHERE name = $1")
+                            .bind($queue)
+                            .bind(&epoch)
+                            .bind(cursor + 1)
+                            .execute($p)
+                            .await
+                            .map_err(store_err)?;
+                        (epoch, cursor + 1)
+                    }
+                }
+            }
             None => {
                 let epoch = random_epoch().to_string();
                 sqlx::query("INSERT INTO queues (name, epoch, next_offset) VALUES ($1, $2, 1)")
@@ -600,15 +782,26 @@ macro_rules! open_queue {
                     .map_err(store_err)?;
                 (epoch, 1)
             }
-        };
-        let rows = sqlx::query("SELECT pos, body, content_type, headers, received_at_ms FROM messages WHERE queue = $1 ORDER BY pos")
+        }
+    }};
+}
+
+/// The highest cursor of a queue above `$2` (its newest stored offset), if any.
+const CURSORS_BEYOND: &str = "SELECT MAX(v) FROM (
+    SELECT MAX(pos) AS v FROM delivery_cursors WHERE queue = $1 AND pos > $2
+    UNION ALL SELECT MAX(last_seen) AS v FROM consumers WHERE queue = $1 AND last_seen > $2) AS beyond";
+
+/// A queue's stored messages after offset `$after`, oldest first.
+macro_rules! messages_after {
+    ($p:expr, $queue:expr, $after:expr) => {{
+        let rows = sqlx::query("SELECT pos, body, content_type, headers, received_at_ms FROM messages WHERE queue = $1 AND pos > $2 ORDER BY pos")
             .bind($queue)
+            .bind($after as i64)
             .fetch_all($p)
             .await
             .map_err(store_err)?;
         let name: Arc<str> = Arc::from($queue);
-        let messages = rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
                 let body: Vec<u8> = r.get(1);
                 let content_type: Option<String> = r.get(2);
@@ -626,7 +819,14 @@ macro_rules! open_queue {
                     audience: None,
                 })
             })
-            .collect();
+            .collect::<Vec<_>>()
+    }};
+}
+
+macro_rules! open_queue {
+    ($p:expr, $queue:expr) => {{
+        let (epoch, next_offset) = queue_row!($p, $queue);
+        let messages = messages_after!($p, $queue, 0u64);
         let delayed = sqlx::query("SELECT id, at_ms, body, content_type, headers FROM delayed WHERE queue = $1 ORDER BY id")
             .bind($queue)
             .fetch_all($p)
@@ -658,6 +858,18 @@ macro_rules! open_queue {
     }};
 }
 
+macro_rules! tail_queue {
+    ($p:expr, $queue:expr, $after:expr) => {{
+        let (epoch, next_offset) = queue_row!($p, $queue);
+        let messages = messages_after!($p, $queue, $after);
+        Ok(StoredTail {
+            epoch: Arc::from(epoch),
+            messages,
+            next_offset: next_offset as u64,
+        })
+    }};
+}
+
 macro_rules! read_cursor {
     ($p:expr, $queue:expr, $target:expr) => {{
         let v: Option<i64> =
@@ -680,7 +892,18 @@ impl Store for SqlStore {
                 Pool::Postgres(p) => open_queue!(p, queue.as_str()),
             }
         }
-        .boxed()
+        .detached()
+    }
+
+    fn tail(&self, queue: &str, after: u64) -> BoxFuture<'static, Result<StoredTail, Error>> {
+        let (pool, queue) = (self.pool.clone(), queue.to_owned());
+        async move {
+            match &pool {
+                Pool::Sqlite(p) => tail_queue!(p, queue.as_str(), after),
+                Pool::Postgres(p) => tail_queue!(p, queue.as_str(), after),
+            }
+        }
+        .detached()
     }
 
     fn append(
@@ -750,7 +973,7 @@ impl Store for SqlStore {
                 Pool::Postgres(p) => read_cursor!(p, queue.as_str(), target.as_str()),
             }
         }
-        .boxed()
+        .detached()
     }
 
     fn set_delivery_cursor(
@@ -790,7 +1013,7 @@ impl Store for SqlStore {
                 })
                 .collect())
         }
-        .boxed()
+        .detached()
     }
 
     fn save_attempt(&self, queue: &str, target: &str, attempt: StoredAttempt) {
@@ -836,7 +1059,7 @@ impl Store for SqlStore {
                 })
                 .collect())
         }
-        .boxed()
+        .detached()
     }
 
     fn save_consumer(&self, consumer: StoredConsumer) {
@@ -861,7 +1084,7 @@ impl Store for SqlStore {
             .map_err(store_err)?;
             Ok(v)
         }
-        .boxed()
+        .detached()
     }
 
     fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>> {
@@ -916,18 +1139,24 @@ mod tests {
         }
     }
 
+    async fn sqlite_store(dir: &tempfile::TempDir) -> SqlStore {
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        SqlStore::connect(&url, Arc::new(Metrics::new()), None)
+            .await
+            .unwrap()
+    }
+
     /// Trims of one batch are merged, and a trim sent before a queue was removed never
     /// reaches the messages of the queue created again under that name.
     #[actix::test]
     async fn trims_in_one_batch_are_merged_and_end_at_a_removal() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/t.db", dir.path().display());
-        let store = SqlStore::connect(&url, Arc::new(Metrics::new()))
-            .await
-            .unwrap();
+        let store = sqlite_store(&dir).await;
         let Pool::Sqlite(pool) = &store.pool else {
             unreachable!()
         };
+        store.open("a").await.unwrap();
+        store.open("b").await.unwrap();
         let mut conn = pool.acquire().await.unwrap();
         let batch = vec![
             append("a", 1..=5),
@@ -938,10 +1167,13 @@ mod tests {
             append("b", 1..=8),
             trim("b", 7),
             Op::Remove { queue: "b".into() },
-            append("b", 1..=3),
             trim("b", 2),
         ];
-        apply_sqlite(&mut conn, &batch).await.unwrap();
+        apply_sqlite(&mut conn, &batch, None).await.unwrap();
+        store.open("b").await.unwrap();
+        apply_sqlite(&mut conn, &[append("b", 1..=3), trim("b", 2)], None)
+            .await
+            .unwrap();
         let sql = "SELECT pos FROM messages WHERE queue = $1 ORDER BY pos";
         for (queue, kept) in [("a", vec![4, 5, 6]), ("b", vec![2, 3])] {
             let rows: Vec<i64> = sqlx::query_scalar(sql)
@@ -951,5 +1183,107 @@ mod tests {
                 .unwrap();
             assert_eq!(rows, kept, "queue {queue}");
         }
+    }
+
+    /// An append must continue the stored history: not skip past it (an earlier commit
+    /// failed), not write over it (another writer), not leave a hole inside a batch.
+    #[actix::test]
+    async fn appends_that_do_not_continue_the_stored_history_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        store.open("q").await.unwrap();
+        store
+            .append("q", (1..=2).map(|o| msg("q", o)).collect())
+            .await
+            .unwrap();
+        for offsets in [vec![4], vec![2], vec![3, 5]] {
+            let batch = offsets.iter().map(|o| msg("q", *o)).collect();
+            let err = store.append("q", batch).await.unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("do not continue the stored history"),
+                "{offsets:?}: {err}"
+            );
+        }
+        store.append("q", vec![msg("q", 3)]).await.unwrap();
+        let tail = store.tail("q", 1).await.unwrap();
+        let offsets: Vec<u64> = tail.messages.iter().map(|m| m.offset).collect();
+        assert_eq!((offsets, tail.next_offset), (vec![2, 3], 4));
+    }
+
+    /// The full disk: SQLite refuses writes past `max_page_count` with SQLITE_FULL
+    /// (the end-to-end test fills a real file system). Every refused append stays
+    /// refused (no later "commit" of a savepoint on a connection left inside a failed
+    /// transaction), and a new store (a restart) finds exactly what was acknowledged and
+    /// goes on from there.
+    #[actix::test]
+    async fn a_full_database_acknowledges_nothing_it_does_not_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = format!("{}/t.db", dir.path().display());
+        let store = SqlStore::connect_sqlite(
+            &path,
+            |o| o.pragma("max_page_count", "40"),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        store.open("q").await.unwrap();
+        let big = |o: u64| {
+            let mut m = (*msg("q", o)).clone();
+            m.body = Bytes::from(vec![b'x'; 3000]);
+            Arc::new(m)
+        };
+        let (mut next, mut acked, mut refused) = (1u64, Vec::new(), 0);
+        while refused < 50 {
+            match store.append("q", vec![big(next)]).await {
+                Ok(()) => {
+                    assert_eq!(refused, 0, "acknowledged after a refusal, offset {next}");
+                    acked.push(next);
+                    next += 1;
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("full"), "{e}");
+                    refused += 1;
+                }
+            }
+            assert!(next < 1000, "the limit never bit");
+        }
+        assert!(acked.len() > 3, "{acked:?}");
+        assert!(!store.healthy());
+        drop(store);
+        // The writer thread lets go of the file lock with the store: wait for it.
+        let store = loop {
+            match SqlStore::connect(&format!("sqlite://{path}"), Arc::new(Metrics::new()), None)
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(e.to_string().contains("in use"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let back = store.open("q").await.unwrap();
+        let offsets: Vec<u64> = back.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, acked);
+        assert_eq!(back.next_offset, next);
+        store.append("q", vec![big(next)]).await.unwrap();
+    }
+
+    /// A second store on one SQLite file is refused, naming the file and the holder.
+    #[actix::test]
+    async fn a_second_store_on_one_sqlite_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = sqlite_store(&dir).await;
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let err = SqlStore::connect(&url, Arc::new(Metrics::new()), None)
+            .await
+            .err()
+            .expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("t.db") && msg.contains(&format!("process {}", std::process::id())),
+            "{msg}"
+        );
     }
 }
