@@ -559,6 +559,28 @@ impl Queue {
         });
     }
 
+    /// A reader that knows the current epoch and has seen offsets beyond the newest
+    /// one proves that history was lost (the store restored from an older copy): the
+    /// queue takes a new epoch, so no reader is ever shown other messages under offsets
+    /// it has seen once new publishes reach them. Every reader resuming with the old
+    /// epoch is told to refresh.
+    fn note_position(&mut self, since: u64, epoch: Option<&str>) {
+        if since <= self.head || epoch != Some(&*self.epoch) {
+            return;
+        }
+        let new = crate::store::random_epoch();
+        tracing::error!(
+            queue = %self.name,
+            since,
+            head = self.head,
+            old = %self.epoch,
+            new = %new,
+            "a reader has seen offsets this queue does not have: its history was lost; new epoch"
+        );
+        self.store.set_epoch(&self.name, &new);
+        self.epoch = new;
+    }
+
     fn batch_after(&self, since: u64, limit: usize) -> Vec<Arc<Message>> {
         let start = self.log.partition_point(|m| m.offset <= since);
         self.log.range(start..).take(limit).cloned().collect()
@@ -829,6 +851,7 @@ impl Handler<Read> for Queue {
     type Result = Result<Batch, Error>;
 
     fn handle(&mut self, msg: Read, _: &mut Self::Context) -> Self::Result {
+        self.note_position(msg.since, msg.epoch.as_deref());
         let unrecoverable = || Error::UnrecoverablePosition {
             queue: self.name.to_string(),
             since: msg.since,
@@ -945,6 +968,7 @@ impl Handler<Subscribe> for Queue {
         let mut replay = Vec::new();
         let (mut recovered, mut unrecoverable) = (false, false);
         if let Some(since) = msg.since {
+            self.note_position(since, msg.epoch.as_deref());
             let epoch_ok = msg.epoch.as_deref().is_none_or(|e| e == &*self.epoch);
             if epoch_ok && since <= self.head && since + 1 >= self.first_retained() {
                 replay = self.batch_after(since, usize::MAX);
@@ -1115,6 +1139,32 @@ mod tests {
             "offset 3 is stored, so it is taken"
         );
         assert_eq!(visible(&q).await, vec![1, 2, 3, 4]);
+    }
+
+    /// A reader that saw offsets beyond the newest under the current epoch (history
+    /// lost, e.g. a restored file) makes the queue take a new epoch: that reader and
+    /// every other one resuming with the old epoch are told to refresh, even after new
+    /// publishes reach the offsets they saw.
+    #[actix::test]
+    async fn a_reader_ahead_of_the_queue_proves_lost_history() {
+        let (q, _) = spawn(limits(100, 100, 10_000));
+        let old = publish(&q, &[1, 1]).await.unwrap().epoch;
+        let read = |since: u64, epoch: &str| Read {
+            since,
+            epoch: Some(epoch.to_owned()),
+            limit: 100,
+        };
+        let ahead = q.send(read(5, &old)).await.unwrap();
+        let Err(Error::UnrecoverablePosition { epoch, offset, .. }) = ahead else {
+            panic!("{ahead:?}")
+        };
+        assert_ne!(epoch, &*old);
+        assert_eq!(offset, 2);
+        publish(&q, &[1, 1, 1, 1]).await.unwrap();
+        let behind = q.send(read(2, &old)).await.unwrap();
+        assert!(matches!(behind, Err(Error::UnrecoverablePosition { .. })));
+        let fine = q.send(read(2, &epoch)).await.unwrap().unwrap();
+        assert_eq!(fine.messages.len(), 4);
     }
 
     #[actix::test]

@@ -190,6 +190,10 @@ impl Store for MemoryStore {
         self.queues.lock().expect("memory store lock").remove(queue);
     }
 
+    fn set_epoch(&self, queue: &str, epoch: &str) {
+        self.with(queue, |q| q.epoch = Some(Arc::from(epoch)));
+    }
+
     fn delivery_cursor(
         &self,
         queue: &str,

@@ -131,6 +131,8 @@ pub trait Store: Send + Sync + 'static {
     fn trim(&self, queue: &str, first_kept: u64);
     /// Forgets a queue entirely (removed from the config), delivery cursors included.
     fn remove(&self, queue: &str);
+    /// Gives a queue a new epoch (its history was found lost); offsets go on.
+    fn set_epoch(&self, queue: &str, epoch: &str);
     /// The settled delivery cursor of webhook `target` of `queue`: every message up to
     /// it was delivered or dead-lettered. `None` for a new target.
     fn delivery_cursor(

@@ -122,6 +122,10 @@ enum Op {
     },
     /// A small write that tells whether the store takes writes (readiness).
     Probe,
+    SetEpoch {
+        queue: String,
+        epoch: String,
+    },
 }
 
 /// Reads run as tasks of their own: the caller (an actor) may be dropped with the
@@ -650,6 +654,13 @@ macro_rules! apply_ops {
                             .execute(&mut *tx)
                             .await?;
                     }
+                    Op::SetEpoch { queue, epoch } => {
+                        sqlx::query("UPDATE queues SET epoch = $2 WHERE name = $1")
+                            .bind(queue.as_str())
+                            .bind(epoch.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     Op::Probe => {
                         sqlx::query(UPSERT_STATE)
                             .bind(PROBE_KEY)
@@ -961,6 +972,13 @@ impl Store for SqlStore {
         });
     }
 
+    fn set_epoch(&self, queue: &str, epoch: &str) {
+        self.send(Op::SetEpoch {
+            queue: queue.to_owned(),
+            epoch: epoch.to_owned(),
+        });
+    }
+
     fn delivery_cursor(
         &self,
         queue: &str,
@@ -1268,6 +1286,35 @@ mod tests {
         assert_eq!(offsets, acked);
         assert_eq!(back.next_offset, next);
         store.append("q", vec![big(next)]).await.unwrap();
+    }
+
+    /// Stored cursors beyond the stored history (the messages were lost, the cursors
+    /// not) give the queue a new epoch at open, offsets continuing past every cursor.
+    #[actix::test]
+    async fn cursors_beyond_the_stored_history_start_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        let before = store.open("q").await.unwrap();
+        store
+            .append("q", (1..=2).map(|o| msg("q", o)).collect())
+            .await
+            .unwrap();
+        store
+            .set_delivery_cursor("q", "http://t/1", 7)
+            .await
+            .unwrap();
+        store.save_consumer(StoredConsumer {
+            user: "u".into(),
+            client: "c".into(),
+            queue: "q".into(),
+            last_seen: 9,
+        });
+        store.set_state("barrier", String::new()).await.unwrap();
+        let after = store.open("q").await.unwrap();
+        assert_ne!(after.epoch, before.epoch);
+        assert_eq!((after.next_offset, after.messages.len()), (10, 2));
+        let again = store.open("q").await.unwrap();
+        assert_eq!(again.epoch, after.epoch, "once, not at every open");
     }
 
     /// A second store on one SQLite file is refused, naming the file and the holder.
