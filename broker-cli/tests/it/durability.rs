@@ -55,7 +55,14 @@ async fn crash_and_recover(url: &str) {
             }
         }));
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while count.load(Ordering::SeqCst) < 400 {
+        // Publishers stop at their first refusal: none is expected under load.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishers stopped after {} acknowledgements",
+            count.load(Ordering::SeqCst)
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     b.child.kill().unwrap(); // SIGKILL, mid-load

@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 
 /// Most operations in one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// Depth of the writer's queue; senders wait beyond it (backpressure).
+/// Depth of the writer's queue; awaited operations beyond it are refused (overload).
 const WRITER_QUEUE: usize = 8192;
 
 /// The schema, version by version; `{BLOB}` and `{INT}` are filled per backend.
@@ -279,15 +279,27 @@ impl SqlStore {
     }
 
     /// Queues an operation and resolves once the transaction holding it committed.
+    ///
+    /// The operation is queued now, in call order, not when the future is first polled:
+    /// a queue's appends must reach the writer in offset order (a send that waited for
+    /// room could be overtaken, and the writer refuses offsets that do not continue the
+    /// stored history). A full writer queue is an overload: refused at once (503).
     fn commit(
         &self,
         op: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Op,
     ) -> BoxFuture<'static, Result<(), Error>> {
         let (done, wait) = oneshot::channel();
-        let op = op(done);
-        let writer = self.writer.clone();
+        let queued = self.writer.try_send(op(done));
         async move {
-            writer.send(op).await.map_err(|_| Error::ShuttingDown)?;
+            match queued {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(Error::Store(format!(
+                        "the store's write queue is full ({WRITER_QUEUE} operations waiting); try again"
+                    )))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ShuttingDown),
+            }
             wait.await.map_err(|_| Error::ShuttingDown)?
         }
         .boxed()
