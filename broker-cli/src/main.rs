@@ -1,5 +1,6 @@
 //! `broker`: the command line of the broker. Business logic lives in broker-core and
-//! broker-http; this crate parses arguments, sets up logging and TLS, and calls them.
+//! broker-http; this crate parses arguments, sets up logging and the crypto provider,
+//! serves (signals, the active lock on PostgreSQL) and runs the client subcommands.
 
 mod cmd;
 

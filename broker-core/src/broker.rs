@@ -1,7 +1,9 @@
 //! The running broker: settings that can be swapped by a reload, the hub, metrics,
 //! login checks and the shutdown signal. The HTTP layer holds one `Arc<Broker>`.
 
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::watch;
@@ -9,19 +11,22 @@ use tokio::sync::watch;
 use crate::actors::cron::{Cron, SetCrons};
 use crate::actors::hub::Deliveries;
 use crate::actors::leader::{Follow, Leader, SingleNode};
-use crate::actors::registry::{NotifyConnection, NotifyUser};
 use crate::actors::{
-    ApplySettings, ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published,
-    QueueHandle, Scheduled,
+    ApplySettings, Batch, ConnectionRegistry, ConsumerKey, ConsumerRead, Hub, Listen, Notify,
+    QueueHandle, Read, ResolveConsumer, Subscribe, SubscribePrefix, Subscribed, Subscriber,
+    Unlisten, Unsubscribe, UnsubscribePrefix,
 };
 use crate::auth::{hash_password, CredentialCache};
-use crate::config::{self, QueueKind};
-use crate::error::{Error, Rejection};
+use crate::config;
+use crate::error::Error;
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
-use crate::notify::{self, Route};
+use crate::notify::Route;
 use crate::settings::{QueueSpec, Runtime, Settings, UserSpec};
 use crate::store;
+
+use crate::ingress::{Ingress, SharedSettings};
+pub use crate::ingress::{PublishOutcome, PublishRequest, Publisher};
 
 /// webhook-queue's minimum password length for `/setPassword`.
 pub const MIN_PASSWORD_LEN: usize = 6;
@@ -31,13 +36,16 @@ pub struct Broker {
     hub: Addr<Hub>,
     store: Arc<dyn store::Store>,
     registry: Addr<ConnectionRegistry>,
-    leader: Addr<Leader>,
+    /// Kept for the broker's lifetime (its followers hold it too).
+    _leader: Addr<Leader>,
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
     /// Entities of the pg-hooks compatible routes.
     pub pg_hooks: crate::pg_hooks::PgHooks,
-    settings: RwLock<Arc<Settings>>,
+    settings: SharedSettings,
+    /// The one publish door (shared with cron and webhooks).
+    ingress: Ingress,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
     /// Nonces of signed pusher requests within their window.
@@ -93,17 +101,27 @@ impl Broker {
             .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
-            .map_err(|e| Error::Store(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
         let arbiter = Arbiter::new();
+        let shared: SharedSettings = Arc::new(RwLock::new(settings.clone()));
+        let registry = ConnectionRegistry::new(metrics.clone()).start();
         let deliveries = Deliveries {
             leader: leader.clone(),
             client,
             arbiter: arbiter.handle(),
+            settings: shared.clone(),
+            registry: registry.clone(),
         };
         let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+        let ingress = Ingress::new(
+            shared.clone(),
+            hub.clone(),
+            registry.clone(),
+            metrics.clone(),
+        );
         let cron = Cron::new(
             settings.crons.clone(),
-            hub.clone(),
+            ingress.clone(),
             metrics.clone(),
             store.clone(),
         )
@@ -111,17 +129,17 @@ impl Broker {
         leader.do_send(Follow {
             recipient: cron.clone().recipient(),
         });
-        let registry = ConnectionRegistry::new(metrics.clone()).start();
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Broker {
             hub,
             store,
             registry,
-            leader,
+            _leader: leader,
             cron,
             _deliveries: arbiter,
             pg_hooks,
-            settings: RwLock::new(settings),
+            settings: shared,
+            ingress,
             metrics,
             credentials: CredentialCache::default(),
             pusher_nonces: Default::default(),
@@ -136,123 +154,195 @@ impl Broker {
         &self.pusher_nonces
     }
 
-    /// The hub actor.
-    pub fn hub(&self) -> &Addr<Hub> {
-        &self.hub
+    /// The one publish call every producer makes: see [`Ingress::publish`].
+    pub async fn publish(&self, req: PublishRequest<'_>) -> Result<PublishOutcome, Error> {
+        self.ingress.publish(req).await
     }
 
-    /// The leadership actor.
-    pub fn leader(&self) -> &Addr<Leader> {
-        &self.leader
-    }
-
-    /// The cron scheduler.
-    pub fn cron(&self) -> &Addr<Cron> {
-        &self.cron
-    }
-
-    /// The registry of live connections.
-    pub fn registry(&self) -> &Addr<ConnectionRegistry> {
-        &self.registry
-    }
-
-    /// The publish pipeline shared by HTTP ingest and WebSocket `publish`, after the
-    /// caller has authenticated the publisher: content rules, notify-kind shapes, the
-    /// queue (limits), then routing of notifications. Refusals are counted here.
-    pub async fn publish(
+    /// The ingest checks that need no body: see [`Ingress::admit_ingest`].
+    pub fn admit_ingest<'a>(
         &self,
         queue: &str,
-        spec: &QueueSpec,
-        messages: Vec<NewMessage>,
-        deliver_at_ms: Option<i64>,
-    ) -> Result<PublishOutcome, Error> {
-        let counted = |e: Error| {
-            if let Error::Rejected { reason, .. } = &e {
-                self.metrics.reject(spec.label(), *reason);
-            }
-            e
-        };
-        let single = messages.len() == 1;
-        let mut routes = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let what = || {
-                if single {
-                    "the body".to_owned()
-                } else {
-                    format!("messages[{i}]")
-                }
-            };
-            if spec.json_only {
-                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&m.body) {
-                    return Err(counted(Error::rejected(
-                        Rejection::InvalidBody,
-                        format!("{} is not valid JSON: {e}", what()),
-                    )));
-                }
-            }
-            match notify::route(spec.kind, &m.body) {
-                Ok(Some(r)) => routes.push(r),
-                Ok(None) => {}
-                Err(Error::Rejected { reason, message }) => {
-                    return Err(counted(Error::Rejected {
-                        reason,
-                        message: format!("{}: {message}", what()),
-                    }))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let handle = self.queue(queue).await?;
-        if let Some(at) = deliver_at_ms.filter(|at| *at > crate::message::now_ms()) {
-            if spec.kind != QueueKind::Queue {
-                return Err(counted(Error::rejected(
-                    Rejection::InvalidBody,
-                    "notify queues deliver at once; `delay`/`at` are not accepted",
-                )));
-            }
-            let scheduled = handle
-                .addr
-                .send(PublishAt {
-                    messages,
-                    deliver_at_ms: at,
-                })
-                .await?
-                .map_err(counted)?;
-            return Ok(PublishOutcome {
-                published: None,
-                scheduled: Some(scheduled),
-                delivered: None,
-            });
-        }
-        let published = handle
-            .addr
-            .send(Publish { messages })
-            .await?
-            .map_err(counted)?;
-        let delivered = if spec.kind == QueueKind::Queue {
-            None
-        } else {
-            let mut n = 0;
-            for (route, data) in routes {
-                // The message is stored either way; an unknown connection gets nothing.
-                n += self.notify(route, data).await.unwrap_or(0);
-            }
-            Some(n)
-        };
-        Ok(PublishOutcome {
-            published: Some(published),
-            scheduled: None,
-            delivered,
-        })
+        client_ip: IpAddr,
+        headers: &'a dyn Fn(&str) -> Option<&'a str>,
+    ) -> Result<Arc<QueueSpec>, Error> {
+        self.ingress.admit_ingest(queue, client_ip, headers)
+    }
+
+    /// Counts a publish refused before it reached [`Broker::publish`]; returns it.
+    pub fn count_refusal(&self, label: &str, e: Error) -> Error {
+        self.ingress.count_refusal(label, e)
     }
 
     /// Pushes JSON `data` to a user's connections or to one connection; how many got it.
     pub async fn notify(&self, route: Route, data: bytes::Bytes) -> Result<usize, Error> {
-        let notify = Notify { data };
-        match route {
-            Route::User(user) => Ok(self.registry.send(NotifyUser { user, notify }).await?),
-            Route::Connection(id) => self.registry.send(NotifyConnection { id, notify }).await?,
+        self.ingress.notify(route, data).await
+    }
+
+    /// The queue `name`, created on first use if configured or matching a pattern.
+    pub(crate) async fn queue(&self, name: &str) -> Result<QueueHandle, Error> {
+        self.ingress.queue(name).await
+    }
+
+    /// Reads the messages of `queue` after `since` (the last offset the reader has seen;
+    /// `epoch` the one it belongs to), at most `limit`, long-polling up to `wait` when
+    /// there are none yet. The caller has checked the reader's grant.
+    pub async fn read(
+        &self,
+        queue: &str,
+        since: u64,
+        epoch: Option<String>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Batch, Error> {
+        let handle = self.queue(queue).await?;
+        let batch = self
+            .long_poll(&handle, wait, || {
+                handle.addr.send(Read {
+                    since,
+                    epoch: epoch.clone(),
+                    limit,
+                })
+            })
+            .await;
+        self.count_poll_read(queue, &batch);
+        batch
+    }
+
+    /// Creates a named poll consumer of `queue` for `key`, positioned after the newest
+    /// message. `exclusive` (webhook-queue's `/listen`): a connected consumer of that
+    /// name is an error; otherwise the same queue again is a no-op. The caller has
+    /// checked the grant.
+    pub async fn listen(
+        &self,
+        key: ConsumerKey,
+        queue: String,
+        exclusive: bool,
+    ) -> Result<(), Error> {
+        self.hub
+            .send(Listen {
+                key,
+                queue,
+                exclusive,
+            })
+            .await?
+    }
+
+    /// Removes a named poll consumer.
+    pub async fn unlisten(&self, key: ConsumerKey) -> Result<(), Error> {
+        self.hub.send(Unlisten { key }).await?
+    }
+
+    /// A named consumer's unread messages (at most `limit`, long-polling up to `wait`);
+    /// its cursor moves past them in the same step. The queue's name and the batch.
+    pub async fn consume(
+        &self,
+        key: ConsumerKey,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<(Arc<str>, Batch), Error> {
+        let handle = self
+            .hub
+            .send(ResolveConsumer { key: key.clone() })
+            .await??;
+        let batch = self
+            .long_poll(&handle, wait, || {
+                handle.addr.send(ConsumerRead {
+                    key: key.clone(),
+                    limit,
+                })
+            })
+            .await;
+        self.count_poll_read(&handle.name, &batch);
+        Ok((handle.name, batch?))
+    }
+
+    /// `broker_poll_reads_total{queue,outcome}`, once per answered read.
+    fn count_poll_read(&self, queue: &str, batch: &Result<Batch, Error>) {
+        let outcome = match batch {
+            Ok(b) if b.messages.is_empty() => "empty",
+            Ok(_) => "messages",
+            Err(Error::Refresh { .. }) => "refresh",
+            Err(_) => return,
+        };
+        if let Some(spec) = self.settings().queue(queue) {
+            self.metrics
+                .poll_reads
+                .with_label_values(&[spec.label(), outcome])
+                .inc();
         }
+    }
+
+    /// Runs `read` until it returns messages, `wait` passes, the queue goes away or the
+    /// broker shuts down. Wakes on the queue's change channel, not on a timer.
+    async fn long_poll<F, Fut>(
+        &self,
+        handle: &QueueHandle,
+        wait: Duration,
+        mut read: F,
+    ) -> Result<Batch, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Result<Batch, Error>, MailboxError>>,
+    {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = handle.changes.clone();
+        let mut shutdown = self.shutdown_signal();
+        loop {
+            // Mark the current version seen *before* reading, so a publish that lands
+            // between the read and the wait still wakes us.
+            changes.borrow_and_update();
+            let batch = read().await??;
+            if !batch.messages.is_empty() || wait.is_zero() || *shutdown.borrow() {
+                return Ok(batch);
+            }
+            let waiting = &self.metrics.poll_waiting;
+            waiting.inc();
+            let woken = tokio::select! {
+                changed = changes.changed() => changed.is_ok(),
+                _ = tokio::time::sleep_until(deadline) => false,
+                _ = shutdown.changed() => false,
+            };
+            waiting.dec();
+            if !woken {
+                return Ok(batch);
+            }
+        }
+    }
+
+    /// A queue's epoch, newest offset and oldest retained offset (admin views).
+    pub async fn head(&self, queue: &str) -> Result<crate::actors::queue::HeadInfo, Error> {
+        let handle = self.queue(queue).await?;
+        Ok(handle.addr.send(crate::actors::Head).await?)
+    }
+
+    /// The delivery state of each webhook target of `queue` (admin views).
+    pub async fn webhook_status(&self, queue: &str) -> Vec<crate::actors::webhook::WebhookStatus> {
+        crate::actors::hub::webhook_status(&self.hub, queue).await
+    }
+
+    /// Every cron with its schedule and next run (admin views).
+    pub async fn crons(&self) -> Result<Vec<crate::actors::cron::CronInfo>, Error> {
+        Ok(self.cron.send(crate::actors::cron::ListCrons).await?)
+    }
+
+    /// Every live WebSocket connection (admin views).
+    pub async fn connections(&self) -> Result<Vec<crate::actors::ConnectionInfo>, Error> {
+        Ok(self
+            .registry
+            .send(crate::actors::registry::ListConnections)
+            .await?)
+    }
+
+    /// Closes connection `id` with `disconnect`'s close frame.
+    pub async fn close_connection(
+        &self,
+        id: String,
+        disconnect: crate::actors::Disconnect,
+    ) -> Result<(), Error> {
+        self.registry
+            .send(crate::actors::registry::CloseConnection { id, disconnect })
+            .await?
     }
 
     /// The current settings (one consistent version; a reload swaps them whole).
@@ -270,28 +360,76 @@ impl Broker {
         self.started_at
     }
 
-    /// The queue `name`, created on first use if configured or matching a pattern.
-    pub async fn queue(&self, name: &str) -> Result<QueueHandle, Error> {
-        self.hub
-            .send(GetQueue {
-                name: name.to_owned(),
-            })
-            .await?
-            .ok_or_else(|| Error::UnknownQueue {
-                queue: name.to_owned(),
-            })
-    }
-
-    /// Subscribes to the queue `name` (created if a pattern allows): its address and the
-    /// queue's reply (epoch, head, replay).
+    /// Subscribes `subscriber` to the queue `name` (created if a pattern allows),
+    /// replaying what it missed after `since` (of `epoch`) in the same step: the handle
+    /// that ends it, and the queue's reply (epoch, head, replay). The caller has checked
+    /// the reader's grant.
     pub async fn subscribe(
         &self,
         name: &str,
-        subscribe: crate::actors::Subscribe,
-    ) -> Result<(Addr<crate::actors::Queue>, crate::actors::Subscribed), Error> {
+        subscriber: Subscriber,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Result<(Subscription, Subscribed), Error> {
         let handle = self.queue(name).await?;
-        let reply = handle.addr.send(subscribe).await?;
-        Ok((handle.addr, reply))
+        let id = subscriber.id;
+        let reply = handle
+            .addr
+            .send(Subscribe {
+                subscriber,
+                since,
+                epoch,
+            })
+            .await?;
+        let sub = Subscription {
+            id,
+            of: SubscriptionOf::Queue(handle.addr),
+        };
+        Ok((sub, reply))
+    }
+
+    /// Subscribes `subscriber` to every queue whose name starts with `prefix` and that
+    /// `grants` allow, now and as they start (WAMP's prefix match), live.
+    pub fn subscribe_prefix(
+        &self,
+        prefix: String,
+        grants: Vec<String>,
+        subscriber: Subscriber,
+    ) -> Subscription {
+        let id = subscriber.id;
+        self.hub.do_send(SubscribePrefix {
+            prefix,
+            grants,
+            subscriber,
+        });
+        Subscription {
+            id,
+            of: SubscriptionOf::Prefix(self.hub.clone()),
+        }
+    }
+
+    /// Registers a live connection (notifications, admin listing, disconnects); refused
+    /// past `max_per_user` connections of its user.
+    pub fn register_connection(
+        &self,
+        info: crate::actors::ConnectionInfo,
+        notify: Recipient<Notify>,
+        control: Recipient<crate::actors::Disconnect>,
+        max_per_user: usize,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + 'static {
+        let send = self.registry.send(crate::actors::registry::Register {
+            info,
+            notify,
+            control,
+            max_per_user,
+        });
+        async move { send.await? }
+    }
+
+    /// Forgets a connection (it closed).
+    pub fn unregister_connection(&self, id: Arc<str>) {
+        self.registry
+            .do_send(crate::actors::registry::Unregister { id });
     }
 
     /// Checks a login. Argon2 runs on the blocking pool; successes are cached briefly.
@@ -440,20 +578,15 @@ impl Broker {
                 audience: None,
                 body: m.body.clone(),
                 content_type: m.content_type.clone(),
-                headers: m
-                    .headers
-                    .iter()
-                    .filter(|(k, _)| !k.starts_with("x-broker-"))
-                    .cloned()
-                    .collect(),
+                headers: crate::message::without_broker_headers(&m.headers),
             };
-            let target = self.queue(origin).await?;
-            target
-                .addr
-                .send(Publish {
-                    messages: vec![message],
-                })
-                .await??;
+            self.publish(PublishRequest {
+                queue: origin,
+                publisher: Publisher::Broker,
+                messages: vec![message],
+                deliver_at_ms: None,
+            })
+            .await?;
             n += 1;
         }
         Ok((n, last))
@@ -496,15 +629,34 @@ struct PersistedState {
     pg_hooks: serde_json::Value,
 }
 
-/// What a publish did.
+/// A live subscription: what a transport holds instead of an actor's address.
+/// Dropping it does not end it; [`Subscription::cancel`] does.
 #[derive(Debug)]
-pub struct PublishOutcome {
-    /// Offsets and epoch (immediate publishes).
-    pub published: Option<Published>,
-    /// When the messages become visible (delayed publishes).
-    pub scheduled: Option<Scheduled>,
-    /// For notify-kind queues: connections that got the notification(s).
-    pub delivered: Option<usize>,
+pub struct Subscription {
+    id: u64,
+    of: SubscriptionOf,
+}
+
+#[derive(Debug)]
+enum SubscriptionOf {
+    Queue(Addr<crate::actors::Queue>),
+    Prefix(Addr<Hub>),
+}
+
+impl Subscription {
+    /// The subscriber's id (what its deliveries carry).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Ends the subscription (its queue, or every queue of a prefix, forgets it).
+    pub fn cancel(&self) {
+        let id = self.id;
+        match &self.of {
+            SubscriptionOf::Queue(q) => q.do_send(Unsubscribe { id }),
+            SubscriptionOf::Prefix(hub) => hub.do_send(UnsubscribePrefix { id }),
+        }
+    }
 }
 
 fn warn_weak_passwords(settings: &Settings) {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 
 use crate::config::{CronConfig, WebhookConfig};
@@ -120,17 +119,10 @@ impl WebhookSpec {
             None => None,
             Some(s) => {
                 let s = s.resolve().map_err(|m| ("signing_secret".to_owned(), m))?;
-                Some(match s.expose().strip_prefix("whsec_") {
-                    Some(b64) => base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .map_err(|_| {
-                            (
-                                "signing_secret".to_owned(),
-                                "`whsec_` must be followed by base64".to_owned(),
-                            )
-                        })?,
-                    None => s.expose().as_bytes().to_vec(),
-                })
+                Some(
+                    crate::auth::standard_webhooks_key(s.expose())
+                        .map_err(|m| ("signing_secret".to_owned(), m))?,
+                )
             }
         };
         Ok(WebhookSpec {

@@ -1,5 +1,6 @@
-//! The one error type of broker-core. broker-http maps each variant to a status and a
-//! `{"code","message","refresh"}` body in one place.
+//! The one error type of broker-core. Each error gets its public code here
+//! ([`Error::code`]); broker-http maps codes to statuses in one table, broker-ws sends the
+//! same codes (native) or maps them to WAMP URIs in one table.
 
 use std::fmt;
 
@@ -43,6 +44,8 @@ pub enum Rejection {
     InvalidBody,
     /// The queue holds `max_delayed_messages` already.
     TooManyDelayed,
+    /// The session may not publish into that queue (its grants).
+    NotGranted,
 }
 
 impl Rejection {
@@ -58,6 +61,7 @@ impl Rejection {
             Rejection::MessageTooLarge => "message_too_large",
             Rejection::InvalidBody => "invalid_body",
             Rejection::TooManyDelayed => "too_many_delayed",
+            Rejection::NotGranted => "not_granted",
         }
     }
 }
@@ -198,9 +202,49 @@ pub enum Error {
     /// An actor is gone (shutting down).
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// The broker could not set itself up (e.g. its HTTP client for webhooks).
+    #[error("cannot start: {0}")]
+    Startup(String),
 }
 
 impl Error {
+    /// The error's public `code` (snake_case), the same on every protocol: the `code` of
+    /// HTTP error bodies and of native WebSocket `error` events. Assigned here, once;
+    /// each protocol maps codes to its own statuses or URIs in one table.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Rejected { reason, .. } => reason.as_str(),
+            Error::UnknownQueue { .. } => "unknown_queue",
+            Error::UnrecoverablePosition { .. } => "unrecoverable_position",
+            Error::Refresh { .. } => "refresh",
+            Error::ClientNotFound { .. } => "unknown_client",
+            Error::ClientExists { .. } => "client_exists",
+            Error::ClientDisconnected { .. } => "client_disconnected",
+            Error::BadLogin => "bad_login",
+            Error::NotGranted { .. } => "not_granted",
+            Error::ReloadNotAllowed => "reload_not_allowed",
+            Error::PasswordTooShort { .. } => "password_too_short",
+            Error::NotWritable(_) => "config_not_writable",
+            Error::Io { .. } | Error::Parse(_) | Error::Invalid(_) => "invalid_config",
+            Error::TooManyConnections { .. } => "too_many_connections",
+            Error::UnknownConnection { .. } => "unknown_connection",
+            Error::DefinedInConfig { .. } => "defined_in_config",
+            Error::Exists { .. } => "exists",
+            Error::UnknownCron { .. } => "unknown_cron",
+            Error::Store(_) => "store_unavailable",
+            Error::ShuttingDown => "shutting_down",
+            Error::Startup(_) => "internal",
+        }
+    }
+
+    /// Whether the reader must start over (`refresh: true` in error bodies).
+    pub fn refresh(&self) -> bool {
+        matches!(
+            self,
+            Error::UnrecoverablePosition { .. } | Error::Refresh { .. }
+        )
+    }
+
     /// Shorthand for an ingest rejection.
     pub fn rejected(reason: Rejection, message: impl Into<String>) -> Self {
         Error::Rejected {

@@ -1,23 +1,29 @@
 //! broker-core: the model and the machinery of `broker`, without HTTP.
 //!
+//! - [`Broker`]: the running broker as the transports see it — the one publish call
+//!   ([`Broker::publish`]), settings that a reload swaps, login checks, shutdown.
 //! - [`config`]: the configuration model (native shape and webhook-queue's), loading with
 //!   environment overrides, and write-back for password changes;
 //!   [`settings::Settings`] is its validated, compiled form.
-//! - [`actors`]: `Hub` (name → queue, poll-consumer registry) and `Queue` (a bounded,
-//!   ordered log with offsets, an epoch and drop-oldest limits).
-//! - [`store`]: the `Store` trait behind every append, and its memory backend.
-//! - [`auth`]: ingest verifiers, user passwords, client addresses behind proxies.
+//! - [`actors`]: `Hub` (queue registry, poll consumers, prefix subscriptions, webhook
+//!   supervision), `Queue` (one bounded, ordered log each), `Webhook` (one target each),
+//!   `Cron`, `ConnectionRegistry`, `Leader`.
+//! - [`store`]: the `Store` trait behind every write, and its memory, SQLite and
+//!   PostgreSQL backends (with the active lock and its fence).
+//! - [`auth`]: ingest verifiers, user passwords, tokens, client addresses behind proxies.
+//! - [`error`]: the one error type; each error's public code is assigned there.
 //! - [`metrics`]: the Prometheus registry.
-//! - [`Broker`]: the running broker as the HTTP layer sees it — settings that can be
-//!   reloaded, the hub, metrics, login checks, shutdown.
+//!
+//! docs/architecture.md is the map: who owns what, and the path of one message.
 
-pub mod actors;
+mod actors;
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod crossbar;
 pub mod delivery;
 pub mod error;
+mod ingress;
 pub mod message;
 pub mod metrics;
 pub mod notify;
@@ -25,5 +31,13 @@ pub mod pg_hooks;
 pub mod settings;
 pub mod store;
 
+pub use actors::{Batch, ConsumerKey};
+
+/// The interface of live subscribers (a WebSocket session): the messages a queue and
+/// the connection registry send them, and what they register with.
+pub mod subscriber {
+    pub use crate::actors::subscriber::*;
+    pub use crate::actors::ConnectionInfo;
+}
 pub use broker::Broker;
 pub use error::{Error, Rejection};

@@ -130,6 +130,26 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The prefix of the headers the broker itself sets (dead-letter provenance).
+pub const BROKER_HEADER_PREFIX: &str = "x-broker-";
+
+/// `headers` without the broker's own (`x-broker-*`).
+pub fn without_broker_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(BROKER_HEADER_PREFIX))
+        .cloned()
+        .collect()
+}
+
+/// The value of a `content-type` header among `headers` (any case).
+pub fn content_type_of(headers: &[(String, String)]) -> Option<std::sync::Arc<str>> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| std::sync::Arc::from(v.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

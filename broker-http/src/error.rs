@@ -3,7 +3,7 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use broker_core::{Error, Rejection};
+use broker_core::Error;
 
 use crate::wire::ErrorBody;
 
@@ -62,48 +62,7 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, bool) {
         use StatusCode as S;
         match self {
-            ApiError::Core(e) => match e {
-                Error::Rejected { reason, .. } => (
-                    match reason {
-                        Rejection::UnknownQueue => S::NOT_FOUND,
-                        Rejection::MissingCredentials => S::UNAUTHORIZED,
-                        Rejection::IpNotAllowed
-                        | Rejection::InvalidSignature
-                        | Rejection::StaleTimestamp => S::FORBIDDEN,
-                        Rejection::BodyTooLarge | Rejection::MessageTooLarge => {
-                            S::PAYLOAD_TOO_LARGE
-                        }
-                        Rejection::InvalidBody => S::BAD_REQUEST,
-                        Rejection::TooManyDelayed => S::TOO_MANY_REQUESTS,
-                    },
-                    reason.as_str(),
-                    false,
-                ),
-                Error::UnknownQueue { .. } => (S::NOT_FOUND, "unknown_queue", false),
-                Error::UnrecoverablePosition { .. } => (S::GONE, "unrecoverable_position", true),
-                Error::Refresh { .. } => (S::GONE, "refresh", true),
-                Error::ClientNotFound { .. } => (S::NOT_FOUND, "unknown_client", false),
-                Error::ClientExists { .. } => (S::CONFLICT, "client_exists", false),
-                // webhook-queue answers 410 without `refresh` here: listen again.
-                Error::ClientDisconnected { .. } => (S::GONE, "client_disconnected", false),
-                Error::BadLogin => (S::FORBIDDEN, "bad_login", false),
-                Error::NotGranted { .. } => (S::FORBIDDEN, "not_granted", false),
-                Error::ReloadNotAllowed => (S::FORBIDDEN, "reload_not_allowed", false),
-                Error::PasswordTooShort { .. } => (S::BAD_REQUEST, "password_too_short", false),
-                Error::NotWritable(_) => (S::CONFLICT, "config_not_writable", false),
-                Error::Io { .. } | Error::Parse(_) | Error::Invalid(_) => {
-                    (S::INTERNAL_SERVER_ERROR, "invalid_config", false)
-                }
-                Error::TooManyConnections { .. } => {
-                    (S::TOO_MANY_REQUESTS, "too_many_connections", false)
-                }
-                Error::UnknownConnection { .. } => (S::NOT_FOUND, "unknown_connection", false),
-                Error::DefinedInConfig { .. } => (S::CONFLICT, "defined_in_config", false),
-                Error::Exists { .. } => (S::CONFLICT, "exists", false),
-                Error::UnknownCron { .. } => (S::NOT_FOUND, "unknown_cron", false),
-                Error::Store(_) => (S::SERVICE_UNAVAILABLE, "store_unavailable", false),
-                Error::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", false),
-            },
+            ApiError::Core(e) => (status_of(e.code()), e.code(), e.refresh()),
             ApiError::MissingLogin(_) | ApiError::MissingToken => {
                 (S::UNAUTHORIZED, "missing_credentials", false)
             }
@@ -116,6 +75,25 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed", false),
             ApiError::Standby => (S::SERVICE_UNAVAILABLE, "standby", false),
         }
+    }
+}
+
+/// The HTTP status of each core error code: the one table.
+fn status_of(code: &str) -> StatusCode {
+    use StatusCode as S;
+    match code {
+        "unknown_queue" | "unknown_client" | "unknown_connection" | "unknown_cron" => S::NOT_FOUND,
+        "missing_credentials" => S::UNAUTHORIZED,
+        "ip_not_allowed" | "invalid_signature" | "stale_timestamp" | "bad_login"
+        | "not_granted" | "reload_not_allowed" => S::FORBIDDEN,
+        "body_too_large" | "message_too_large" => S::PAYLOAD_TOO_LARGE,
+        "invalid_body" | "password_too_short" => S::BAD_REQUEST,
+        "too_many_delayed" | "too_many_connections" => S::TOO_MANY_REQUESTS,
+        // webhook-queue answers 410 without `refresh` for a disconnected client.
+        "unrecoverable_position" | "refresh" | "client_disconnected" => S::GONE,
+        "client_exists" | "config_not_writable" | "defined_in_config" | "exists" => S::CONFLICT,
+        "store_unavailable" | "shutting_down" => S::SERVICE_UNAVAILABLE,
+        _ => S::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -184,6 +162,13 @@ impl From<broker_core::auth::crossbar::SignatureError> for PusherError {
 
 impl From<Error> for PusherError {
     fn from(e: Error) -> Self {
+        if e.code() == "ip_not_allowed" {
+            // Crossbar's wording and status for an address refusal.
+            return PusherError {
+                status: StatusCode::BAD_REQUEST,
+                message: "Request denied based on IP address.".into(),
+            };
+        }
         let api = ApiError::Core(e);
         PusherError {
             status: api.parts().0,
@@ -211,6 +196,26 @@ impl From<actix::MailboxError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use broker_core::Rejection;
+
+    #[test]
+    fn every_rejection_has_a_client_status() {
+        use Rejection::*;
+        for r in [
+            UnknownQueue,
+            IpNotAllowed,
+            MissingCredentials,
+            InvalidSignature,
+            StaleTimestamp,
+            BodyTooLarge,
+            MessageTooLarge,
+            InvalidBody,
+            TooManyDelayed,
+        ] {
+            let s = status_of(r.as_str());
+            assert!(s.is_client_error(), "{r:?}: {s}");
+        }
+    }
 
     #[test]
     fn statuses_follow_the_contract() {

@@ -1,14 +1,12 @@
 //! What handlers need from a request: the client address, the login, a size-limited
 //! body, and a long-poll loop.
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{http::header, web, HttpRequest};
 use base64::Engine;
-use broker_core::actors::{Batch, QueueHandle};
 use broker_core::auth::secrets::matches_secrets;
 use broker_core::settings::{Settings, UserSpec};
 use broker_core::{Broker, Error};
@@ -141,58 +139,24 @@ pub async fn read_body(
     Ok(buf.freeze())
 }
 
-/// Parses `wait=`: a duration such as `20s` or `1m`, or a bare number of seconds.
+/// Parses a duration given in a query (`wait=`, `delay=`): `20s`, `1m`, or a bare
+/// number of seconds; refused with `code` otherwise.
+pub fn parse_duration(name: &str, value: &str, code: &'static str) -> Result<Duration, ApiError> {
+    let v = value.trim();
+    match v.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(v).map_err(|_| {
+            ApiError::bad_request(code, format!("`{name}={v}` is not a duration like 20s"))
+        }),
+    }
+}
+
+/// Parses `wait=` (empty or absent: no wait), at most `max`.
 pub fn parse_wait(wait: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
     let Some(w) = wait.map(str::trim).filter(|w| !w.is_empty()) else {
         return Ok(Duration::ZERO);
     };
-    let d = match w.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(w).map_err(|_| {
-            ApiError::bad_request(
-                "invalid_wait",
-                format!("`wait={w}` is not a duration like 20s"),
-            )
-        })?,
-    };
-    Ok(d.min(max))
-}
-
-/// Runs `read` until it returns messages, `wait` passes, the queue goes away or the
-/// broker shuts down. Wakes on the queue's change channel, not on a timer.
-pub async fn long_poll<F, Fut>(
-    broker: &Broker,
-    handle: &QueueHandle,
-    wait: Duration,
-    mut read: F,
-) -> Result<Batch, ApiError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Result<Batch, Error>, actix::MailboxError>>,
-{
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut changes = handle.changes.clone();
-    let mut shutdown = broker.shutdown_signal();
-    loop {
-        // Mark the current version seen *before* reading, so a publish that lands
-        // between the read and the wait still wakes us.
-        changes.borrow_and_update();
-        let batch = read().await??;
-        if !batch.messages.is_empty() || wait.is_zero() || *shutdown.borrow() {
-            return Ok(batch);
-        }
-        let waiting = &broker.metrics().poll_waiting;
-        waiting.inc();
-        let woken = tokio::select! {
-            changed = changes.changed() => changed.is_ok(),
-            _ = tokio::time::sleep_until(deadline) => false,
-            _ = shutdown.changed() => false,
-        };
-        waiting.dec();
-        if !woken {
-            return Ok(batch);
-        }
-    }
+    Ok(parse_duration("wait", w, "invalid_wait")?.min(max))
 }
 
 /// Whether the request came over TLS: this server does not terminate TLS itself, so only

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
-use broker_core::actors::Batch;
 use broker_core::message::{BodyRepr, Message, NewMessage};
+use broker_core::Batch;
 use bytes::Bytes;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};

@@ -65,11 +65,7 @@ pub async fn connect(
         }
         Credentials::Basic(user, password) => {
             let u = broker.authenticate(&user, &password).await?;
-            Some(Identity {
-                user: u.name.clone(),
-                read: u.grants.clone(),
-                publish: u.publish.clone(),
-            })
+            Some(Identity::of_user(&u))
         }
         Credentials::None if settings.ws.config.allow_anonymous => {
             Some(Identity::anonymous(&settings.ws))

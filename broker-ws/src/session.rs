@@ -18,16 +18,16 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_http::ws::Item;
 use actix_web_actors::ws;
-use broker_core::actors::registry::{Register, Unregister};
-use broker_core::actors::subscriber::next_subscription_id;
-use broker_core::actors::{
-    ConnectionInfo, Deliver, Disconnect, Lagged, Notify, Queue, Subscribe, Subscriber, Unsubscribe,
-};
 use broker_core::auth::token::{self, Claims};
+use broker_core::broker::Subscription;
+use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
 use broker_core::config::SlowConsumer;
 use broker_core::message::{Message, NewMessage};
 use broker_core::settings::{grants, Settings, WsSettings};
-use broker_core::{Broker, Error};
+use broker_core::subscriber::{
+    next_subscription_id, ConnectionInfo, Deliver, Disconnect, Lagged, Notify, Subscriber,
+};
+use broker_core::Broker;
 use bytes::{Bytes, BytesMut};
 use serde_json::value::RawValue;
 
@@ -59,6 +59,15 @@ impl Identity {
         }
     }
 
+    /// A configured user that logged in (Basic at the upgrade, WAMP ticket).
+    pub fn of_user(u: &broker_core::settings::UserSpec) -> Self {
+        Identity {
+            user: u.name.clone(),
+            read: u.grants.clone(),
+            publish: u.publish.clone(),
+        }
+    }
+
     /// An anonymous session (only when `ws.allow_anonymous`).
     pub fn anonymous(ws: &WsSettings) -> Self {
         Identity {
@@ -72,8 +81,10 @@ impl Identity {
 pub(crate) struct Sub {
     /// Queue name, or the prefix of a prefix subscription.
     pub(crate) topic: String,
-    /// The queue, for an exact subscription (a prefix one is the Hub's).
-    pub(crate) queue: Option<Addr<Queue>>,
+    /// What ends it.
+    pub(crate) handle: Subscription,
+    /// An exact subscription (one queue, with a replay), not a prefix one.
+    pub(crate) exact: bool,
     pub(crate) pending: Arc<AtomicUsize>,
     /// Newest offset delivered (exact subscriptions: the replay/live seam).
     pub(crate) last_offset: u64,
@@ -141,7 +152,7 @@ impl WsSession {
     fn native_sub(&self, queue: &str) -> Option<u64> {
         self.subs
             .iter()
-            .find(|(_, s)| s.queue.is_some() && s.topic == queue)
+            .find(|(_, s)| s.exact && s.topic == queue)
             .map(|(id, _)| *id)
     }
 
@@ -203,24 +214,23 @@ impl WsSession {
         let user = identity.user.clone();
         self.identity = Some(identity);
         let addr = ctx.address();
-        let register = Register {
-            info: ConnectionInfo {
-                id: self.id.clone(),
-                user: user.clone(),
-                remote: self.remote.to_string(),
-                connected_at: chrono_now(),
-            },
-            notify: addr.clone().recipient(),
-            control: addr.recipient(),
-            max_per_user: self.ws.config.max_connections_per_user,
+        let info = ConnectionInfo {
+            id: self.id.clone(),
+            user: user.clone(),
+            remote: self.remote.to_string(),
+            connected_at: chrono_now(),
         };
-        let registry = self.broker.registry().clone();
+        let register = self.broker.register_connection(
+            info,
+            addr.clone().recipient(),
+            addr.recipient(),
+            self.ws.config.max_connections_per_user,
+        );
         ctx.wait(
-            registry
-                .send(register)
+            register
                 .into_actor(self)
                 .map(move |res, act, ctx| match res {
-                    Ok(Ok(())) => {
+                    Ok(()) => {
                         act.registered = true;
                         if act.is_wamp() {
                             act.wamp_welcome(ctx);
@@ -229,7 +239,10 @@ impl WsSession {
                             act.send(ctx, hello);
                         }
                     }
-                    Ok(Err(e)) => {
+                    Err(broker_core::Error::ShuttingDown) => {
+                        act.close(ctx, close::GOING_AWAY, "shutting_down")
+                    }
+                    Err(e) => {
                         if act.is_wamp() {
                             act.wamp_abort(ctx, crate::wamp::uri::NOT_AUTHORIZED, &e.to_string());
                         } else {
@@ -237,7 +250,6 @@ impl WsSession {
                         }
                         act.close(ctx, close::TOO_MANY_CONNECTIONS, "too_many_connections");
                     }
-                    Err(_) => act.close(ctx, close::GOING_AWAY, "shutting_down"),
                 }),
         );
     }
@@ -350,20 +362,13 @@ impl WsSession {
         let sub_id = subscriber.id;
         let broker = self.broker.clone();
         let name = queue.clone();
-        let fut = async move {
-            let sub = Subscribe {
-                subscriber,
-                since,
-                epoch,
-            };
-            broker.subscribe(&name, sub).await
-        };
+        let fut = async move { broker.subscribe(&name, subscriber, since, epoch).await };
         // `wait`: no delivery is handled before the replay is written, so the seam
         // between replay and live messages has no gap and no duplicate.
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-            let (queue_addr, reply) = match res {
+            let (handle, reply) = match res {
                 Ok(r) => r,
-                Err(e) => return act.error(ctx, id.as_deref(), error_code(&e), &e.to_string()),
+                Err(e) => return act.error(ctx, id.as_deref(), e.code(), &e.to_string()),
             };
             if reply.unrecoverable {
                 act.send(
@@ -388,7 +393,8 @@ impl WsSession {
                 sub_id,
                 Sub {
                     topic: queue,
-                    queue: Some(queue_addr),
+                    handle,
+                    exact: true,
                     pending,
                     last_offset: reply.head,
                 },
@@ -404,73 +410,50 @@ impl WsSession {
         queue: String,
         data: String,
     ) {
-        let id_ref = id.as_deref();
-        if !grants(&identity.publish, &queue) {
-            return self.error(
-                ctx,
-                id_ref,
-                "not_granted",
-                &format!("not allowed to publish to `{queue}`"),
-            );
-        }
-        let settings = self.broker.settings();
-        let Some(spec) = settings.queue(&queue).cloned() else {
-            return self.error(
-                ctx,
-                id_ref,
-                "unknown_queue",
-                &format!("unknown queue `{queue}`"),
-            );
-        };
-        if !spec.allows_ip(&self.remote) {
-            return self.error(
-                ctx,
-                id_ref,
-                "ip_not_allowed",
-                "this address may not publish to that queue",
-            );
-        }
         let msg = NewMessage {
             audience: None,
             body: Bytes::from(data),
             content_type: Some(Arc::from("application/json")),
             headers: Vec::new(),
         };
-        let broker = self.broker.clone();
+        let (broker, grants, remote) = (self.broker.clone(), identity.publish.clone(), self.remote);
         let fut = async move {
-            broker
-                .publish(&queue, &spec, vec![msg], None)
-                .await
-                .map(|o| (queue, o))
+            let out = broker
+                .publish(PublishRequest {
+                    queue: &queue,
+                    publisher: Publisher::Session {
+                        grants: &grants,
+                        client_ip: remote,
+                    },
+                    messages: vec![msg],
+                    deliver_at_ms: None,
+                })
+                .await?;
+            Ok::<_, broker_core::Error>((queue, out))
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok((queue, out)) => {
-                let Some(p) = &out.published else {
-                    return act.error(ctx, id.as_deref(), "error", "unexpected delayed publish");
-                };
-                let frame = protocol::published(
-                    id.as_deref(),
-                    &queue,
-                    p.last_offset,
-                    &p.epoch,
-                    out.delivered,
-                );
+            Ok((
+                queue,
+                PublishOutcome::Published {
+                    published: p,
+                    delivered,
+                },
+            )) => {
+                let frame =
+                    protocol::published(id.as_deref(), &queue, p.last_offset, &p.epoch, delivered);
                 act.send(ctx, frame);
             }
-            Err(e) => act.error(ctx, id.as_deref(), error_code(&e), &e.to_string()),
+            Ok((_, PublishOutcome::Scheduled(_))) => {
+                act.error(ctx, id.as_deref(), "error", "unexpected delayed publish")
+            }
+            Err(e) => act.error(ctx, id.as_deref(), e.code(), &e.to_string()),
         }));
     }
 
     /// Ends subscription `id` (with its queue, or the Hub for a prefix one).
     pub(crate) fn drop_sub(&mut self, id: u64) -> Option<Sub> {
         let sub = self.subs.remove(&id)?;
-        match &sub.queue {
-            Some(q) => q.do_send(Unsubscribe { id }),
-            None => self
-                .broker
-                .hub()
-                .do_send(broker_core::actors::UnsubscribePrefix { id }),
-        }
+        sub.handle.cancel();
         Some(sub)
     }
 
@@ -558,9 +541,7 @@ impl Actor for WsSession {
             self.drop_sub(id);
         }
         if self.registered {
-            self.broker.registry().do_send(Unregister {
-                id: self.id.clone(),
-            });
+            self.broker.unregister_connection(self.id.clone());
         }
         let m = self.broker.metrics();
         m.ws_connections.dec();
@@ -658,11 +639,7 @@ impl Handler<Deliver> for WsSession {
         };
         sub.pending.fetch_sub(msg.bytes, Ordering::AcqRel);
         // Exact subscriptions skip what their replay sent; prefix ones have no replay.
-        let from = if sub.queue.is_some() {
-            sub.last_offset
-        } else {
-            0
-        };
+        let from = if sub.exact { sub.last_offset } else { 0 };
         if let Some(last) = msg.messages.last() {
             sub.last_offset = sub.last_offset.max(last.offset);
         }
@@ -717,17 +694,6 @@ impl Handler<Disconnect> for WsSession {
 
     fn handle(&mut self, msg: Disconnect, ctx: &mut Self::Context) {
         self.close(ctx, msg.code, msg.reason);
-    }
-}
-
-/// The `code` of an error event for a core error.
-fn error_code(e: &Error) -> &'static str {
-    match e {
-        Error::Rejected { reason, .. } => reason.as_str(),
-        Error::UnknownQueue { .. } => "unknown_queue",
-        Error::Store(_) => "store_unavailable",
-        Error::ShuttingDown => "shutting_down",
-        _ => "error",
     }
 }
 

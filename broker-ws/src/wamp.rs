@@ -61,6 +61,10 @@ pub mod uri {
     pub const NO_SUCH_SUBSCRIPTION: &str = "wamp.error.no_such_subscription";
     /// Publication refused (limits, store failure).
     pub const PUBLISH_FAILED: &str = "broker.error.publish_failed";
+    /// Subscription refused for another reason than the topic or the grant.
+    pub const SUBSCRIBE_FAILED: &str = "broker.error.subscribe_failed";
+    /// The broker cannot serve this now (store unavailable, shutting down): retry.
+    pub const UNAVAILABLE: &str = "broker.error.unavailable";
     /// Too many subscriptions.
     pub const TOO_MANY_SUBSCRIPTIONS: &str = "broker.error.too_many_subscriptions";
     /// Normal close.
@@ -69,6 +73,23 @@ pub mod uri {
     pub const SYSTEM_SHUTDOWN: &str = "wamp.close.system_shutdown";
     /// Closed by an admin or a policy.
     pub const CLOSE_REALM: &str = "wamp.close.close_realm";
+}
+
+/// The WAMP error URI of a core error (by its public code): the one mapping. `other` is
+/// the URI of the request kind for errors without a WAMP meaning of their own
+/// ([`uri::PUBLISH_FAILED`], [`uri::SUBSCRIBE_FAILED`]).
+pub fn error_uri(e: &broker_core::Error, other: &'static str) -> &'static str {
+    match e.code() {
+        "unknown_queue" => uri::INVALID_URI,
+        "not_granted"
+        | "ip_not_allowed"
+        | "missing_credentials"
+        | "invalid_signature"
+        | "stale_timestamp"
+        | "bad_login" => uri::NOT_AUTHORIZED,
+        "store_unavailable" | "shutting_down" => uri::UNAVAILABLE,
+        _ => other,
+    }
 }
 
 /// The WebSocket subprotocol.

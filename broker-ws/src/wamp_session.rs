@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
-use broker_core::actors::{Lagged, Subscribe, SubscribePrefix};
+use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
 use broker_core::config::SlowConsumer;
 use broker_core::crossbar::{publication, publication_id};
 use broker_core::message::Audience;
 use broker_core::settings::grants;
+use broker_core::subscriber::Lagged;
 use serde_json::value::RawValue;
 
 use crate::protocol::close;
@@ -135,14 +136,7 @@ impl WsSession {
                 let broker = self.broker.clone();
                 let fut = async move { broker.authenticate(&authid, &ticket).await };
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-                    Ok(u) => {
-                        let identity = Identity {
-                            user: u.name.clone(),
-                            read: u.grants.clone(),
-                            publish: u.publish.clone(),
-                        };
-                        act.join(ctx, identity, "ticket");
-                    }
+                    Ok(u) => act.join(ctx, Identity::of_user(&u), "ticket"),
                     Err(e) => {
                         act.wamp_abort(ctx, uri::AUTHENTICATION_FAILED, &e.to_string());
                         act.close(ctx, close::INVALID_TOKEN, "invalid_token");
@@ -258,19 +252,18 @@ impl WsSession {
             let m = format!("at most {} subscriptions", self.ws.config.max_subscriptions);
             return refuse(self, ctx, uri::TOO_MANY_SUBSCRIPTIONS, &m);
         }
-        let sub_id = broker_core::actors::subscriber::next_subscription_id();
+        let sub_id = broker_core::subscriber::next_subscription_id();
         let (subscriber, pending) = self.new_subscriber(ctx, sub_id);
         if prefix {
-            self.broker.hub().do_send(SubscribePrefix {
-                prefix: topic.clone(),
-                grants: identity.read.clone(),
-                subscriber,
-            });
+            let handle =
+                self.broker
+                    .subscribe_prefix(topic.clone(), identity.read.clone(), subscriber);
             self.subs.insert(
                 sub_id,
                 Sub {
                     topic,
-                    queue: None,
+                    handle,
+                    exact: false,
                     pending,
                     last_offset: 0,
                 },
@@ -284,40 +277,32 @@ impl WsSession {
         let broker = self.broker.clone();
         let name = topic.clone();
         let fut = async move {
-            let sub = Subscribe {
-                subscriber,
-                since: None,
-                epoch: None,
-            };
-            let (queue, reply) = broker.subscribe(&name, sub).await?;
-            Ok::<_, broker_core::Error>((queue, reply.head))
+            let (handle, reply) = broker.subscribe(&name, subscriber, None, None).await?;
+            Ok::<_, broker_core::Error>((handle, reply.head))
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok((queue, head)) => {
+            Ok((handle, head)) => {
                 act.subs.insert(
                     sub_id,
                     Sub {
                         topic,
-                        queue: Some(queue),
+                        handle,
+                        exact: true,
                         pending,
                         last_offset: head,
                     },
                 );
                 act.send(ctx, wamp::subscribed(request, sub_id));
             }
-            Err(broker_core::Error::UnknownQueue { .. }) => {
-                let m = format!("`{topic}` is not a queue of this broker");
-                act.send(
-                    ctx,
-                    wamp::error(code::SUBSCRIBE, request, uri::INVALID_URI, &m),
-                );
-            }
             Err(e) => {
-                let m = e.to_string();
-                act.send(
-                    ctx,
-                    wamp::error(code::SUBSCRIBE, request, uri::PUBLISH_FAILED, &m),
-                );
+                let m = match &e {
+                    broker_core::Error::UnknownQueue { .. } => {
+                        format!("`{topic}` is not a queue of this broker")
+                    }
+                    e => e.to_string(),
+                };
+                let uri = wamp::error_uri(&e, uri::SUBSCRIBE_FAILED);
+                act.send(ctx, wamp::error(code::SUBSCRIBE, request, uri, &m));
             }
         }));
     }
@@ -343,23 +328,6 @@ impl WsSession {
                     act.send(ctx, wamp::error(code::PUBLISH, request, e, m));
                 }
             };
-        if !grants(&identity.publish, &topic) {
-            let m = format!("not allowed to publish to `{topic}`");
-            return refuse(self, ctx, uri::NOT_AUTHORIZED, &m);
-        }
-        let settings = self.broker.settings();
-        let Some(spec) = settings.queue(&topic).cloned() else {
-            let m = format!("`{topic}` is not a queue of this broker");
-            return refuse(self, ctx, uri::INVALID_URI, &m);
-        };
-        if !spec.allows_ip(&self.remote) {
-            return refuse(
-                self,
-                ctx,
-                uri::NOT_AUTHORIZED,
-                "this address may not publish there",
-            );
-        }
         let raw = |s: &Option<String>| {
             s.as_deref()
                 .and_then(|t| serde_json::from_str::<Box<RawValue>>(t).ok())
@@ -369,19 +337,35 @@ impl WsSession {
             raw(&kwargs).as_deref(),
             Some(audience),
         );
-        let broker = self.broker.clone();
+        let (broker, grants, remote) = (self.broker.clone(), identity.publish, self.remote);
         let fut = async move {
-            let out = broker.publish(&topic, &spec, vec![msg], None).await?;
+            let out = broker
+                .publish(PublishRequest {
+                    queue: &topic,
+                    publisher: Publisher::Session {
+                        grants: &grants,
+                        client_ip: remote,
+                    },
+                    messages: vec![msg],
+                    deliver_at_ms: None,
+                })
+                .await?;
             Ok::<_, broker_core::Error>((topic, out))
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((topic, out)) => {
-                if let (true, Some(p)) = (acknowledge, &out.published) {
+                if let (true, PublishOutcome::Published { published: p, .. }) = (acknowledge, &out)
+                {
                     let id = publication_id(&topic, p.last_offset);
                     act.send(ctx, wamp::published(request, id));
                 }
             }
-            Err(e) => refuse(act, ctx, uri::PUBLISH_FAILED, &e.to_string()),
+            Err(e) => refuse(
+                act,
+                ctx,
+                wamp::error_uri(&e, uri::PUBLISH_FAILED),
+                &e.to_string(),
+            ),
         }));
     }
 
@@ -403,12 +387,8 @@ impl WsSession {
         let queue: Arc<str> = msg.queue.clone();
         ctx.spawn(
             async move {
-                let sub = Subscribe {
-                    subscriber,
-                    since: None,
-                    epoch: None,
-                };
-                broker.subscribe(&queue, sub).await?;
+                // The session keeps its first handle: same queue, same subscription id.
+                broker.subscribe(&queue, subscriber, None, None).await?;
                 Ok::<_, broker_core::Error>(())
             }
             .into_actor(self)

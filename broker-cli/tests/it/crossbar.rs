@@ -14,24 +14,9 @@ use broker_core::config::Secret;
 use broker_core::crossbar::publication_id;
 use serde_json::{json, Value};
 
-use crate::support::{json, spawn_broker, write_config, ws_connect, BrokerProcess};
+use crate::support::{json, python, spawn_broker, write_config, ws_connect, BrokerProcess};
 
 const JWT: &str = "crossbar-test-jwt-secret";
-
-fn python() -> Option<String> {
-    match std::env::var("BROKER_TEST_PYTHON") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("BROKER_TEST_PYTHON is not set (CI runs these tests)")
-        }
-        _ => {
-            eprintln!(
-                "skipped: set BROKER_TEST_PYTHON to a Python with tests/python/requirements.txt"
-            );
-            None
-        }
-    }
-}
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

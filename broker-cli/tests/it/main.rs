@@ -8,6 +8,8 @@ mod faults;
 mod ha;
 mod observability;
 mod pg_hooks;
+mod publish_paths;
+mod standard_webhooks;
 mod support;
 mod webhook_queue;
 mod ws;

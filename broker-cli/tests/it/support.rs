@@ -7,6 +7,23 @@ use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 
+/// A Python with tests/python/requirements.txt (`BROKER_TEST_PYTHON`; `.ci/run` makes
+/// one); `None` (skip) without it, a failure when `CI` is set.
+pub fn python() -> Option<String> {
+    match std::env::var("BROKER_TEST_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("BROKER_TEST_PYTHON is not set (CI runs these tests)")
+        }
+        _ => {
+            eprintln!(
+                "skipped: set BROKER_TEST_PYTHON to a Python with tests/python/requirements.txt"
+            );
+            None
+        }
+    }
+}
+
 /// The binary under test.
 pub fn broker_bin() -> &'static str {
     env!("CARGO_BIN_EXE_broker")

@@ -12,11 +12,9 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::hub::{GetQueue, Hub};
 use super::leader::LeadershipChanged;
-use super::queue::Publish;
 use crate::delivery::CronSpec;
-use crate::error::Error;
+use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -65,16 +63,16 @@ struct Entry {
 pub struct Cron {
     entries: HashMap<String, Entry>,
     leader: bool,
-    hub: Addr<Hub>,
+    ingress: Ingress,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
 }
 
 impl Cron {
-    /// A scheduler publishing through `hub`.
-    pub fn new(
+    /// A scheduler publishing through the front door.
+    pub(crate) fn new(
         crons: Vec<Arc<CronSpec>>,
-        hub: Addr<Hub>,
+        ingress: Ingress,
         metrics: Arc<Metrics>,
         store: Arc<dyn Store>,
     ) -> Self {
@@ -93,7 +91,7 @@ impl Cron {
         Self {
             entries,
             leader: false,
-            hub,
+            ingress,
             metrics,
             store,
         }
@@ -170,19 +168,13 @@ impl Cron {
         e.timer = None;
         e.last_tick = Some(tick);
         let spec = e.spec.clone();
-        let hub = self.hub.clone();
+        let ingress = self.ingress.clone();
         let content_type = serde_json::from_slice::<serde::de::IgnoredAny>(&spec.body)
             .is_ok()
             .then(|| Arc::from("application/json"));
         let mut headers: Vec<(String, String)> = spec.config.headers.clone().into_iter().collect();
+        let content_type = crate::message::content_type_of(&headers).or(content_type);
         headers.push(("x-broker-cron".into(), spec.config.name.clone()));
-        let content_type = spec
-            .config
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-            .map(|(_, v)| Arc::from(v.as_str()))
-            .or(content_type);
         let message = NewMessage {
             audience: None,
             body: spec.body.clone(),
@@ -191,17 +183,14 @@ impl Cron {
         };
         let queue = spec.config.queue.clone();
         let fut = async move {
-            let h = hub
-                .send(GetQueue {
-                    name: queue.clone(),
-                })
-                .await?
-                .ok_or(Error::UnknownQueue { queue })?;
-            h.addr
-                .send(Publish {
+            ingress
+                .publish(PublishRequest {
+                    queue: &queue,
+                    publisher: Publisher::Broker,
                     messages: vec![message],
+                    deliver_at_ms: None,
                 })
-                .await?
+                .await
         };
         let label = name.to_owned();
         self.save_ticks();
@@ -331,7 +320,7 @@ impl Handler<ListCrons> for Cron {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::hub::Deliveries;
+    use crate::actors::hub::{Deliveries, GetQueue, Hub};
     use crate::actors::leader::testing::{elect, Manual};
     use crate::actors::leader::{Follow, Leader};
     use crate::actors::queue::Read;
@@ -369,6 +358,7 @@ mod tests {
         store: Arc<dyn Store>,
         leader: Addr<Leader>,
         hub: Addr<Hub>,
+        ingress: Ingress,
         _arbiter: Arbiter,
     }
 
@@ -389,19 +379,23 @@ mod tests {
             }
             let leader = Leader::new(election, metrics.clone()).start();
             let arbiter = Arbiter::new();
-            let deliveries = Deliveries {
-                leader: leader.clone(),
-                client: reqwest::Client::new(),
-                arbiter: arbiter.handle(),
-            };
-            let hub =
-                Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
+            let deliveries =
+                Deliveries::for_tests(leader.clone(), arbiter.handle(), &settings, &metrics);
+            let hub = Hub::new(
+                settings.clone(),
+                store.clone(),
+                metrics.clone(),
+                deliveries.clone(),
+            )
+            .start();
+            let ingress = deliveries.ingress(hub.clone(), &metrics);
             Harness {
                 settings,
                 metrics,
                 store,
                 leader,
                 hub,
+                ingress,
                 _arbiter: arbiter,
             }
         }
@@ -411,7 +405,7 @@ mod tests {
             let crons = self.settings.crons.clone();
             let cron = Cron::new(
                 crons,
-                self.hub.clone(),
+                self.ingress.clone(),
                 self.metrics.clone(),
                 self.store.clone(),
             )

@@ -95,6 +95,43 @@ pub struct Deliveries {
     pub client: reqwest::Client,
     /// The arbiter webhook actors run on, away from the HTTP workers.
     pub arbiter: ArbiterHandle,
+    /// The broker's settings (webhooks dead-letter through the front door).
+    pub settings: crate::ingress::SharedSettings,
+    /// The connection registry (the front door routes notifications there).
+    pub registry: Addr<super::ConnectionRegistry>,
+}
+
+#[cfg(test)]
+impl Deliveries {
+    /// Deliveries for a test: a fresh registry and the given settings.
+    pub(crate) fn for_tests(
+        leader: Addr<Leader>,
+        arbiter: ArbiterHandle,
+        settings: &Arc<Settings>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Deliveries {
+            leader,
+            client: reqwest::Client::new(),
+            arbiter,
+            settings: Arc::new(std::sync::RwLock::new(settings.clone())),
+            registry: super::ConnectionRegistry::new(metrics.clone()).start(),
+        }
+    }
+
+    /// A front door over `hub` with these deliveries' settings and registry.
+    pub(crate) fn ingress(
+        &self,
+        hub: Addr<Hub>,
+        metrics: &Arc<Metrics>,
+    ) -> crate::ingress::Ingress {
+        crate::ingress::Ingress::new(
+            self.settings.clone(),
+            hub,
+            self.registry.clone(),
+            metrics.clone(),
+        )
+    }
 }
 
 /// Subscribes to every queue whose name starts with `prefix` and that `grants` cover,
@@ -201,7 +238,12 @@ impl Hub {
             label.to_owned(),
             index,
             spec,
-            ctx.address(),
+            crate::ingress::Ingress::new(
+                self.deliveries.settings.clone(),
+                ctx.address(),
+                self.deliveries.registry.clone(),
+                self.metrics.clone(),
+            ),
             self.deliveries.client.clone(),
             self.metrics.clone(),
             self.store.clone(),

@@ -1,8 +1,9 @@
 //! `Leader`: runs the election and tells the actors that must run on exactly one node
 //! (`Webhook`, `Cron`) when this node gains or loses leadership.
 //!
-//! The election is a trait so that a PostgreSQL advisory-lock election can replace the
-//! single-node one without touching its followers.
+//! The election is a trait; today every broker runs [`SingleNode`] (always the leader):
+//! on PostgreSQL only the broker holding the active lock runs at all
+//! (`broker-cli/src/cmd/serve.rs`), so it is the single node.
 
 use std::sync::Arc;
 

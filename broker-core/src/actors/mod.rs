@@ -1,6 +1,7 @@
-//! The actors: `Hub` (queue registry), `Queue` (one log each) and `ConnectionRegistry`
-//! (live connections by id and user), one per file with the messages they handle above
-//! them; `subscriber` is the interface live subscribers implement.
+//! The actors, one per file with the messages they handle above them: `Hub` (queue
+//! registry), `Queue` (one log each), `Webhook` (one target each), `Cron`,
+//! `ConnectionRegistry` (live connections by id and user) and `Leader`; `subscriber` is
+//! the interface live subscribers implement.
 
 pub mod cron;
 pub mod hub;
@@ -15,8 +16,8 @@ pub use hub::{
     UnsubscribePrefix,
 };
 pub use queue::{
-    AddConsumer, Batch, ConsumerKey, ConsumerRead, Head, Publish, PublishAt, Published, Queue,
-    Read, Reconfigure, RemoveConsumer, Scheduled, Subscribe, Subscribed, Unsubscribe,
+    Batch, ConsumerKey, ConsumerRead, Head, Publish, PublishAt, Published, Queue, Read, Scheduled,
+    Subscribe, Subscribed, Unsubscribe,
 };
 pub use registry::{ConnectionInfo, ConnectionRegistry};
-pub use subscriber::{Deliver, Disconnect, Lagged, Notify, Subscriber};
+pub use subscriber::{Disconnect, Notify, Subscriber};

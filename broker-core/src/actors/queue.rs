@@ -924,10 +924,6 @@ impl Handler<ConsumerRead> for Queue {
             };
             self.save_cursor(&msg.key, head);
             self.consumers.insert(msg.key, jumped);
-            self.metrics
-                .poll_reads
-                .with_label_values(&[self.spec.label(), "refresh"])
-                .inc();
             return Err(Error::Refresh {
                 queue: self.name.to_string(),
                 reason: reason.to_owned(),
@@ -944,15 +940,6 @@ impl Handler<ConsumerRead> for Queue {
             self.save_cursor(&msg.key, last.offset);
             self.consumers.insert(msg.key, moved);
         }
-        let outcome = if messages.is_empty() {
-            "empty"
-        } else {
-            "messages"
-        };
-        self.metrics
-            .poll_reads
-            .with_label_values(&[self.spec.label(), outcome])
-            .inc();
         Ok(Batch {
             epoch: self.epoch.clone(),
             head,

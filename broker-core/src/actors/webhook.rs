@@ -16,11 +16,12 @@ use actix::prelude::*;
 use base64::Engine;
 use serde::Serialize;
 
-use super::hub::{GetQueue, Hub, QueueHandle};
+use super::hub::QueueHandle;
 use super::leader::LeadershipChanged;
-use super::queue::{Head, Publish, Read};
+use super::queue::{Head, Read};
 use crate::delivery::{WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
+use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredAttempt};
@@ -106,7 +107,7 @@ pub struct Webhook {
     label: String,
     index: usize,
     spec: Arc<WebhookSpec>,
-    hub: Addr<Hub>,
+    ingress: Ingress,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
@@ -138,7 +139,7 @@ impl Webhook {
         label: String,
         index: usize,
         spec: Arc<WebhookSpec>,
-        hub: Addr<Hub>,
+        ingress: Ingress,
         client: reqwest::Client,
         metrics: Arc<Metrics>,
         store: Arc<dyn Store>,
@@ -156,7 +157,7 @@ impl Webhook {
             label,
             index,
             spec,
-            hub,
+            ingress,
             client,
             metrics,
             store,
@@ -507,12 +508,7 @@ impl Webhook {
                 .inc();
             return;
         };
-        let mut headers: Vec<(String, String)> = m
-            .headers
-            .iter()
-            .filter(|(k, _)| !k.starts_with("x-broker-"))
-            .cloned()
-            .collect();
+        let mut headers = crate::message::without_broker_headers(&m.headers);
         headers.push((dlq_headers::QUEUE.into(), self.handle.name.to_string()));
         headers.push((dlq_headers::OFFSET.into(), m.offset.to_string()));
         headers.push((dlq_headers::TARGET.into(), self.spec.url.to_string()));
@@ -529,17 +525,16 @@ impl Webhook {
             content_type: m.content_type.clone(),
             headers,
         };
-        let hub = self.hub.clone();
+        let ingress = self.ingress.clone();
         let fut = async move {
-            let h = hub
-                .send(GetQueue { name: dlq.clone() })
-                .await?
-                .ok_or(Error::UnknownQueue { queue: dlq })?;
-            h.addr
-                .send(Publish {
+            ingress
+                .publish(PublishRequest {
+                    queue: &dlq,
+                    publisher: Publisher::Broker,
                     messages: vec![message],
+                    deliver_at_ms: None,
                 })
-                .await?
+                .await
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| match res {
             Ok(_) => {
@@ -701,8 +696,9 @@ impl Handler<GetStatus> for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::hub::Deliveries;
+    use crate::actors::hub::{Deliveries, GetQueue, Hub};
     use crate::actors::leader::{Leader, SingleNode};
+    use crate::actors::queue::Publish;
     use crate::config::parse;
     use crate::settings::Settings;
 
@@ -718,11 +714,7 @@ mod tests {
             .unwrap();
         let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
         let arbiter = Arbiter::new();
-        let deliveries = Deliveries {
-            leader,
-            client: reqwest::Client::new(),
-            arbiter: arbiter.handle(),
-        };
+        let deliveries = Deliveries::for_tests(leader, arbiter.handle(), &settings, &metrics);
         // A hub without the webhook (its own actor is started by hand below).
         let (cfg0, src0) = parse(
             None,
@@ -734,7 +726,7 @@ mod tests {
             Arc::new(Settings::compile(cfg0, src0).unwrap()),
             store.clone(),
             metrics.clone(),
-            deliveries,
+            deliveries.clone(),
         )
         .start();
         let handle = hub
@@ -765,7 +757,7 @@ mod tests {
             "q".into(),
             0,
             spec,
-            hub,
+            deliveries.ingress(hub, &metrics),
             reqwest::Client::new(),
             metrics,
             store.clone(),

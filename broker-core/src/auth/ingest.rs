@@ -106,18 +106,8 @@ impl IngestAuth {
             "standard-webhooks" => {
                 let mut decoded = Vec::new();
                 for k in need_keys()? {
-                    let raw = k.expose();
-                    let b64 = raw.strip_prefix("whsec_").unwrap_or(raw);
                     decoded.push(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b64)
-                            .map_err(|_| {
-                                (
-                                    "key".to_owned(),
-                                    "a standard-webhooks key is `whsec_` followed by base64"
-                                        .to_owned(),
-                                )
-                            })?,
+                        standard_webhooks_key(k.expose()).map_err(|m| ("key".to_owned(), m))?,
                     );
                 }
                 IngestAuth::StandardWebhooks(decoded, tolerance)
@@ -273,6 +263,22 @@ impl IngestAuth {
 }
 
 /// Hex HMAC of `body` with `key`: what webhook-queue's senders put in the header.
+/// The key bytes of a Standard Webhooks secret: base64, optionally after `whsec_` —
+/// the specification's definition, which its libraries apply to every secret. The one
+/// rule for ingest keys and outbound signing secrets alike.
+pub fn standard_webhooks_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::engine::{general_purpose, DecodePaddingMode, GeneralPurpose};
+    // Padding optional, as the reference libraries read it.
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        general_purpose::PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
+    LENIENT
+        .decode(b64)
+        .map_err(|_| "a Standard Webhooks secret is base64, optionally after `whsec_`".to_owned())
+}
+
 pub fn sign_hex(algo: HmacAlgo, key: &[u8], body: &[u8]) -> String {
     hex::encode(compute_mac(algo, key, &[body]))
 }

@@ -9,5 +9,5 @@ pub mod secrets;
 pub mod token;
 
 pub use client_ip::{client_ip, parse_nets};
-pub use ingest::{sign_hex, HmacAlgo, IngestAuth};
+pub use ingest::{sign_hex, standard_webhooks_key, HmacAlgo, IngestAuth};
 pub use password::{hash_password, CredentialCache, PasswordHash};

@@ -136,7 +136,7 @@ pub struct WebhookConfig {
     /// Deliveries in flight at once; 1 delivers strictly in order.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// Signs deliveries with Standard Webhooks headers (`whsec_…` or any secret).
+    /// Signs deliveries with Standard Webhooks headers: base64, optionally `whsec_`-prefixed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret: Option<Secret>,
     /// Queue that receives messages whose retries are exhausted.

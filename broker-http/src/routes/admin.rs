@@ -3,9 +3,6 @@
 //! crons, delivery status, and redrive of dead letters.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::actors::cron::ListCrons;
-use broker_core::actors::hub::webhook_status;
-use broker_core::actors::Head;
 use broker_core::config::{CronConfig, QueueConfig};
 use broker_core::settings::{QueueSpec, Runtime};
 use broker_core::{Broker, Error};
@@ -58,15 +55,13 @@ async fn describe(broker: &Broker, spec: &QueueSpec) -> serde_json::Value {
         "definition": definition,
     });
     if !spec.name.ends_with('*') {
-        if let Ok(h) = broker.queue(&spec.name).await {
-            if let Ok(info) = h.addr.send(Head).await {
-                v["epoch"] = info.epoch.to_string().into();
-                v["offset"] = info.head.into();
-                v["retained"] = (info.head + 1 - info.first).into();
-            }
+        if let Ok(info) = broker.head(&spec.name).await {
+            v["epoch"] = info.epoch.to_string().into();
+            v["offset"] = info.head.into();
+            v["retained"] = (info.head + 1 - info.first).into();
         }
-        v["webhooks"] = serde_json::to_value(webhook_status(broker.hub(), &spec.name).await)
-            .unwrap_or_default();
+        v["webhooks"] =
+            serde_json::to_value(broker.webhook_status(&spec.name).await).unwrap_or_default();
     }
     v
 }
@@ -200,7 +195,7 @@ pub async fn list_crons(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
-    let crons = broker.cron().send(ListCrons).await?;
+    let crons = broker.crons().await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "crons": crons })))
 }
 
@@ -214,7 +209,7 @@ pub async fn create_cron(
     let cfg = body.into_inner();
     let name = cfg.name.clone();
     define_cron(&broker, cfg).await?;
-    let crons = broker.cron().send(ListCrons).await?;
+    let crons = broker.crons().await?;
     let created = crons.into_iter().find(|c| c.name == name);
     Ok(HttpResponse::Created().json(created))
 }

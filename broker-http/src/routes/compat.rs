@@ -4,13 +4,11 @@
 //! `MessageList`); errors carry its `message` and `refresh` plus our `code`.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::actors::{ConsumerKey, Listen, Unlisten};
-use broker_core::{Broker, Error};
+use broker_core::{Broker, ConsumerKey, Error};
 use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::request::{is_admin, parse_wait, require_user};
-use crate::routes::read::consume;
 use crate::wire::{MessageList, SetPassword};
 
 /// `GET /listen/{client}/{queue}`: a new client starts after the newest message.
@@ -25,17 +23,11 @@ pub async fn listen(
     if !user.may_read(&queue) {
         return Err(Error::NotGranted { queue }.into());
     }
-    broker
-        .hub()
-        .send(Listen {
-            key: ConsumerKey {
-                user: user.name.clone(),
-                client,
-            },
-            queue,
-            exclusive: true,
-        })
-        .await??;
+    let key = ConsumerKey {
+        user: user.name.clone(),
+        client,
+    };
+    broker.listen(key, queue, true).await?;
     Ok(HttpResponse::Ok().finish())
 }
 
@@ -63,7 +55,7 @@ pub async fn read(
         client: path.into_inner(),
     };
     // webhook-queue returns everything unread; the queue's own limits bound it.
-    let (_, batch) = consume(&broker, key, usize::MAX, wait).await?;
+    let (_, batch) = broker.consume(key, usize::MAX, wait).await?;
     Ok(HttpResponse::Ok().json(MessageList::of(broker.started_at(), &batch)))
 }
 
@@ -75,14 +67,11 @@ pub async fn unlisten(
 ) -> Result<HttpResponse, ApiError> {
     let user = require_user(&req, &broker).await?;
     broker
-        .hub()
-        .send(Unlisten {
-            key: ConsumerKey {
-                user: user.name.clone(),
-                client: path.into_inner(),
-            },
+        .unlisten(ConsumerKey {
+            user: user.name.clone(),
+            client: path.into_inner(),
         })
-        .await??;
+        .await?;
     Ok(HttpResponse::Ok().finish())
 }
 

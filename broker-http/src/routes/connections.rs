@@ -3,9 +3,8 @@
 //! view (`GET /v1/connections`, `DELETE /v1/connections/{id}`).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::actors::registry::{CloseConnection, ListConnections};
-use broker_core::actors::Disconnect;
 use broker_core::notify::Route;
+use broker_core::subscriber::Disconnect;
 use broker_core::Broker;
 use broker_ws::Credentials;
 
@@ -81,7 +80,7 @@ pub async fn notify_connection(
 /// `GET /v1/connections` (admin)
 pub async fn list(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
-    let connections = broker.registry().send(ListConnections).await?;
+    let connections = broker.connections().await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "connections": connections })))
 }
 
@@ -93,15 +92,10 @@ pub async fn close(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
     let id = path.into_inner();
-    broker
-        .registry()
-        .send(CloseConnection {
-            id: id.clone(),
-            disconnect: Disconnect {
-                code: broker_ws::protocol::close::BY_ADMIN,
-                reason: "closed_by_admin",
-            },
-        })
-        .await??;
+    let disconnect = Disconnect {
+        code: broker_ws::protocol::close::BY_ADMIN,
+        reason: "closed_by_admin",
+    };
+    broker.close_connection(id.clone(), disconnect).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id, "closed": true })))
 }

@@ -1,24 +1,23 @@
 //! Publishing: `POST /v1/queues/{q}/messages`, `POST /v1/queues/{q}/batch`, and
 //! webhook-queue's `POST /q/{name}`.
 //!
-//! Order of checks, cheapest first and nothing buffered before it must be: queue exists
-//! → client address allowed → header-only credentials → body read up to
-//! `server.max_body_size` → signature over the raw body → [`Broker::publish`] (content
-//! rules, notify shapes, the queue's limits; shared with WebSocket publish). Every
-//! refusal is counted by reason.
+//! Order of checks, cheapest first and nothing buffered before it must be: the checks
+//! that need no body ([`Broker::admit_ingest`]: queue, client address, header-only
+//! credentials) → body read up to `server.max_body_size` → [`Broker::publish`], the one
+//! front door (signature over the raw body, content rules, notify shapes, the queue's
+//! limits). Refusals are counted in broker-core, by queue and reason.
 
 use std::sync::Arc;
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use broker_core::broker::PublishOutcome;
+use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
 use broker_core::message::NewMessage;
-use broker_core::metrics::UNKNOWN_QUEUE_LABEL;
 use broker_core::settings::QueueSpec;
 use broker_core::{Broker, Error, Rejection};
 use bytes::Bytes;
 
 use crate::error::ApiError;
-use crate::request::{client_ip, header_str, read_body};
+use crate::request::{client_ip, header_str, parse_duration, read_body};
 use crate::wire::{BatchPublished, BatchRequest, Published, Scheduled};
 
 /// A request that passed every check that does not depend on the message itself.
@@ -28,18 +27,8 @@ struct Admitted {
     content_type: Option<Arc<str>>,
 }
 
-/// Counts a refusal under its reason, then returns it.
-fn counted(broker: &Broker, label: &str, e: Error) -> ApiError {
-    match &e {
-        Error::Rejected { reason, .. } => broker.metrics().reject(label, *reason),
-        Error::UnknownQueue { .. } => broker
-            .metrics()
-            .reject(UNKNOWN_QUEUE_LABEL, Rejection::UnknownQueue),
-        _ => {}
-    }
-    e.into()
-}
-
+/// The checks that need no body ([`Broker::admit_ingest`]), then the body, read up to
+/// `server.max_body_size`.
 async fn admit(
     req: &HttpRequest,
     payload: web::Payload,
@@ -47,41 +36,11 @@ async fn admit(
     queue: &str,
 ) -> Result<Admitted, ApiError> {
     let settings = broker.settings();
-    let Some(spec) = settings.queue(queue).cloned() else {
-        return Err(counted(
-            broker,
-            UNKNOWN_QUEUE_LABEL,
-            Error::UnknownQueue {
-                queue: queue.to_owned(),
-            },
-        ));
-    };
-    let label = spec.label();
-    let reject = |reason, msg: String| counted(broker, label, Error::rejected(reason, msg));
-    if !spec.allow_ips.is_empty() {
-        let ip = client_ip(req, &settings);
-        if !spec.allow_ips.iter().any(|n| n.contains(&ip)) {
-            return Err(reject(
-                Rejection::IpNotAllowed,
-                format!("address {ip} may not publish to this queue"),
-            ));
-        }
-    }
-    let now = chrono::Utc::now().timestamp();
     let lookup = |name: &str| header_str(req, name);
-    if !spec.auth.needs_body() {
-        spec.auth
-            .verify(lookup, b"", now)
-            .map_err(|e| counted(broker, label, e))?;
-    }
+    let spec = broker.admit_ingest(queue, client_ip(req, &settings), &lookup)?;
     let body = read_body(req, payload, settings.config.server.max_body_size)
         .await
-        .map_err(|e| counted(broker, label, e))?;
-    if spec.auth.needs_body() {
-        spec.auth
-            .verify(lookup, &body, now)
-            .map_err(|e| counted(broker, label, e))?;
-    }
+        .map_err(|e| broker.count_refusal(spec.label(), e))?;
     let content_type = header_str(req, header::CONTENT_TYPE.as_str()).map(Arc::from);
     Ok(Admitted {
         spec,
@@ -90,15 +49,28 @@ async fn admit(
     })
 }
 
+/// Through the one front door, as an ingest request.
 async fn publish(
+    req: &HttpRequest,
     broker: &Broker,
     queue: &str,
-    a: Admitted,
+    a: &Admitted,
     messages: Vec<NewMessage>,
     deliver_at_ms: Option<i64>,
 ) -> Result<PublishOutcome, ApiError> {
+    let lookup = |name: &str| header_str(req, name);
+    let publisher = Publisher::Ingest {
+        client_ip: client_ip(req, &broker.settings()),
+        headers: &lookup,
+        body: Some(&a.body),
+    };
     Ok(broker
-        .publish(queue, &a.spec, messages, deliver_at_ms)
+        .publish(PublishRequest {
+            queue,
+            publisher,
+            messages,
+            deliver_at_ms,
+        })
         .await?)
 }
 
@@ -130,15 +102,7 @@ impl PublishQuery {
                 "give `delay` or `at`, not both",
             )),
             (Some(d), None) => {
-                let d = match d.trim().parse::<u64>() {
-                    Ok(secs) => std::time::Duration::from_secs(secs),
-                    Err(_) => humantime::parse_duration(d.trim()).map_err(|_| {
-                        ApiError::bad_request(
-                            "invalid_query",
-                            format!("`delay={d}` is not a duration like 30s"),
-                        )
-                    })?,
-                };
+                let d = parse_duration("delay", d, "invalid_query")?;
                 Ok(Some(broker_core::message::now_ms() + d.as_millis() as i64))
             }
             (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
@@ -156,25 +120,30 @@ impl PublishQuery {
 
 /// The reply of a publish: offsets, or when delayed messages become visible.
 fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpResponse {
-    if let Some(s) = out.scheduled {
-        return HttpResponse::Ok().json(Scheduled {
-            success: true,
-            queue,
-            scheduled: true,
-            count: s.count,
-            deliver_at: chrono::DateTime::from_timestamp_millis(s.deliver_at_ms)
-                .unwrap_or_default()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        });
-    }
-    let p = out.published.expect("an immediate publish has offsets");
+    let (p, delivered) = match out {
+        PublishOutcome::Scheduled(s) => {
+            return HttpResponse::Ok().json(Scheduled {
+                success: true,
+                queue,
+                scheduled: true,
+                count: s.count,
+                deliver_at: chrono::DateTime::from_timestamp_millis(s.deliver_at_ms)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            })
+        }
+        PublishOutcome::Published {
+            published,
+            delivered,
+        } => (published, delivered),
+    };
     if !batch {
         HttpResponse::Ok().json(Published {
             success: true,
             offset: p.last_offset,
             epoch: p.epoch.to_string(),
             queue,
-            delivered: out.delivered,
+            delivered,
         })
     } else {
         HttpResponse::Ok().json(BatchPublished {
@@ -184,7 +153,7 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
             count,
             epoch: p.epoch.to_string(),
             queue,
-            delivered: out.delivered,
+            delivered,
         })
     }
 }
@@ -201,7 +170,7 @@ pub async fn publish_message(
     let at = query.deliver_at_ms()?;
     let admitted = admit(&req, payload, &broker, &queue).await?;
     let messages = single(&admitted);
-    let out = publish(&broker, &queue, admitted, messages, at).await?;
+    let out = publish(&req, &broker, &queue, &admitted, messages, at).await?;
     Ok(reply(queue, out, 1, false))
 }
 
@@ -217,7 +186,9 @@ pub async fn publish_batch(
     let at = query.deliver_at_ms()?;
     let a = admit(&req, payload, &broker, &queue).await?;
     let label = a.spec.label().to_owned();
-    let invalid = |m: String| counted(&broker, &label, Error::rejected(Rejection::InvalidBody, m));
+    let invalid = |m: String| {
+        ApiError::from(broker.count_refusal(&label, Error::rejected(Rejection::InvalidBody, m)))
+    };
     let parsed: BatchRequest =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&a.body))
             .map_err(|e| invalid(format!("invalid batch at `{}`: {}", e.path(), e.inner())))?;
@@ -232,7 +203,7 @@ pub async fn publish_batch(
         );
     }
     let count = messages.len();
-    let out = publish(&broker, &queue, a, messages, at).await?;
+    let out = publish(&req, &broker, &queue, &a, messages, at).await?;
     Ok(reply(queue, out, count, true))
 }
 
@@ -246,6 +217,6 @@ pub async fn webhook_queue_enqueue(
 ) -> Result<HttpResponse, ApiError> {
     let admitted = admit(&req, payload, &broker, &path).await?;
     let messages = single(&admitted);
-    publish(&broker, &path, admitted, messages, None).await?;
+    publish(&req, &broker, &path, &admitted, messages, None).await?;
     Ok(HttpResponse::Ok().finish())
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use broker_core::broker::{PublishRequest, Publisher};
 use broker_core::config::{BackoffConfig, CronConfig, QueueConfig, WebhookConfig};
 use broker_core::message::NewMessage;
 use broker_core::pg_hooks::{cron_name, queue_name};
@@ -14,7 +15,7 @@ use broker_core::{Broker, Error};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::request::require_admin;
+use crate::request::{client_ip, require_admin};
 use crate::routes::admin::{define_cron, define_queue};
 
 fn authorize(req: &HttpRequest, broker: &Broker) -> Result<(), ApiError> {
@@ -131,10 +132,6 @@ pub async fn create_message(
     authorize(&req, &broker)?;
     let m = body.into_inner();
     let name = queue_name(m.queue_id);
-    let settings = broker.settings();
-    let spec = settings.queue(&name).cloned().ok_or(Error::UnknownQueue {
-        queue: name.clone(),
-    })?;
     let deliver_at = match &m.when {
         None => None,
         Some(w) => Some(parse_when(w).ok_or_else(|| {
@@ -143,10 +140,7 @@ pub async fn create_message(
     };
     let headers: Vec<(String, String)> =
         m.headers.clone().unwrap_or_default().into_iter().collect();
-    let content_type = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| std::sync::Arc::from(v.as_str()));
+    let content_type = broker_core::message::content_type_of(&headers);
     let message = NewMessage {
         audience: None,
         body: bytes::Bytes::from(m.body.clone().unwrap_or_default()),
@@ -154,7 +148,14 @@ pub async fn create_message(
         headers,
     };
     broker
-        .publish(&name, &spec, vec![message], deliver_at)
+        .publish(PublishRequest {
+            queue: &name,
+            publisher: Publisher::Authenticated {
+                client_ip: client_ip(&req, &broker.settings()),
+            },
+            messages: vec![message],
+            deliver_at_ms: deliver_at,
+        })
         .await?;
     let id = broker.pg_hooks.next_message_id();
     broker.persist_state().await?; // ids are never reused, even across restarts

@@ -13,6 +13,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use broker_core::auth::crossbar::{self, SignedParams};
 use broker_core::auth::IngestAuth;
+use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
 use broker_core::crossbar::{publication, publication_id};
 use broker_core::message::Audience;
 use broker_core::settings::PusherSettings;
@@ -238,9 +239,6 @@ async fn handle(
             "Request denied based on failed authentication. (the queue requires authentication: configure pusher.key and pusher.secret)",
         ));
     }
-    if !spec.allows_ip(&ip) {
-        return Err(PusherError::new(400, "Request denied based on IP address."));
-    }
     let options = event.options.unwrap_or_default();
     let audience = Audience {
         exclude: options.exclude.unwrap_or_default(),
@@ -248,11 +246,18 @@ async fn handle(
     };
     let message = publication(event.args, event.kwargs, Some(audience));
     let out = broker
-        .publish(&topic, &spec, vec![message], None)
+        .publish(PublishRequest {
+            queue: &topic,
+            publisher: Publisher::Authenticated { client_ip: ip },
+            messages: vec![message],
+            deliver_at_ms: None,
+        })
         .await
         .map_err(PusherError::from)?;
-    let published = out
-        .published
-        .ok_or_else(|| PusherError::new(500, "the message was not published"))?;
-    Ok(Some(publication_id(&topic, published.last_offset)))
+    match out {
+        PublishOutcome::Published { published, .. } => {
+            Ok(Some(publication_id(&topic, published.last_offset)))
+        }
+        PublishOutcome::Scheduled(_) => Err(PusherError::new(500, "the message was not published")),
+    }
 }

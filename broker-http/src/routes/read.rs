@@ -2,12 +2,11 @@
 //! named cursors `PUT|DELETE /v1/consumers/{client}`, `GET /v1/consumers/{client}/messages`.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::actors::{ConsumerKey, ConsumerRead, Listen, Read, ResolveConsumer, Unlisten};
-use broker_core::{Broker, Error};
+use broker_core::{Broker, ConsumerKey, Error};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::request::{long_poll, parse_wait, require_user};
+use crate::request::{parse_wait, require_user};
 use crate::wire::{ConsumerRequest, ReadReply};
 
 /// Default and largest `limit`.
@@ -64,27 +63,7 @@ pub async fn read_queue(
     let q = query.into_inner();
     let limit = limit(q.limit)?;
     let wait = parse_wait(q.wait.as_deref(), broker.settings().config.server.max_wait)?;
-    let handle = broker.queue(&queue).await?;
-    let batch = long_poll(&broker, &handle, wait, || {
-        handle.addr.send(Read {
-            since: q.since,
-            epoch: q.epoch.clone(),
-            limit,
-        })
-    })
-    .await?;
-    let outcome = if batch.messages.is_empty() {
-        "empty"
-    } else {
-        "messages"
-    };
-    if let Some(spec) = broker.settings().queue(&queue) {
-        broker
-            .metrics()
-            .poll_reads
-            .with_label_values(&[spec.label(), outcome])
-            .inc();
-    }
+    let batch = broker.read(&queue, q.since, q.epoch, limit, wait).await?;
     Ok(HttpResponse::Ok().json(ReadReply::of(&queue, &batch)))
 }
 
@@ -102,17 +81,11 @@ pub async fn put_consumer(
         return Err(Error::NotGranted { queue }.into());
     }
     let client = path.into_inner();
-    broker
-        .hub()
-        .send(Listen {
-            key: ConsumerKey {
-                user: user.name.clone(),
-                client: client.clone(),
-            },
-            queue: queue.clone(),
-            exclusive: false,
-        })
-        .await??;
+    let key = ConsumerKey {
+        user: user.name.clone(),
+        client: client.clone(),
+    };
+    broker.listen(key, queue.clone(), false).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "client": client, "queue": queue })))
 }
 
@@ -125,14 +98,11 @@ pub async fn delete_consumer(
     let user = require_user(&req, &broker).await?;
     let client = path.into_inner();
     broker
-        .hub()
-        .send(Unlisten {
-            key: ConsumerKey {
-                user: user.name.clone(),
-                client: client.clone(),
-            },
+        .unlisten(ConsumerKey {
+            user: user.name.clone(),
+            client: client.clone(),
         })
-        .await??;
+        .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "client": client, "deleted": true })))
 }
 
@@ -151,27 +121,6 @@ pub async fn read_consumer(
         user: user.name.clone(),
         client: path.into_inner(),
     };
-    let (handle, batch) = consume(&broker, key, limit, wait).await?;
-    Ok(HttpResponse::Ok().json(ReadReply::of(&handle.name, &batch)))
-}
-
-/// Resolves a consumer and long-polls its queue: shared with webhook-queue's `/read`.
-pub async fn consume(
-    broker: &Broker,
-    key: ConsumerKey,
-    limit: usize,
-    wait: std::time::Duration,
-) -> Result<(broker_core::actors::QueueHandle, broker_core::actors::Batch), ApiError> {
-    let handle = broker
-        .hub()
-        .send(ResolveConsumer { key: key.clone() })
-        .await??;
-    let batch = long_poll(broker, &handle, wait, || {
-        handle.addr.send(ConsumerRead {
-            key: key.clone(),
-            limit,
-        })
-    })
-    .await?;
-    Ok((handle, batch))
+    let (queue, batch) = broker.consume(key, limit, wait).await?;
+    Ok(HttpResponse::Ok().json(ReadReply::of(&queue, &batch)))
 }

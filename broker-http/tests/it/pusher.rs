@@ -64,15 +64,7 @@ async fn limits_addresses_and_tls_are_enforced() {
     assert_crossbar_error(&v, "Request too long");
 
     // Nothing refused reached the queue.
-    let depth = b
-        .broker
-        .queue("news")
-        .await
-        .unwrap()
-        .addr
-        .send(broker_core::actors::Head)
-        .await
-        .unwrap();
+    let depth = b.broker.head("news").await.unwrap();
     assert_eq!(depth.head, 1);
 }
 

@@ -1,0 +1,293 @@
+//! `Ingress`: the one front door for publishing. Every producer — HTTP ingest, batch and
+//! webhook-queue's `/q`, native WebSocket, WAMP, the Crossbar pusher, the pg-hooks routes
+//! (through [`crate::Broker`]), and inside the broker cron, dead-lettering and redrive —
+//! calls [`Ingress::publish`], which does, once and in one order: queue lookup (names and
+//! patterns), the address rule, ingest authentication, grants, body rules, notify
+//! routing, the queue (limits, store), and counts every refusal under the queue's label
+//! and its reason. It is a cloneable handle (the actors that publish hold one), one
+//! mailbox round trip to the `Hub` and one to the `Queue` per publish.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use actix::prelude::*;
+
+use crate::actors::registry::{NotifyConnection, NotifyUser};
+use crate::actors::{
+    ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published, QueueHandle,
+    Scheduled,
+};
+use crate::config::QueueKind;
+use crate::error::{Error, Rejection};
+use crate::message::NewMessage;
+use crate::metrics::{Metrics, UNKNOWN_QUEUE_LABEL};
+use crate::notify::{self, Route};
+use crate::settings::{QueueSpec, Settings};
+
+/// The settings of the running broker, swapped whole by a reload; shared by the broker
+/// and every [`Ingress`].
+pub(crate) type SharedSettings = Arc<RwLock<Arc<Settings>>>;
+
+/// The front door (cloneable).
+#[derive(Clone)]
+pub(crate) struct Ingress {
+    settings: SharedSettings,
+    hub: Addr<Hub>,
+    registry: Addr<ConnectionRegistry>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingress {
+    /// A front door publishing into `hub`'s queues.
+    pub(crate) fn new(
+        settings: SharedSettings,
+        hub: Addr<Hub>,
+        registry: Addr<ConnectionRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            settings,
+            hub,
+            registry,
+            metrics,
+        }
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// Publishes, with the checks [`Publisher`] calls for (see the module doc). Every
+    /// refusal is counted here under the queue's label and its reason.
+    pub async fn publish(&self, req: PublishRequest<'_>) -> Result<PublishOutcome, Error> {
+        let settings = self.settings();
+        let Some(spec) = settings.queue(req.queue).cloned() else {
+            let e = Error::UnknownQueue {
+                queue: req.queue.to_owned(),
+            };
+            return Err(self.count_refusal(UNKNOWN_QUEUE_LABEL, e));
+        };
+        let counted = |e: Error| self.count_refusal(spec.label(), e);
+        admit(&spec, req.queue, &req.publisher).map_err(counted)?;
+        let messages = req.messages;
+        let single = messages.len() == 1;
+        let mut routes = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let what = || {
+                if single {
+                    "the body".to_owned()
+                } else {
+                    format!("messages[{i}]")
+                }
+            };
+            if spec.json_only {
+                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&m.body) {
+                    return Err(counted(Error::rejected(
+                        Rejection::InvalidBody,
+                        format!("{} is not valid JSON: {e}", what()),
+                    )));
+                }
+            }
+            match notify::route(spec.kind, &m.body) {
+                Ok(Some(r)) => routes.push(r),
+                Ok(None) => {}
+                Err(Error::Rejected { reason, message }) => {
+                    return Err(counted(Error::Rejected {
+                        reason,
+                        message: format!("{}: {message}", what()),
+                    }))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let handle = self.queue(req.queue).await?;
+        if let Some(at) = req
+            .deliver_at_ms
+            .filter(|at| *at > crate::message::now_ms())
+        {
+            if spec.kind != QueueKind::Queue {
+                return Err(counted(Error::rejected(
+                    Rejection::InvalidBody,
+                    "notify queues deliver at once; `delay`/`at` are not accepted",
+                )));
+            }
+            let scheduled = handle
+                .addr
+                .send(PublishAt {
+                    messages,
+                    deliver_at_ms: at,
+                })
+                .await?
+                .map_err(counted)?;
+            return Ok(PublishOutcome::Scheduled(scheduled));
+        }
+        let published = handle
+            .addr
+            .send(Publish { messages })
+            .await?
+            .map_err(counted)?;
+        let delivered = if spec.kind == QueueKind::Queue {
+            None
+        } else {
+            let mut n = 0;
+            for (route, data) in routes {
+                // The message is stored either way; an unknown connection gets nothing.
+                n += self.notify(route, data).await.unwrap_or(0);
+            }
+            Some(n)
+        };
+        Ok(PublishOutcome::Published {
+            published,
+            delivered,
+        })
+    }
+
+    /// The checks of an ingest request that need no body (queue, address, header-only
+    /// credentials), for a transport that must not buffer a body it would refuse: the
+    /// queue's spec. [`Ingress::publish`] applies them again with the body.
+    pub fn admit_ingest<'a>(
+        &self,
+        queue: &str,
+        client_ip: IpAddr,
+        headers: &'a dyn Fn(&str) -> Option<&'a str>,
+    ) -> Result<Arc<QueueSpec>, Error> {
+        let settings = self.settings();
+        let Some(spec) = settings.queue(queue).cloned() else {
+            let e = Error::UnknownQueue {
+                queue: queue.to_owned(),
+            };
+            return Err(self.count_refusal(UNKNOWN_QUEUE_LABEL, e));
+        };
+        let early = Publisher::Ingest {
+            client_ip,
+            headers,
+            body: None,
+        };
+        admit(&spec, queue, &early).map_err(|e| self.count_refusal(spec.label(), e))?;
+        Ok(spec)
+    }
+
+    /// Counts a publish refused before it reached [`Ingress::publish`] (a body over
+    /// `server.max_body_size`), under `label`; returns it.
+    pub fn count_refusal(&self, label: &str, e: Error) -> Error {
+        match &e {
+            Error::Rejected { reason, .. } => self.metrics.reject(label, *reason),
+            Error::UnknownQueue { .. } => self
+                .metrics
+                .reject(UNKNOWN_QUEUE_LABEL, Rejection::UnknownQueue),
+            _ => {}
+        }
+        e
+    }
+
+    /// Pushes JSON `data` to a user's connections or to one connection; how many got it.
+    pub async fn notify(&self, route: Route, data: bytes::Bytes) -> Result<usize, Error> {
+        let notify = Notify { data };
+        match route {
+            Route::User(user) => Ok(self.registry.send(NotifyUser { user, notify }).await?),
+            Route::Connection(id) => self.registry.send(NotifyConnection { id, notify }).await?,
+        }
+    }
+
+    /// The queue `name`, created on first use if configured or matching a pattern.
+    pub(crate) async fn queue(&self, name: &str) -> Result<QueueHandle, Error> {
+        self.hub
+            .send(GetQueue {
+                name: name.to_owned(),
+            })
+            .await?
+            .ok_or_else(|| Error::UnknownQueue {
+                queue: name.to_owned(),
+            })
+    }
+}
+
+/// Who is publishing: decides which checks [`Ingress::publish`] applies.
+pub enum Publisher<'a> {
+    /// An HTTP ingest request: the queue's address allow-list and its ingest
+    /// authentication (over the raw body, when the method signs it).
+    Ingest {
+        /// The client's address (through trusted proxies: the forwarded one).
+        client_ip: IpAddr,
+        /// Looks a request header up by (case-insensitive) name.
+        headers: &'a dyn Fn(&str) -> Option<&'a str>,
+        /// The raw body; `None` for the checks that precede reading it.
+        body: Option<&'a [u8]>,
+    },
+    /// An authenticated session (native WebSocket, WAMP): its publish grants and the
+    /// queue's address allow-list.
+    Session {
+        /// Queues and patterns the session may publish into.
+        grants: &'a [String],
+        /// The client's address.
+        client_ip: IpAddr,
+    },
+    /// A request its protocol authenticated already (the Crossbar pusher's signature,
+    /// the pg-hooks routes): the queue's address allow-list.
+    Authenticated {
+        /// The client's address.
+        client_ip: IpAddr,
+    },
+    /// The broker itself (redrive): no checks.
+    Broker,
+}
+
+/// One publish: what [`Ingress::publish`] takes.
+pub struct PublishRequest<'a> {
+    /// The queue (a configured name, or a name matching a pattern).
+    pub queue: &'a str,
+    /// Who is publishing.
+    pub publisher: Publisher<'a>,
+    /// The messages, in order (all or none).
+    pub messages: Vec<NewMessage>,
+    /// When they become visible (Unix ms), for a delayed publish.
+    pub deliver_at_ms: Option<i64>,
+}
+
+/// What a publish did.
+#[derive(Debug)]
+pub enum PublishOutcome {
+    /// Appended and acknowledged by the store.
+    Published {
+        /// Offsets and epoch.
+        published: Published,
+        /// For notify-kind queues: connections that got the notification(s).
+        delivered: Option<usize>,
+    },
+    /// Held back until their time.
+    Scheduled(Scheduled),
+}
+
+/// The checks of `publisher` on queue `name` (spec `spec`), in the order of
+/// [`Ingress::publish`]: address, ingest authentication, grants.
+fn admit(spec: &QueueSpec, name: &str, publisher: &Publisher<'_>) -> Result<(), Error> {
+    let client_ip = match publisher {
+        Publisher::Broker => return Ok(()),
+        Publisher::Ingest { client_ip, .. }
+        | Publisher::Session { client_ip, .. }
+        | Publisher::Authenticated { client_ip } => client_ip,
+    };
+    if !spec.allows_ip(client_ip) {
+        return Err(Error::rejected(
+            Rejection::IpNotAllowed,
+            format!("address {client_ip} may not publish to queue `{name}`"),
+        ));
+    }
+    match publisher {
+        Publisher::Ingest { headers, body, .. } => {
+            let now = chrono::Utc::now().timestamp();
+            match body {
+                Some(body) => spec.auth.verify(headers, body, now),
+                None if !spec.auth.needs_body() => spec.auth.verify(headers, b"", now),
+                None => Ok(()),
+            }
+        }
+        Publisher::Session { grants, .. } if !crate::settings::grants(grants, name) => {
+            Err(Error::rejected(
+                Rejection::NotGranted,
+                format!("not allowed to publish to `{name}`"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
