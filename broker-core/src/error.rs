@@ -49,6 +49,20 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason (for tables that must cover them all).
+    pub const ALL: [Rejection; 10] = [
+        Rejection::UnknownQueue,
+        Rejection::IpNotAllowed,
+        Rejection::MissingCredentials,
+        Rejection::InvalidSignature,
+        Rejection::StaleTimestamp,
+        Rejection::BodyTooLarge,
+        Rejection::MessageTooLarge,
+        Rejection::InvalidBody,
+        Rejection::TooManyDelayed,
+        Rejection::NotGranted,
+    ];
+
     /// The metric label and the error `code`.
     pub fn as_str(self) -> &'static str {
         match self {

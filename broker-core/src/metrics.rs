@@ -387,6 +387,20 @@ impl Metrics {
         self.ready.set(now);
     }
 
+    /// One queue's handles, looked up once per queue rather than per message.
+    pub fn queue(&self, label: &str) -> QueueMetrics {
+        QueueMetrics {
+            published: self.published.with_label_values(&[label]),
+            depth: self.depth.with_label_values(&[label]),
+            bytes: self.bytes.with_label_values(&[label]),
+            delayed: self.delayed.with_label_values(&[label]),
+            limit_messages: self.limit_messages.with_label_values(&[label]),
+            limit_bytes: self.limit_bytes.with_label_values(&[label]),
+            dropped_count: self.dropped.with_label_values(&[label, "count"]),
+            dropped_size: self.dropped.with_label_values(&[label, "size"]),
+        }
+    }
+
     /// Counts an ingest rejection.
     pub fn reject(&self, queue: &str, reason: crate::error::Rejection) {
         self.rejected
@@ -408,6 +422,27 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One queue's metric handles (see [`Metrics::queue`]).
+#[derive(Clone)]
+pub struct QueueMetrics {
+    /// `broker_published_total{queue}`.
+    pub published: prometheus::IntCounter,
+    /// `broker_queue_depth{queue}`.
+    pub depth: prometheus::IntGauge,
+    /// `broker_queue_bytes{queue}`.
+    pub bytes: prometheus::IntGauge,
+    /// `broker_delayed_messages{queue}`.
+    pub delayed: prometheus::IntGauge,
+    /// `broker_queue_limit_messages{queue}`.
+    pub limit_messages: prometheus::IntGauge,
+    /// `broker_queue_limit_bytes{queue}`.
+    pub limit_bytes: prometheus::IntGauge,
+    /// `broker_dropped_total{queue,reason="count"}`.
+    pub dropped_count: prometheus::IntCounter,
+    /// `broker_dropped_total{queue,reason="size"}`.
+    pub dropped_size: prometheus::IntCounter,
 }
 
 #[cfg(test)]

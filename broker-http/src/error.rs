@@ -200,18 +200,7 @@ mod tests {
 
     #[test]
     fn every_rejection_has_a_client_status() {
-        use Rejection::*;
-        for r in [
-            UnknownQueue,
-            IpNotAllowed,
-            MissingCredentials,
-            InvalidSignature,
-            StaleTimestamp,
-            BodyTooLarge,
-            MessageTooLarge,
-            InvalidBody,
-            TooManyDelayed,
-        ] {
+        for r in Rejection::ALL {
             let s = status_of(r.as_str());
             assert!(s.is_client_error(), "{r:?}: {s}");
         }

@@ -416,21 +416,7 @@ impl WsSession {
             content_type: Some(Arc::from("application/json")),
             headers: Vec::new(),
         };
-        let (broker, grants, remote) = (self.broker.clone(), identity.publish.clone(), self.remote);
-        let fut = async move {
-            let out = broker
-                .publish(PublishRequest {
-                    queue: &queue,
-                    publisher: Publisher::Session {
-                        grants: &grants,
-                        client_ip: remote,
-                    },
-                    messages: vec![msg],
-                    deliver_at_ms: None,
-                })
-                .await?;
-            Ok::<_, broker_core::Error>((queue, out))
-        };
+        let fut = self.publish_one(identity.publish.clone(), queue, msg);
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((
                 queue,
@@ -448,6 +434,33 @@ impl WsSession {
             }
             Err(e) => act.error(ctx, id.as_deref(), e.code(), &e.to_string()),
         }));
+    }
+
+    /// Publishes one message through the broker's front door as this session (its
+    /// publish grants and address): the queue's name and the outcome. Both dialects
+    /// publish this way.
+    pub(crate) fn publish_one(
+        &self,
+        grants: Vec<String>,
+        queue: String,
+        msg: NewMessage,
+    ) -> impl std::future::Future<Output = Result<(String, PublishOutcome), broker_core::Error>>
+    {
+        let (broker, remote) = (self.broker.clone(), self.remote);
+        async move {
+            let out = broker
+                .publish(PublishRequest {
+                    queue: &queue,
+                    publisher: Publisher::Session {
+                        grants: &grants,
+                        client_ip: remote,
+                    },
+                    messages: vec![msg],
+                    deliver_at_ms: None,
+                })
+                .await?;
+            Ok((queue, out))
+        }
     }
 
     /// Ends subscription `id` (with its queue, or the Hub for a prefix one).

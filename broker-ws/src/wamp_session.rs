@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
-use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
+use broker_core::broker::PublishOutcome;
 use broker_core::config::SlowConsumer;
 use broker_core::crossbar::{publication, publication_id};
 use broker_core::message::Audience;
@@ -337,21 +337,7 @@ impl WsSession {
             raw(&kwargs).as_deref(),
             Some(audience),
         );
-        let (broker, grants, remote) = (self.broker.clone(), identity.publish, self.remote);
-        let fut = async move {
-            let out = broker
-                .publish(PublishRequest {
-                    queue: &topic,
-                    publisher: Publisher::Session {
-                        grants: &grants,
-                        client_ip: remote,
-                    },
-                    messages: vec![msg],
-                    deliver_at_ms: None,
-                })
-                .await?;
-            Ok::<_, broker_core::Error>((topic, out))
-        };
+        let fut = self.publish_one(identity.publish, topic, msg);
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((topic, out)) => {
                 if let (true, PublishOutcome::Published { published: p, .. }) = (acknowledge, &out)

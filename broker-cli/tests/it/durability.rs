@@ -2,13 +2,13 @@
 //! every acknowledged message is there with its offset and epoch, nothing twice, no
 //! offset reused. Run for SQLite and PostgreSQL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::{
-    bodies, fresh_postgres, json, metric, psql, spawn_broker, spawn_http, write_config,
+    bodies, fresh_postgres, json, metric, psql, read_all, spawn_broker, spawn_http, write_config,
 };
 
 fn config(url: &str, queue: &str) -> String {
@@ -75,38 +75,7 @@ async fn crash_and_recover(url: &str) {
     assert!(acked.len() >= 400);
 
     let b2 = spawn_broker(&path);
-    let mut stored: BTreeMap<u64, String> = BTreeMap::new();
-    let mut since = 0;
-    let mut epochs: Vec<String> = Vec::new();
-    loop {
-        let (s, v) = json(
-            b2.get(&format!(
-                "/v1/queues/{queue}/messages?since={since}&limit=1000"
-            ))
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
-        )
-        .await;
-        assert_eq!(s, 200, "{v}");
-        epochs.push(v["epoch"].as_str().unwrap().to_owned());
-        let msgs = v["messages"].as_array().unwrap();
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            let off = m["offset"].as_u64().unwrap();
-            assert!(
-                stored
-                    .insert(off, m["body"].as_str().unwrap().to_owned())
-                    .is_none(),
-                "offset {off} twice"
-            );
-            since = off;
-        }
-    }
-    let epoch = epochs.last().expect("read at least once").clone();
+    let (stored, epoch) = read_all(&b2, &queue).await;
     for (off, body, e) in &acked {
         assert_eq!(e, &epoch, "the epoch survives the crash");
         assert_eq!(

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    broker_bin, fresh_postgres, json, next_line, psql, spawn_broker, spawn_serve, write_config,
-    BrokerProcess,
+    broker_bin, fresh_postgres, json, next_line, psql, read_all, spawn_broker, spawn_serve,
+    write_config, BrokerProcess,
 };
 
 fn config(url: &str, queue: &str) -> String {
@@ -87,35 +87,6 @@ fn fill(dir: &Path, spare: u64) -> PathBuf {
     path
 }
 
-/// Every retained message of `queue`: offset → body, and the epoch.
-async fn read_all(b: &BrokerProcess, queue: &str) -> (BTreeMap<u64, String>, String) {
-    let mut stored = BTreeMap::new();
-    let mut since = 0;
-    loop {
-        let (s, v) = json(
-            b.get(&format!(
-                "/v1/queues/{queue}/messages?since={since}&limit=1000"
-            ))
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
-        )
-        .await;
-        assert_eq!(s, 200, "{v}");
-        let msgs = v["messages"].as_array().unwrap();
-        if msgs.is_empty() {
-            return (stored, v["epoch"].as_str().unwrap().to_owned());
-        }
-        for m in msgs {
-            let off = m["offset"].as_u64().unwrap();
-            let body = m["body"].as_str().unwrap().to_owned();
-            assert!(stored.insert(off, body).is_none(), "offset {off} twice");
-            since = off;
-        }
-    }
-}
-
 /// Waits (bounded) until `/readyz` answers `status`.
 async fn wait_ready(b: &BrokerProcess, status: u16) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -149,14 +120,7 @@ async fn sqlite_on_a_full_disk_acknowledges_only_what_it_keeps() {
     let mut acked_after_full = 0;
     for i in 0..3000 {
         let body = format!("m{i:05}-{pad}");
-        let (s, v) = json(
-            b.post(&format!("/v1/queues/{queue}/messages"))
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, v) = b.publish(queue, &body).await;
         match s {
             200 => {
                 if !refused.is_empty() {
@@ -192,14 +156,7 @@ async fn sqlite_on_a_full_disk_acknowledges_only_what_it_keeps() {
     wait_ready(&b, 200).await;
     for i in 0..20 {
         let body = format!("after-{i}");
-        let (s, v) = json(
-            b.post(&format!("/v1/queues/{queue}/messages"))
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, v) = b.publish(queue, &body).await;
         assert_eq!(s, 200, "{v}");
         acked.insert(v["offset"].as_u64().unwrap(), body);
     }
@@ -264,16 +221,7 @@ async fn a_second_broker_on_one_sqlite_file_refuses_to_start() {
         "{stderr}"
     );
     // The first one is untouched.
-    assert_eq!(
-        first
-            .post("/v1/queues/q/messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(first.publish("q", "x").await.0, 200);
 }
 
 /// One batch the database rejects leaves an idle broker ready again by itself: readiness
@@ -291,14 +239,7 @@ async fn readiness_recovers_by_itself_after_a_rejected_commit() {
             "ALTER TABLE messages ADD CONSTRAINT {constraint} CHECK (queue <> '{queue}') NOT VALID"
         ),
     );
-    let (s, v) = json(
-        b.post(&format!("/v1/queues/{queue}/messages"))
-            .body("refused")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = b.publish(&queue, "refused").await;
     assert_eq!(
         (s, v["code"].as_str()),
         (503, Some("store_unavailable")),
@@ -310,14 +251,7 @@ async fn readiness_recovers_by_itself_after_a_rejected_commit() {
         &db.url,
         &format!("ALTER TABLE messages DROP CONSTRAINT {constraint}"),
     );
-    let (s, v) = json(
-        b.post(&format!("/v1/queues/{queue}/messages"))
-            .body("kept")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = b.publish(&queue, "kept").await;
     assert_eq!(
         (s, v["offset"].as_u64()),
         (200, Some(1)),
@@ -393,15 +327,7 @@ async fn a_broker_started_before_postgres_is_reachable_waits_for_it() {
     assert_eq!(next_line(&mut lines, "listening on "), addr);
     let b = BrokerProcess::new(child, addr, lines);
     wait_ready(&b, 200).await;
-    assert_eq!(
-        b.post("/v1/queues/q/messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(b.publish("q", "x").await.0, 200);
 }
 
 /// Split brain, the reproduction: two brokers on one database under publish

@@ -1,5 +1,6 @@
 //! Helpers that drive the real `broker` binary.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -177,6 +178,18 @@ impl BrokerProcess {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    /// `POST /v1/queues/{queue}/messages` with `body`: status and JSON reply.
+    pub async fn publish(&self, queue: &str, body: &str) -> (u16, serde_json::Value) {
+        json(
+            self.post(&format!("/v1/queues/{queue}/messages"))
+                .body(body.to_owned())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn metrics(&self) -> String {
         self.get("/metrics")
             .send()
@@ -247,6 +260,36 @@ pub async fn bodies(b: &BrokerProcess, queue: &str, user: &str, password: &str) 
         .iter()
         .map(|m| m["body"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Every retained message of `queue` (read as user `u`, password `password1`):
+/// offset → body, each offset once, and the epoch of the last read.
+pub async fn read_all(b: &BrokerProcess, queue: &str) -> (BTreeMap<u64, String>, String) {
+    let mut stored = BTreeMap::new();
+    let mut since = 0;
+    loop {
+        let (s, v) = json(
+            b.get(&format!(
+                "/v1/queues/{queue}/messages?since={since}&limit=1000"
+            ))
+            .basic_auth("u", Some("password1"))
+            .send()
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let msgs = v["messages"].as_array().unwrap();
+        if msgs.is_empty() {
+            return (stored, v["epoch"].as_str().unwrap().to_owned());
+        }
+        for m in msgs {
+            let off = m["offset"].as_u64().unwrap();
+            let body = m["body"].as_str().unwrap().to_owned();
+            assert!(stored.insert(off, body).is_none(), "offset {off} twice");
+            since = off;
+        }
+    }
 }
 
 /// Status and body text.

@@ -236,6 +236,8 @@ pub struct Queue {
     spec: Arc<QueueSpec>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// This queue's metric handles (no label lookups on the hot path).
+    m: crate::metrics::QueueMetrics,
     changes: watch::Sender<u64>,
     epoch: Arc<str>,
     log: VecDeque<Arc<Message>>,
@@ -283,6 +285,7 @@ impl Queue {
         changes: watch::Sender<u64>,
     ) -> Self {
         Self {
+            m: metrics.queue(spec.label()),
             name,
             spec,
             store,
@@ -305,10 +308,6 @@ impl Queue {
         }
     }
 
-    fn label(&self) -> &str {
-        self.spec.label()
-    }
-
     fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -327,10 +326,7 @@ impl Queue {
                 message: d.message,
             }));
         }
-        self.metrics
-            .delayed
-            .with_label_values(&[self.spec.label()])
-            .add(pending as i64);
+        self.m.delayed.add(pending as i64);
         self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
         self.next_offset = state.next_offset;
@@ -339,29 +335,16 @@ impl Queue {
             self.bytes += m.body.len();
             self.log.push_back(m);
         }
-        let label = self.label().to_owned();
-        self.metrics
-            .depth
-            .with_label_values(&[&label])
-            .add(self.log.len() as i64);
-        self.metrics
-            .bytes
-            .with_label_values(&[&label])
-            .add(self.bytes as i64);
+        self.m.depth.add(self.log.len() as i64);
+        self.m.bytes.add(self.bytes as i64);
         self.set_limit_gauges();
         self.enforce_limits();
     }
 
     fn set_limit_gauges(&self) {
         let l = &self.spec.limits;
-        self.metrics
-            .limit_messages
-            .with_label_values(&[self.label()])
-            .set(l.max_message_count as i64);
-        self.metrics
-            .limit_bytes
-            .with_label_values(&[self.label()])
-            .set(l.max_queue_size as i64);
+        self.m.limit_messages.set(l.max_message_count as i64);
+        self.m.limit_bytes.set(l.max_queue_size as i64);
     }
 
     /// Drops the oldest messages until the queue is within its limits.
@@ -380,16 +363,12 @@ impl Queue {
             self.log.pop_front();
             self.bytes -= size;
             dropped = true;
-            let label = self.spec.label();
-            self.metrics
-                .dropped
-                .with_label_values(&[label, reason])
-                .inc();
-            self.metrics.depth.with_label_values(&[label]).dec();
-            self.metrics
-                .bytes
-                .with_label_values(&[label])
-                .sub(size as i64);
+            match reason {
+                "count" => self.m.dropped_count.inc(),
+                _ => self.m.dropped_size.inc(),
+            }
+            self.m.depth.dec();
+            self.m.bytes.sub(size as i64);
         }
         if dropped {
             self.store.trim(&self.name, self.first_retained());
@@ -430,16 +409,9 @@ impl Queue {
         self.bytes += size;
         self.fan_out(&messages, size);
         self.log.extend(messages);
-        let label = self.spec.label();
-        self.metrics
-            .published
-            .with_label_values(&[label])
-            .inc_by(n as u64);
-        self.metrics.depth.with_label_values(&[label]).add(n as i64);
-        self.metrics
-            .bytes
-            .with_label_values(&[label])
-            .add(size as i64);
+        self.m.published.inc_by(n as u64);
+        self.m.depth.add(n as i64);
+        self.m.bytes.add(size as i64);
         self.enforce_limits();
     }
 
@@ -481,15 +453,8 @@ impl Queue {
     /// created again meanwhile): take it, and tell every reader to refresh.
     fn replace_history(&mut self, tail: crate::store::StoredTail) {
         tracing::error!(queue = %self.name, old = %self.epoch, new = %tail.epoch, "the stored history of the queue changed: new epoch");
-        let label = self.spec.label().to_owned();
-        self.metrics
-            .depth
-            .with_label_values(&[&label])
-            .sub(self.log.len() as i64);
-        self.metrics
-            .bytes
-            .with_label_values(&[&label])
-            .sub(self.bytes as i64);
+        self.m.depth.sub(self.log.len() as i64);
+        self.m.bytes.sub(self.bytes as i64);
         self.log.clear();
         self.bytes = 0;
         self.epoch = tail.epoch;
@@ -504,14 +469,8 @@ impl Queue {
             });
         }
         let size: usize = tail.messages.iter().map(|m| m.body.len()).sum();
-        self.metrics
-            .depth
-            .with_label_values(&[&label])
-            .add(tail.messages.len() as i64);
-        self.metrics
-            .bytes
-            .with_label_values(&[&label])
-            .add(size as i64);
+        self.m.depth.add(tail.messages.len() as i64);
+        self.m.bytes.add(size as i64);
         self.bytes = size;
         self.log.extend(tail.messages);
         self.enforce_limits();
@@ -608,19 +567,9 @@ impl Actor for Queue {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        let label = self.spec.label();
-        self.metrics
-            .delayed
-            .with_label_values(&[label])
-            .sub(self.delayed.len() as i64);
-        self.metrics
-            .depth
-            .with_label_values(&[label])
-            .sub(self.log.len() as i64);
-        self.metrics
-            .bytes
-            .with_label_values(&[label])
-            .sub(self.bytes as i64);
+        self.m.delayed.sub(self.delayed.len() as i64);
+        self.m.depth.sub(self.log.len() as i64);
+        self.m.bytes.sub(self.bytes as i64);
     }
 }
 
@@ -742,10 +691,7 @@ impl Queue {
         while self.delayed.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
             due.push(self.delayed.pop().expect("peeked").0);
         }
-        self.metrics
-            .delayed
-            .with_label_values(&[self.spec.label()])
-            .sub(due.len() as i64);
+        self.m.delayed.sub(due.len() as i64);
         if !due.is_empty() {
             let ids = due.iter().map(|d| d.seq).collect();
             let messages = due.iter().map(|d| d.message.clone()).collect();
@@ -754,10 +700,7 @@ impl Queue {
                     // Still in the store: try again shortly rather than lose them.
                     tracing::error!(queue = %act.name, error = %e, "delayed messages could not be released; retrying");
                     let retry_at = now_ms() + DELAYED_RETRY_MS;
-                    act.metrics
-                        .delayed
-                        .with_label_values(&[act.spec.label()])
-                        .add(due.len() as i64);
+                    act.m.delayed.add(due.len() as i64);
                     for d in due {
                         act.delayed.push(Reverse(Delayed { at_ms: retry_at, ..d }));
                     }
@@ -822,10 +765,7 @@ impl Handler<PublishAt> for Queue {
                     message: d.message,
                 }));
             }
-            act.metrics
-                .delayed
-                .with_label_values(&[act.spec.label()])
-                .add(count as i64);
+            act.m.delayed.add(count as i64);
             act.arm_delayed_timer(ctx);
             Ok(Scheduled {
                 count,
