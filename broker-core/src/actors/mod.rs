@@ -4,12 +4,15 @@
 //! the interface live subscribers implement.
 
 pub mod cron;
+mod cursors;
+mod delayed;
 pub mod hub;
 pub mod leader;
 pub mod queue;
 pub mod registry;
 pub mod subscriber;
 pub mod webhook;
+mod window;
 
 pub use hub::{
     ApplySettings, GetQueue, Hub, Listen, QueueHandle, ResolveConsumer, SubscribePrefix, Unlisten,

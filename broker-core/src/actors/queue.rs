@@ -6,8 +6,7 @@
 //! are one step. Readers that wait (long-poll) watch the `changes` channel, which is
 //! bumped whenever something a reader could see changes: no per-waiter bookkeeping here.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -15,12 +14,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 
+use super::cursors::{ConsumerRead as CursorRead, Cursors};
+use super::delayed::DelayedSet;
 use super::subscriber::{Lagged, Offer, Subscriber};
+use super::window::{DropReason, Window};
 use crate::error::{Error, Rejection};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
 use crate::settings::QueueSpec;
-use crate::store::{Store, StoredDelayed, StoredQueue};
+use crate::store::{Store, StoredQueue};
 
 /// How long a delayed release that the store refused waits before the next try.
 const DELAYED_RETRY_MS: i64 = 1000;
@@ -28,11 +30,6 @@ const DELAYED_RETRY_MS: i64 = 1000;
 /// Mailbox capacity: publishers and readers `send` (never `do_send`), so a busy queue
 /// pushes back on them instead of growing without bound.
 const MAILBOX_CAPACITY: usize = 4096;
-
-/// webhook-queue's wording for a consumer whose unread messages rolled off.
-const ROLLED_OFF: &str = "It's been too long since you've read from the queue. As such, at least one message has been discarded. Please refresh your local state";
-/// webhook-queue's wording for a consumer that missed a message rejected for its size.
-const SIZE_DROPPED: &str = "One or more messages have been dropped from the queue due to size constraints. If this continues to happen, consider reconfiguring your max queue sizes. Please refresh your local state";
 
 /// Identifies a poll consumer: client names are unique per user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -195,36 +192,6 @@ pub struct Reconfigure {
     pub spec: Arc<QueueSpec>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Cursor {
-    last_seen: u64,
-    losses_seen: u64,
-}
-
-/// A message waiting for its time; ordered by due time, then arrival.
-struct Delayed {
-    at_ms: i64,
-    seq: u64,
-    message: NewMessage,
-}
-
-impl PartialEq for Delayed {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at_ms, self.seq) == (o.at_ms, o.seq)
-    }
-}
-impl Eq for Delayed {}
-impl PartialOrd for Delayed {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Delayed {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at_ms, self.seq).cmp(&(o.at_ms, o.seq))
-    }
-}
-
 struct Inflight {
     messages: Vec<Arc<Message>>,
     outcome: Option<Result<(), ()>>,
@@ -240,24 +207,18 @@ pub struct Queue {
     m: crate::metrics::QueueMetrics,
     changes: watch::Sender<u64>,
     epoch: Arc<str>,
-    log: VecDeque<Arc<Message>>,
-    bytes: usize,
-    /// Newest visible offset.
-    head: u64,
+    /// The retained window (messages, bytes, newest visible offset).
+    window: Window,
     /// Offset the next publish gets (ahead of `head` while appends are in flight).
     next_offset: u64,
     inflight: VecDeque<Inflight>,
-    /// Count of losses poll consumers must be told about (webhook-queue's rule: a message
-    /// rejected for its size puts every existing consumer into refresh).
-    losses: u64,
-    consumers: HashMap<ConsumerKey, Cursor>,
+    /// The named poll consumers and their refresh rules.
+    consumers: Cursors,
     subscribers: HashMap<u64, Subscriber>,
     /// Delayed messages: one heap and one timer for the earliest, not a timer each.
-    delayed: BinaryHeap<Reverse<Delayed>>,
-    delayed_seq: u64,
+    delayed: DelayedSet,
+    /// The one timer, for the earliest delayed message (its due time and handle).
     delayed_timer: Option<(i64, SpawnHandle)>,
-    /// Delayed messages being saved (they count against the limit already).
-    scheduling: usize,
     /// An append failed: nothing more is appended until every append in flight has
     /// settled and the stored tail has been re-read (a commit reported as failed may
     /// still have happened; offsets continue from what the store holds).
@@ -292,18 +253,13 @@ impl Queue {
             metrics,
             changes,
             epoch: Arc::from(""),
-            log: VecDeque::new(),
-            bytes: 0,
-            head: 0,
+            window: Window::default(),
             next_offset: 1,
             inflight: VecDeque::new(),
-            losses: 0,
-            consumers: HashMap::new(),
+            consumers: Cursors::default(),
             subscribers: HashMap::new(),
-            delayed: BinaryHeap::new(),
-            delayed_seq: 0,
+            delayed: DelayedSet::default(),
             delayed_timer: None,
-            scheduling: 0,
             resync: Resync::No,
         }
     }
@@ -312,31 +268,16 @@ impl Queue {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn first_retained(&self) -> u64 {
-        self.log.front().map_or(self.head + 1, |m| m.offset)
-    }
-
     fn restore(&mut self, state: StoredQueue, ctx: &mut Context<Self>) {
-        let pending = state.delayed.len();
-        for d in state.delayed.iter().cloned() {
-            self.delayed_seq = self.delayed_seq.max(d.id);
-            self.delayed.push(Reverse(Delayed {
-                at_ms: d.at_ms,
-                seq: d.id,
-                message: d.message,
-            }));
-        }
-        self.m.delayed.add(pending as i64);
+        self.m.delayed.add(state.delayed.len() as i64);
+        self.delayed.restore(state.delayed);
         self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
         self.next_offset = state.next_offset;
-        self.head = state.next_offset - 1;
-        for m in state.messages {
-            self.bytes += m.body.len();
-            self.log.push_back(m);
-        }
-        self.m.depth.add(self.log.len() as i64);
-        self.m.bytes.add(self.bytes as i64);
+        let (n, size) = self.window.append(state.messages);
+        self.window.raise_head(state.next_offset - 1);
+        self.m.depth.add(n as i64);
+        self.m.bytes.add(size as i64);
         self.set_limit_gauges();
         self.enforce_limits();
     }
@@ -349,29 +290,17 @@ impl Queue {
 
     /// Drops the oldest messages until the queue is within its limits.
     fn enforce_limits(&mut self) {
-        let limits = self.spec.limits;
-        let mut dropped = false;
-        while let Some(front) = self.log.front() {
-            let reason = if self.log.len() > limits.max_message_count {
-                "count"
-            } else if self.bytes > limits.max_queue_size {
-                "size"
-            } else {
-                break;
-            };
-            let size = front.body.len();
-            self.log.pop_front();
-            self.bytes -= size;
-            dropped = true;
+        let dropped = self.window.enforce(&self.spec.limits);
+        for (reason, size) in &dropped {
             match reason {
-                "count" => self.m.dropped_count.inc(),
-                _ => self.m.dropped_size.inc(),
+                DropReason::Count => self.m.dropped_count.inc(),
+                DropReason::Size => self.m.dropped_size.inc(),
             }
             self.m.depth.dec();
-            self.m.bytes.sub(size as i64);
+            self.m.bytes.sub(*size as i64);
         }
-        if dropped {
-            self.store.trim(&self.name, self.first_retained());
+        if !dropped.is_empty() {
+            self.store.trim(&self.name, self.window.first_retained());
         }
     }
 
@@ -401,14 +330,9 @@ impl Queue {
 
     /// Appends stored messages (contiguous, after `head`) to the visible log.
     fn make_visible(&mut self, messages: Vec<Arc<Message>>) {
-        let n = messages.len();
         let size: usize = messages.iter().map(|m| m.body.len()).sum();
-        if let Some(last) = messages.last() {
-            self.head = last.offset;
-        }
-        self.bytes += size;
         self.fan_out(&messages, size);
-        self.log.extend(messages);
+        let (n, _) = self.window.append(messages);
         self.m.published.inc_by(n as u64);
         self.m.depth.add(n as i64);
         self.m.bytes.add(size as i64);
@@ -420,7 +344,7 @@ impl Queue {
     /// answers.
     fn resync_tail(&mut self, ctx: &mut Context<Self>) {
         self.resync = Resync::Reading;
-        let read = self.store.tail(&self.name, self.head);
+        let read = self.store.tail(&self.name, self.window.head());
         ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
             Ok(tail) => {
                 if tail.epoch != act.epoch {
@@ -430,16 +354,16 @@ impl Queue {
                     let fresh: Vec<_> = tail
                         .messages
                         .into_iter()
-                        .filter(|m| m.offset > act.head)
+                        .filter(|m| m.offset > act.window.head())
                         .collect();
                     if !fresh.is_empty() {
                         tracing::warn!(queue = %act.name, found, "messages whose commit was reported as failed are stored; made visible");
                         act.make_visible(fresh);
                         act.notify();
                     }
-                    act.head = act.head.max(tail.next_offset - 1);
+                    act.window.raise_head(tail.next_offset - 1);
                 }
-                act.next_offset = act.head + 1;
+                act.next_offset = act.window.head() + 1;
                 act.resync = Resync::No;
             }
             Err(e) => {
@@ -453,26 +377,23 @@ impl Queue {
     /// created again meanwhile): take it, and tell every reader to refresh.
     fn replace_history(&mut self, tail: crate::store::StoredTail) {
         tracing::error!(queue = %self.name, old = %self.epoch, new = %tail.epoch, "the stored history of the queue changed: new epoch");
-        self.m.depth.sub(self.log.len() as i64);
-        self.m.bytes.sub(self.bytes as i64);
-        self.log.clear();
-        self.bytes = 0;
+        let (n, size) = self.window.reset(0);
+        self.m.depth.sub(n as i64);
+        self.m.bytes.sub(size as i64);
+        let (n, size) = self.window.append(tail.messages);
+        self.window.raise_head(tail.next_offset - 1);
+        self.m.depth.add(n as i64);
+        self.m.bytes.add(size as i64);
         self.epoch = tail.epoch;
-        self.head = tail.next_offset - 1;
-        self.losses += 1;
+        self.consumers.note_loss();
         for (id, sub) in self.subscribers.drain() {
             sub.lagged.do_send(Lagged {
                 subscription: id,
                 queue: self.name.clone(),
-                offset: self.head,
+                offset: self.window.head(),
                 epoch: self.epoch.clone(),
             });
         }
-        let size: usize = tail.messages.iter().map(|m| m.body.len()).sum();
-        self.m.depth.add(tail.messages.len() as i64);
-        self.m.bytes.add(size as i64);
-        self.bytes = size;
-        self.log.extend(tail.messages);
         self.enforce_limits();
         self.notify();
     }
@@ -501,7 +422,7 @@ impl Queue {
                 sub.lagged.do_send(Lagged {
                     subscription: id,
                     queue: self.name.clone(),
-                    offset: self.head,
+                    offset: self.window.head(),
                     epoch: self.epoch.clone(),
                 });
             }
@@ -524,25 +445,20 @@ impl Queue {
     /// it has seen once new publishes reach them. Every reader resuming with the old
     /// epoch is told to refresh.
     fn note_position(&mut self, since: u64, epoch: Option<&str>) {
-        if since <= self.head || epoch != Some(&*self.epoch) {
+        if since <= self.window.head() || epoch != Some(&*self.epoch) {
             return;
         }
         let new = crate::store::random_epoch();
         tracing::error!(
             queue = %self.name,
             since,
-            head = self.head,
+            head = self.window.head(),
             old = %self.epoch,
             new = %new,
             "a reader has seen offsets this queue does not have: its history was lost; new epoch"
         );
         self.store.set_epoch(&self.name, &new);
         self.epoch = new;
-    }
-
-    fn batch_after(&self, since: u64, limit: usize) -> Vec<Arc<Message>> {
-        let start = self.log.partition_point(|m| m.offset <= since);
-        self.log.range(start..).take(limit).cloned().collect()
     }
 }
 
@@ -568,8 +484,8 @@ impl Actor for Queue {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.m.delayed.sub(self.delayed.len() as i64);
-        self.m.depth.sub(self.log.len() as i64);
-        self.m.bytes.sub(self.bytes as i64);
+        self.m.depth.sub(self.window.len() as i64);
+        self.m.bytes.sub(self.window.bytes() as i64);
     }
 }
 
@@ -580,7 +496,7 @@ impl Queue {
         let Some(big) = messages.iter().find(|m| m.body.len() > max) else {
             return Ok(());
         };
-        self.losses += 1;
+        self.consumers.note_loss();
         self.notify();
         Err(Error::rejected(
             Rejection::MessageTooLarge,
@@ -666,10 +582,9 @@ impl Queue {
 
     /// Arms the one timer for the earliest delayed message.
     fn arm_delayed_timer(&mut self, ctx: &mut Context<Self>) {
-        let Some(Reverse(top)) = self.delayed.peek() else {
+        let Some(at) = self.delayed.earliest() else {
             return;
         };
-        let at = top.at_ms;
         if self.delayed_timer.as_ref().is_some_and(|(t, _)| *t <= at) {
             return;
         }
@@ -686,14 +601,10 @@ impl Queue {
 
     /// Appends every delayed message that is due, in due order, as one batch.
     fn release_due(&mut self, ctx: &mut Context<Self>) {
-        let now = now_ms();
-        let mut due = Vec::new();
-        while self.delayed.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
-            due.push(self.delayed.pop().expect("peeked").0);
-        }
+        let due = self.delayed.take_due(now_ms());
         self.m.delayed.sub(due.len() as i64);
         if !due.is_empty() {
-            let ids = due.iter().map(|d| d.seq).collect();
+            let ids = due.iter().map(|d| d.id).collect();
             let messages = due.iter().map(|d| d.message.clone()).collect();
             ctx.spawn(self.append(messages, ids).map(move |res, act, ctx| {
                 if let Err(e) = res {
@@ -701,9 +612,7 @@ impl Queue {
                     tracing::error!(queue = %act.name, error = %e, "delayed messages could not be released; retrying");
                     let retry_at = now_ms() + DELAYED_RETRY_MS;
                     act.m.delayed.add(due.len() as i64);
-                    for d in due {
-                        act.delayed.push(Reverse(Delayed { at_ms: retry_at, ..d }));
-                    }
+                    act.delayed.retry(due, retry_at);
                     act.arm_delayed_timer(ctx);
                 }
             }));
@@ -732,39 +641,22 @@ impl Handler<PublishAt> for Queue {
         }
         let max = self.spec.limits.max_delayed_messages;
         let count = msg.messages.len();
-        if self.delayed.len() + self.scheduling + count > max {
+        let at_ms = msg.deliver_at_ms;
+        let Some(items) = self.delayed.reserve(msg.messages, at_ms, max) else {
             let e = Error::rejected(
                 Rejection::TooManyDelayed,
                 format!("queue `{}` holds {max} delayed messages already", self.name),
             );
             return Box::pin(fut::ready(Err(e)));
-        }
-        let at_ms = msg.deliver_at_ms;
-        let items: Vec<StoredDelayed> = msg
-            .messages
-            .into_iter()
-            .map(|message| {
-                self.delayed_seq += 1;
-                StoredDelayed {
-                    id: self.delayed_seq,
-                    at_ms,
-                    message,
-                }
-            })
-            .collect();
-        self.scheduling += count;
+        };
         // Acknowledged once the store has them, like any publish.
         let save = self.store.schedule(&self.name, items.clone());
         Box::pin(save.into_actor(self).map(move |res, act, ctx| {
-            act.scheduling -= count;
-            res?;
-            for d in items {
-                act.delayed.push(Reverse(Delayed {
-                    at_ms: d.at_ms,
-                    seq: d.id,
-                    message: d.message,
-                }));
+            if let Err(e) = res {
+                act.delayed.settle(count, Vec::new());
+                return Err(e);
             }
+            act.delayed.settle(count, items);
             act.m.delayed.add(count as i64);
             act.arm_delayed_timer(ctx);
             Ok(Scheduled {
@@ -781,8 +673,8 @@ impl Handler<Head> for Queue {
     fn handle(&mut self, _: Head, _: &mut Self::Context) -> HeadInfo {
         HeadInfo {
             epoch: self.epoch.clone(),
-            head: self.head,
-            first: self.first_retained(),
+            head: self.window.head(),
+            first: self.window.first_retained(),
         }
     }
 }
@@ -795,20 +687,20 @@ impl Handler<Read> for Queue {
         let unrecoverable = || Error::UnrecoverablePosition {
             queue: self.name.to_string(),
             since: msg.since,
-            offset: self.head,
+            offset: self.window.head(),
             epoch: self.epoch.to_string(),
         };
         if msg.epoch.as_deref().is_some_and(|e| e != &*self.epoch) {
             return Err(unrecoverable());
         }
         // `since` ahead of the queue (another epoch), or before what is retained.
-        if msg.since > self.head || msg.since + 1 < self.first_retained() {
+        if !self.window.covers(msg.since) {
             return Err(unrecoverable());
         }
         Ok(Batch {
             epoch: self.epoch.clone(),
-            head: self.head,
-            messages: self.batch_after(msg.since, msg.limit),
+            head: self.window.head(),
+            messages: self.window.after(msg.since, msg.limit),
         })
     }
 }
@@ -817,14 +709,13 @@ impl Handler<AddConsumer> for Queue {
     type Result = ();
 
     fn handle(&mut self, msg: AddConsumer, _: &mut Self::Context) {
-        let cursor = Cursor {
-            last_seen: msg.last_seen.unwrap_or(self.head).min(self.head),
-            losses_seen: self.losses,
-        };
-        if msg.last_seen.is_none() {
-            self.save_cursor(&msg.key, cursor.last_seen);
+        let new = msg.last_seen.is_none();
+        let at = self
+            .consumers
+            .add(msg.key.clone(), msg.last_seen, &self.window);
+        if new {
+            self.save_cursor(&msg.key, at);
         }
-        self.consumers.insert(msg.key, cursor);
     }
 }
 
@@ -843,48 +734,31 @@ impl Handler<ConsumerRead> for Queue {
     type Result = Result<Batch, Error>;
 
     fn handle(&mut self, msg: ConsumerRead, _: &mut Self::Context) -> Self::Result {
-        let (head, losses, first) = (self.head, self.losses, self.first_retained());
-        let Some(cursor) = self.consumers.get(&msg.key).copied() else {
-            return Err(Error::ClientNotFound {
+        let head = self.window.head();
+        match self.consumers.read(&msg.key, &self.window, msg.limit) {
+            CursorRead::Unknown => Err(Error::ClientNotFound {
                 client: msg.key.client,
-            });
-        };
-        let reason = if cursor.losses_seen < losses {
-            Some(SIZE_DROPPED)
-        } else if cursor.last_seen + 1 < first {
-            Some(ROLLED_OFF)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            // Told once; the cursor jumps to the newest message.
-            let jumped = Cursor {
-                last_seen: head,
-                losses_seen: losses,
-            };
-            self.save_cursor(&msg.key, head);
-            self.consumers.insert(msg.key, jumped);
-            return Err(Error::Refresh {
-                queue: self.name.to_string(),
-                reason: reason.to_owned(),
-                offset: head,
-                epoch: self.epoch.to_string(),
-            });
+            }),
+            CursorRead::Refresh { reason, at } => {
+                self.save_cursor(&msg.key, at);
+                Err(Error::Refresh {
+                    queue: self.name.to_string(),
+                    reason: reason.to_owned(),
+                    offset: at,
+                    epoch: self.epoch.to_string(),
+                })
+            }
+            CursorRead::Messages { messages, moved_to } => {
+                if let Some(at) = moved_to {
+                    self.save_cursor(&msg.key, at);
+                }
+                Ok(Batch {
+                    epoch: self.epoch.clone(),
+                    head,
+                    messages,
+                })
+            }
         }
-        let messages = self.batch_after(cursor.last_seen, msg.limit);
-        if let Some(last) = messages.last() {
-            let moved = Cursor {
-                last_seen: last.offset,
-                ..cursor
-            };
-            self.save_cursor(&msg.key, last.offset);
-            self.consumers.insert(msg.key, moved);
-        }
-        Ok(Batch {
-            epoch: self.epoch.clone(),
-            head,
-            messages,
-        })
     }
 }
 
@@ -897,8 +771,8 @@ impl Handler<Subscribe> for Queue {
         if let Some(since) = msg.since {
             self.note_position(since, msg.epoch.as_deref());
             let epoch_ok = msg.epoch.as_deref().is_none_or(|e| e == &*self.epoch);
-            if epoch_ok && since <= self.head && since + 1 >= self.first_retained() {
-                replay = self.batch_after(since, usize::MAX);
+            if epoch_ok && self.window.covers(since) {
+                replay = self.window.after(since, usize::MAX);
                 recovered = true;
             } else {
                 unrecoverable = true;
@@ -907,7 +781,7 @@ impl Handler<Subscribe> for Queue {
         self.subscribers.insert(msg.subscriber.id, msg.subscriber);
         Subscribed {
             epoch: self.epoch.clone(),
-            head: self.head,
+            head: self.window.head(),
             replay,
             recovered,
             unrecoverable,
@@ -929,9 +803,9 @@ impl Handler<Reconfigure> for Queue {
     fn handle(&mut self, msg: Reconfigure, _: &mut Self::Context) {
         self.spec = msg.spec;
         self.set_limit_gauges();
-        let before = self.log.len();
+        let before = self.window.len();
         self.enforce_limits();
-        if self.log.len() != before {
+        if self.window.len() != before {
             self.notify();
         }
     }
