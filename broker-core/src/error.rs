@@ -46,11 +46,13 @@ pub enum Rejection {
     TooManyDelayed,
     /// The session may not publish into that queue (its grants).
     NotGranted,
+    /// A delay longer than `limits.max_delay`, or a time that cannot be computed.
+    DelayTooLong,
 }
 
 impl Rejection {
     /// Every reason (for tables that must cover them all).
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::UnknownQueue,
         Rejection::IpNotAllowed,
         Rejection::MissingCredentials,
@@ -61,6 +63,7 @@ impl Rejection {
         Rejection::InvalidBody,
         Rejection::TooManyDelayed,
         Rejection::NotGranted,
+        Rejection::DelayTooLong,
     ];
 
     /// The metric label and the error `code`.
@@ -76,6 +79,7 @@ impl Rejection {
             Rejection::InvalidBody => "invalid_body",
             Rejection::TooManyDelayed => "too_many_delayed",
             Rejection::NotGranted => "not_granted",
+            Rejection::DelayTooLong => "delay_too_long",
         }
     }
 }

@@ -101,10 +101,20 @@ impl Ingress {
             }
         }
         let handle = self.queue(req.queue).await?;
-        if let Some(at) = req
-            .deliver_at_ms
-            .filter(|at| *at > crate::message::now_ms())
-        {
+        let now = crate::message::now_ms();
+        if let Some(at) = req.deliver_at_ms {
+            let max_ms = i64::try_from(spec.limits.max_delay.as_millis()).unwrap_or(i64::MAX);
+            if at.saturating_sub(now) > max_ms {
+                return Err(counted(Error::rejected(
+                    Rejection::DelayTooLong,
+                    format!(
+                        "a publish may be delayed by at most {} (limits.max_delay)",
+                        humantime::format_duration(spec.limits.max_delay)
+                    ),
+                )));
+            }
+        }
+        if let Some(at) = req.deliver_at_ms.filter(|at| *at > now) {
             if spec.kind != QueueKind::Queue {
                 return Err(counted(Error::rejected(
                     Rejection::InvalidBody,

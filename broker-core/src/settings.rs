@@ -258,6 +258,7 @@ impl Settings {
                 max_message_size: q.max_message_size.unwrap_or(cfg.limits.max_message_size),
                 max_queue_size: q.max_queue_size.unwrap_or(cfg.limits.max_queue_size),
                 max_delayed_messages: cfg.limits.max_delayed_messages,
+                max_delay: cfg.limits.max_delay,
             };
             check_limits(&key, &limits, cfg.server.max_body_size, &mut err);
             let allow_ips = parse_nets(&q.allow_ips).unwrap_or_else(|(j, m)| {

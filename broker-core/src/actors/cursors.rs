@@ -176,6 +176,7 @@ mod tests {
             max_message_size: 10,
             max_queue_size: 100,
             max_delayed_messages: 0,
+            ..LimitsConfig::default()
         };
         w.enforce(&limits);
         assert_eq!(offsets(c.read(&key("a"), &w, 10)), Err("It's been "));

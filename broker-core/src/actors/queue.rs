@@ -866,6 +866,7 @@ mod tests {
             max_message_size: size,
             max_queue_size: total,
             max_delayed_messages: 10,
+            ..LimitsConfig::default()
         }
     }
 

@@ -138,6 +138,7 @@ mod tests {
             max_message_size: usize::MAX,
             max_queue_size: total,
             max_delayed_messages: 10,
+            ..LimitsConfig::default()
         }
     }
 

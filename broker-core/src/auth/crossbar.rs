@@ -97,7 +97,9 @@ pub fn verify(
     let window_ms = i64::try_from(delta_limit_s)
         .unwrap_or(i64::MAX / 2_000)
         .saturating_mul(1000);
-    if (ts_ms - now_ms).abs() > window_ms {
+    // Checked: a client-supplied timestamp must not wrap.
+    let skew = ts_ms.checked_sub(now_ms).map(i64::unsigned_abs);
+    if skew.is_none_or(|s| s > window_ms.unsigned_abs()) {
         return Err(SignatureError::Expired);
     }
     let seq = params.seq.ok_or(SignatureError::Missing("seq"))?;
@@ -126,7 +128,8 @@ pub fn verify(
         return Err(SignatureError::BadSignature);
     }
     // Only a verified request spends its nonce: nobody else can burn one.
-    nonces.check_and_remember(nonce, now_ms, 2 * window_ms)
+    // Saturating: a huge window must not wrap negative and switch the cache off.
+    nonces.check_and_remember(nonce, now_ms, window_ms.saturating_mul(2))
 }
 
 /// Base64 in either alphabet, padded or not.

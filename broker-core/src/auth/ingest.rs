@@ -55,12 +55,34 @@ impl std::fmt::Debug for IngestAuth {
     }
 }
 
+/// Ingest keys shorter than this are warned about at load.
+const MIN_KEY_LEN: usize = 16;
+
 impl IngestAuth {
     /// Builds a verifier from config; the error names the offending sub-key.
     pub fn compile(cfg: Option<&AuthConfig>) -> Result<Self, (String, String)> {
         let Some(cfg) = cfg else {
             return Ok(IngestAuth::None);
         };
+        // Empty secrets (e.g. `env:X` with X set but empty) would make an empty
+        // credential valid: refused here, naming the key. Short ones only warned about
+        // (webhook-queue's own README uses `12345`).
+        for (name, k) in cfg.key.iter().map(|k| ("key".to_owned(), k)).chain(
+            cfg.keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("keys[{i}]"), k)),
+        ) {
+            if k.expose().trim().is_empty() {
+                return Err((name, "is empty (after resolving env:/file:)".to_owned()));
+            }
+            if k.expose().len() < MIN_KEY_LEN {
+                tracing::warn!(
+                    key = %name,
+                    "an ingest key shorter than {MIN_KEY_LEN} characters is easy to guess"
+                );
+            }
+        }
         let keys: Vec<Secret> = cfg.key.iter().chain(cfg.keys.iter()).cloned().collect();
         let need_keys = || {
             if keys.is_empty() {
@@ -312,7 +334,9 @@ fn check_timestamp(ts: &str, now: i64, tolerance: i64) -> Result<(), Error> {
     let ts: i64 = ts
         .parse()
         .map_err(|_| missing("a Unix timestamp in the signature headers"))?;
-    if (now - ts).abs() > tolerance {
+    // Checked: a client-supplied timestamp must not wrap (i64::MIN would).
+    let skew = now.checked_sub(ts).map(i64::unsigned_abs);
+    if skew.is_none_or(|s| s > tolerance.unsigned_abs()) {
         return Err(Error::rejected(
             Rejection::StaleTimestamp,
             format!("the signed timestamp is more than {tolerance} s away from the server's clock"),
@@ -350,6 +374,50 @@ mod tests {
     //! Slack and the Standard Webhooks spec, and Python one-liners such as
     //! `python3 -c 'import hmac,hashlib;print(hmac.new(b"12345",b"{\"hello\":\"world\"}",hashlib.sha256).hexdigest())'`.
     use super::*;
+
+    #[test]
+    fn empty_keys_are_a_config_error_naming_the_key() {
+        for (method, cfg) in [
+            ("bearer", r#"{"method":"bearer","key":""}"#),
+            (
+                "bearer",
+                r#"{"method":"bearer","keys":["a-long-enough-secret-1","  "]}"#,
+            ),
+            (
+                "hmac-sha256",
+                r#"{"method":"hmac-sha256","key":"","header_name":"X-Sig"}"#,
+            ),
+        ] {
+            let cfg: AuthConfig = serde_json::from_str(cfg).unwrap();
+            let (key, msg) = IngestAuth::compile(Some(&cfg)).unwrap_err();
+            assert!(key == "key" || key == "keys[1]", "{method}: {key}");
+            assert!(msg.contains("empty"), "{method}: {msg}");
+        }
+        let cfg: AuthConfig = serde_json::from_str(r#"{"method":"bearer","key":"12345"}"#).unwrap();
+        assert!(
+            IngestAuth::compile(Some(&cfg)).is_ok(),
+            "short keys are warned about only"
+        );
+    }
+
+    #[test]
+    fn timestamps_that_would_wrap_are_stale_not_a_panic() {
+        let now = 1_700_000_000;
+        for ts in ["-9223372036854775808", "9223372036854775807"] {
+            let e = check_timestamp(ts, now, 300).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Rejected {
+                        reason: Rejection::StaleTimestamp,
+                        ..
+                    }
+                ),
+                "{ts}: {e}"
+            );
+        }
+        assert!(check_timestamp("1700000100", now, 300).is_ok());
+    }
     use std::collections::HashMap;
 
     fn auth(method: &str, key: &str, header: Option<&str>) -> IngestAuth {

@@ -295,6 +295,9 @@ pub struct LimitsConfig {
     pub max_queue_size: usize,
     /// Most delayed messages a queue holds before they are due.
     pub max_delayed_messages: usize,
+    /// Longest a publish may be delayed (`delay=`, `at=`, pg-hooks `when`); later is a 400.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: std::time::Duration,
 }
 
 impl Default for LimitsConfig {
@@ -305,6 +308,7 @@ impl Default for LimitsConfig {
             max_message_size: 20_000,
             max_queue_size: 1_000_000,
             max_delayed_messages: 100_000,
+            max_delay: std::time::Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -103,7 +103,11 @@ impl PublishQuery {
             )),
             (Some(d), None) => {
                 let d = parse_duration("delay", d, "invalid_query")?;
-                Ok(Some(broker_core::message::now_ms() + d.as_millis() as i64))
+                // Saturating: a client-supplied delay must not wrap into the past; one
+                // too long is refused (and counted) by the front door (`max_delay`).
+                let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                let at = broker_core::message::now_ms().saturating_add(ms);
+                Ok(Some(at))
             }
             (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
                 .map(|t| Some(t.timestamp_millis()))

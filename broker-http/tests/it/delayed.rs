@@ -121,3 +121,56 @@ async fn delayed_input_errors() {
     .await;
     assert_eq!((s, v["offset"].as_u64()), (200, Some(1)));
 }
+
+/// `limits.max_delay` bounds how far a publish may be delayed, and no delay wraps: a
+/// huge `delay=` used to overflow into 1970 (published at once), `at=2999-…` was held.
+#[actix_web::test]
+async fn delays_past_max_delay_or_too_large_to_compute_are_refused() {
+    let b = spawn_broker(&format!(
+        "{USER}\n[limits]\nmax_delay = \"1h\"\n[[queues]]\nname = \"q\"\n"
+    ))
+    .await;
+    for query in [
+        "delay=9000000000000000",
+        "delay=18446744073709551615",
+        "delay=2h",
+        "at=2999-01-01T00:00:00Z",
+    ] {
+        let (s, v) = json(
+            b.post(&format!("/v1/queues/q/messages?{query}"))
+                .body("x")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("delay_too_long")),
+            "{query}: {v}"
+        );
+    }
+    let (s, v) = json(
+        b.post("/v1/queues/q/messages?delay=59m")
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["scheduled"].as_bool()), (200, Some(true)), "{v}");
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="q",reason="delay_too_long"}"#
+        ),
+        Some(4.0)
+    );
+    let (_, v) = json(b.read("/v1/queues/q/messages").send().await.unwrap()).await;
+    assert_eq!(
+        v["messages"].as_array().unwrap().len(),
+        0,
+        "nothing published"
+    );
+}
