@@ -48,11 +48,14 @@ pub enum Rejection {
     NotGranted,
     /// A delay longer than `limits.max_delay`, or a time that cannot be computed.
     DelayTooLong,
+    /// A message header or content type the broker will not keep (not a token, the
+    /// broker's own `x-broker-*`, control characters).
+    InvalidHeader,
 }
 
 impl Rejection {
     /// Every reason (for tables that must cover them all).
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::UnknownQueue,
         Rejection::IpNotAllowed,
         Rejection::MissingCredentials,
@@ -64,6 +67,7 @@ impl Rejection {
         Rejection::TooManyDelayed,
         Rejection::NotGranted,
         Rejection::DelayTooLong,
+        Rejection::InvalidHeader,
     ];
 
     /// The metric label and the error `code`.
@@ -80,6 +84,7 @@ impl Rejection {
             Rejection::TooManyDelayed => "too_many_delayed",
             Rejection::NotGranted => "not_granted",
             Rejection::DelayTooLong => "delay_too_long",
+            Rejection::InvalidHeader => "invalid_header",
         }
     }
 }

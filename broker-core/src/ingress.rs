@@ -80,6 +80,16 @@ impl Ingress {
                     format!("messages[{i}]")
                 }
             };
+            let outside = !matches!(req.publisher, Publisher::Broker);
+            if let Some(problem) = outside
+                .then(|| crate::message::header_problem(&m.headers, m.content_type.as_deref()))
+                .flatten()
+            {
+                return Err(counted(Error::rejected(
+                    Rejection::InvalidHeader,
+                    format!("{}: {problem}", what()),
+                )));
+            }
             if spec.json_only {
                 if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&m.body) {
                     return Err(counted(Error::rejected(

@@ -150,9 +150,104 @@ pub fn content_type_of(headers: &[(String, String)]) -> Option<std::sync::Arc<st
         .map(|(_, v)| std::sync::Arc::from(v.as_str()))
 }
 
+/// Headers a message's own headers never set on a webhook delivery: connection-level
+/// and hop-by-hop ones (the HTTP client sets them), credentials, the body's type (the
+/// message's content type is sent as such), and the Standard Webhooks headers the broker
+/// signs with (`webhook-*`).
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "content-length",
+    "content-type",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Whether a message's header `name` is forwarded to webhook targets.
+pub fn forwardable(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !NOT_FORWARDED.contains(&lower.as_str()) && !lower.starts_with("webhook-")
+}
+
+/// Why a publisher-supplied header or content type cannot be kept, if it cannot: header
+/// names are HTTP tokens and not the broker's own (`x-broker-*`); values and content
+/// types hold no control characters (a store could refuse them, and they would be sent
+/// on as HTTP headers).
+pub fn header_problem(headers: &[(String, String)], content_type: Option<&str>) -> Option<String> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let clean = |v: &str| !v.chars().any(|c| c.is_control() && c != '\t');
+    for (k, v) in headers {
+        if k.is_empty() || !k.chars().all(is_tchar) {
+            return Some(format!(
+                "header name `{}` is not an HTTP token",
+                k.escape_debug()
+            ));
+        }
+        if k.to_ascii_lowercase().starts_with(BROKER_HEADER_PREFIX) {
+            return Some(format!(
+                "header `{k}`: `{BROKER_HEADER_PREFIX}*` headers are the broker's own"
+            ));
+        }
+        if !clean(v) {
+            return Some(format!("header `{k}` holds a control character"));
+        }
+    }
+    match content_type {
+        Some(ct) if !clean(ct) => Some("the content type holds a control character".to_owned()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publisher_headers_are_tokens_not_the_brokers_and_clean() {
+        let h = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        assert_eq!(
+            header_problem(&h("X-Trace", "a\tb"), Some("text/plain")),
+            None
+        );
+        for (headers, ct) in [
+            (h("x-broker-original-queue", "q"), None),
+            (h("X-Broker-Target", "t"), None),
+            (h("bad name", "v"), None),
+            (h("", "v"), None),
+            (h("x", "a\u{0}"), None),
+            (h("x", "a\r\nInjected: 1"), None),
+            (vec![], Some("a\u{0}")),
+        ] {
+            assert!(header_problem(&headers, ct).is_some(), "{headers:?} {ct:?}");
+        }
+    }
+
+    #[test]
+    fn only_end_to_end_headers_are_forwarded() {
+        for name in [
+            "Host",
+            "authorization",
+            "Cookie",
+            "Content-Length",
+            "Content-Type",
+            "Transfer-Encoding",
+            "webhook-id",
+            "Webhook-Signature",
+        ] {
+            assert!(!forwardable(name), "{name}");
+        }
+        for name in ["x-trace", "x-broker-original-queue", "user-agent-hint"] {
+            assert!(forwardable(name), "{name}");
+        }
+    }
 
     #[test]
     fn json_content_types() {

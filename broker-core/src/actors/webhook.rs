@@ -371,7 +371,13 @@ impl Webhook {
             .client
             .request(spec.method.clone(), spec.url.clone())
             .timeout(spec.config.timeout);
-        for (k, v) in &m.headers {
+        // A message's own headers never set connection-level headers, credentials or
+        // the signature headers (the target's configured headers may).
+        for (k, v) in m
+            .headers
+            .iter()
+            .filter(|(k, _)| crate::message::forwardable(k))
+        {
             req = req.header(k, v);
         }
         for (k, v) in &spec.config.headers {

@@ -442,3 +442,80 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
     .await;
     assert_eq!(s, 404);
 }
+
+/// Publishers cannot set the broker's own headers (a forged `x-broker-original-queue`
+/// would let a redrive publish into another queue) nor, through a message, the headers
+/// a delivery's connection, credentials or signature use: refused at ingest, or never
+/// forwarded.
+#[actix_web::test]
+async fn publishers_cannot_forge_broker_or_connection_headers() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut sink = spawn_sink(|_, _| Reply::status(200)).await;
+    let b = spawn_broker(&queue_with_webhook(
+        &sink.url,
+        &format!("signing_secret = \"{SECRET}\""),
+    ))
+    .await;
+    for headers in [
+        serde_json::json!({"x-broker-original-queue": "q2"}),
+        serde_json::json!({"X-Broker-Target": "http://elsewhere/"}),
+        serde_json::json!({"bad name": "x"}),
+        serde_json::json!({"x-ok": "line\r\nInjected: 1"}),
+    ] {
+        let (s, v) = json(
+            b.post("/v1/queues/q/batch")
+                .json(&serde_json::json!({"messages": [{"body": "x", "headers": headers}]}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("invalid_header")),
+            "{headers}: {v}"
+        );
+    }
+    let forged = serde_json::json!({
+        "host": "evil.example",
+        "authorization": "Bearer stolen",
+        "cookie": "session=1",
+        "webhook-id": "msg_forged",
+        "content-type": "text/evil",
+        "x-trace": "kept",
+    });
+    let (s, v) = json(
+        b.post("/v1/queues/q/batch")
+            .json(&serde_json::json!({"messages": [{"data": {"n": 1}, "headers": forged}]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let hit = &sink.wait_hits(1).await[0];
+    assert_eq!(hit.headers.get("x-trace").map(String::as_str), Some("kept"));
+    assert!(!hit.headers.contains_key("authorization"));
+    assert!(!hit.headers.contains_key("cookie"));
+    assert_ne!(
+        hit.headers.get("host").map(String::as_str),
+        Some("evil.example")
+    );
+    assert_eq!(
+        hit.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert!(
+        hit.headers["webhook-id"].starts_with("msg_") && hit.headers["webhook-id"] != "msg_forged",
+        "the broker's own id: {:?}",
+        hit.headers["webhook-id"]
+    );
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"broker_rejected_total{queue="q",reason="invalid_header"}"#
+        ),
+        Some(4.0)
+    );
+}
