@@ -55,6 +55,14 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
         term: signal(SignalKind::terminate())?,
         int: signal(SignalKind::interrupt())?,
     };
+    // The built-in example publishes its passwords and secrets: never on the network.
+    if settings.source.path.is_none() && !settings.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "the built-in example configuration (its demo passwords and secrets are public) \
+             only listens on loopback, not on {}; pass --config FILE (see `broker config example`)",
+            settings.listen
+        );
+    }
     let listener = TcpListener::bind(settings.listen)
         .with_context(|| format!("binding {}", settings.listen))?;
     let addr = listener.local_addr()?;

@@ -431,3 +431,37 @@ async fn a_config_cron_publishes_every_second() {
     )
     .is_some());
 }
+
+/// The built-in example (public demo passwords and secrets) never listens beyond
+/// loopback: without `--config`, a non-loopback `server.listen` is a clear error (what
+/// the container image would otherwise have served on every interface).
+#[test]
+fn the_built_in_example_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(broker_bin())
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("BROKER__SERVER__LISTEN", "0.0.0.0:0")
+        .env("BROKER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the built-in example is serving on 0.0.0.0");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it served: {stderr}");
+    assert!(
+        stderr.contains("only listens on loopback") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing was served");
+}
