@@ -85,6 +85,9 @@ pub struct PusherConfig {
     pub require_tls: bool,
     /// Log each request's outcome at info level.
     pub debug: bool,
+    /// Browser origins allowed to push with credentials (`https://app.example`; `*` for
+    /// any). Others get `Access-Control-Allow-Origin: *` without credentials.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for PusherConfig {
@@ -99,6 +102,7 @@ impl Default for PusherConfig {
             require_ip: Vec::new(),
             require_tls: false,
             debug: false,
+            allowed_origins: Vec::new(),
         }
     }
 }

@@ -51,19 +51,30 @@ struct Options {
     _acknowledge: Option<bool>,
 }
 
-/// CORS and caching headers exactly as Crossbar sets them.
-fn crossbar_headers(req: &HttpRequest, status: StatusCode) -> HttpResponseBuilder {
+/// CORS and caching headers as Crossbar sets them, except that an origin is reflected
+/// with `Allow-Credentials: true` only when `allowed` lists it (Crossbar reflects any):
+/// other origins get `*` without credentials.
+fn crossbar_headers(
+    req: &HttpRequest,
+    status: StatusCode,
+    allowed: &[String],
+) -> HttpResponseBuilder {
     let mut res = HttpResponse::build(status);
-    let origin = header_str(req, "origin")
+    let listed = header_str(req, "origin")
         .filter(|o| *o != "null")
-        .unwrap_or("*");
-    res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
-        .insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"))
-        .insert_header((
-            header::CACHE_CONTROL,
-            "no-store,no-cache,must-revalidate,max-age=0",
-        ))
-        .insert_header((header::CONTENT_TYPE, "application/json; charset=UTF-8"));
+        .filter(|o| allowed.iter().any(|a| a == "*" || a == o));
+    match listed {
+        Some(origin) => res
+            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"))
+            .insert_header((header::VARY, "Origin")),
+        None => res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")),
+    };
+    res.insert_header((
+        header::CACHE_CONTROL,
+        "no-store,no-cache,must-revalidate,max-age=0",
+    ))
+    .insert_header((header::CONTENT_TYPE, "application/json; charset=UTF-8"));
     if let Some(h) = header_str(req, "access-control-request-headers") {
         res.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, h));
     }
@@ -73,13 +84,17 @@ fn crossbar_headers(req: &HttpRequest, status: StatusCode) -> HttpResponseBuilde
 async fn push(req: HttpRequest, payload: web::Payload, broker: web::Data<Broker>) -> HttpResponse {
     let pusher = broker.settings().pusher.clone();
     let debug = pusher.as_ref().is_some_and(|p| p.config.debug);
+    let allowed = pusher
+        .as_ref()
+        .map(|p| p.config.allowed_origins.clone())
+        .unwrap_or_default();
     let outcome = match pusher {
         None => Err(PusherError::new(404, "the pusher is not configured")),
         Some(p) => handle(&req, payload, &broker, &p).await,
     };
     match outcome {
         Ok(None) => {
-            let mut res = crossbar_headers(&req, StatusCode::OK);
+            let mut res = crossbar_headers(&req, StatusCode::OK, &allowed);
             res.insert_header((header::ALLOW, "POST,PUT,OPTIONS"))
                 .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "POST,PUT,OPTIONS"));
             res.finish()
@@ -88,13 +103,13 @@ async fn push(req: HttpRequest, payload: web::Payload, broker: web::Data<Broker>
             if debug {
                 tracing::info!(publication = id, "pusher: published");
             }
-            crossbar_headers(&req, StatusCode::OK).body(format!("{{\"id\":{id}}}"))
+            crossbar_headers(&req, StatusCode::OK, &allowed).body(format!("{{\"id\":{id}}}"))
         }
         Err(e) => {
             if debug {
                 tracing::info!(status = e.status.as_u16(), error = %e, "pusher: refused");
             }
-            crossbar_headers(&req, e.status).body(e.body().to_string())
+            crossbar_headers(&req, e.status, &allowed).body(e.body().to_string())
         }
     }
 }
@@ -118,7 +133,10 @@ async fn handle(
             ))
         }
     }
-    if let Some(ct) = header_str(req, "content-type") {
+    // Required (Crossbar accepts none): without it a browser's cross-origin POST is a
+    // "simple request" that skips the CORS preflight.
+    {
+        let ct = header_str(req, "content-type").unwrap_or_default();
         let mut parts = ct.split(';').map(|s| s.trim().to_ascii_lowercase());
         let essence = parts.next().unwrap_or_default();
         if essence != "application/json" {

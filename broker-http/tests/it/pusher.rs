@@ -43,7 +43,7 @@ fn assert_crossbar_error(v: &Value, contains: &str) {
 #[actix_web::test]
 async fn limits_addresses_and_tls_are_enforced() {
     let b = spawn_broker(&format!(
-        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[pusher]\npost_body_limit = 64\n{QUEUES}"
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[pusher]\npost_body_limit = 64\nallowed_origins = [\"https://app.example\"]\n{QUEUES}"
     ))
     .await;
     let ok = r#"{"topic":"news","args":[1]}"#;
@@ -52,6 +52,11 @@ async fn limits_addresses_and_tls_are_enforced() {
     assert!(v["id"].is_u64());
     assert_eq!(h["access-control-allow-origin"], "https://app.example");
     assert_eq!(h["access-control-allow-credentials"], "true");
+    // An origin not listed is not reflected and gets no credentials.
+    let (s, v, h) = push(&b, ok, &[("origin", "https://evil.example")]).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(h.get("access-control-allow-credentials").is_none(), "{h:?}");
     assert_eq!(h["content-type"], "application/json; charset=UTF-8");
     assert_eq!(
         h["cache-control"],
@@ -63,9 +68,9 @@ async fn limits_addresses_and_tls_are_enforced() {
     assert_eq!(s, 413);
     assert_crossbar_error(&v, "Request too long");
 
-    // Nothing refused reached the queue.
+    // Nothing refused reached the queue (two accepted pushes).
     let depth = b.broker.head("news").await.unwrap();
-    assert_eq!(depth.head, 1);
+    assert_eq!(depth.head, 2);
 }
 
 #[actix_web::test]
@@ -155,15 +160,19 @@ async fn malformed_requests_get_crossbars_answers() {
         "content-type"
     );
     assert_eq!(res.headers()["access-control-allow-origin"], "*");
-    // PUT works like POST; no content type is accepted too, as in Crossbar.
-    let res = b
-        .http
-        .put(format!("{}/push", b.url))
-        .body(r#"{"topic":"news","kwargs":{"a":1}}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    // PUT works like POST; a missing content type is refused (no CORS-simple requests).
+    let put = |ct: Option<&'static str>| {
+        let mut r = b
+            .http
+            .put(format!("{}/push", b.url))
+            .body(r#"{"topic":"news","kwargs":{"a":1}}"#);
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        r.send()
+    };
+    assert_eq!(put(Some("application/json")).await.unwrap().status(), 200);
+    assert_eq!(put(None).await.unwrap().status(), 400);
 }
 
 #[actix_web::test]
