@@ -16,16 +16,18 @@ use futures_util::StreamExt;
 use crate::error::ApiError;
 
 /// The client's address: the TCP peer, or `X-Forwarded-For` when the peer is trusted.
-pub fn client_ip(req: &HttpRequest, settings: &Settings) -> IpAddr {
+pub fn client_ip(req: &HttpRequest, settings: &Settings) -> Result<IpAddr, ApiError> {
     let peer = req
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let xff = req
+    // Every line, in order: a proxy may append its own line after the client's.
+    let lines = req
         .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    broker_core::auth::client_ip(peer, xff, &settings.trusted_proxies)
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok());
+    broker_core::auth::client_ip(peer, lines, &settings.trusted_proxies)
+        .map_err(|m| ApiError::bad_request("invalid_forwarded_for", m))
 }
 
 /// A header's value as text, by name.
@@ -164,10 +166,15 @@ pub fn parse_wait(wait: Option<&str>, max: Duration) -> Result<Duration, ApiErro
 pub fn is_tls(req: &HttpRequest, settings: &Settings) -> bool {
     let peer = req.peer_addr().map(|a| a.ip());
     let trusted = peer.is_some_and(|ip| settings.trusted_proxies.iter().any(|n| n.contains(&ip)));
-    trusted
-        && header_str(req, "x-forwarded-proto")
-            .and_then(|v| v.split(',').next())
-            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+    // Every entry of every line must say https: a client's forged `https` followed by
+    // the proxy's `http` is plain HTTP.
+    let mut protos = req
+        .headers()
+        .get_all("x-forwarded-proto")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|l| l.split(','))
+        .peekable();
+    trusted && protos.peek().is_some() && protos.all(|p| p.trim().eq_ignore_ascii_case("https"))
 }
 
 #[cfg(test)]

@@ -5,30 +5,45 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 /// The address a request came from. `peer` is the TCP peer. When it is a trusted proxy,
-/// `X-Forwarded-For` is read right to left and the first address that is not itself a
-/// trusted proxy is the client (the left part of the header is whatever the client sent,
-/// so it is never believed). Malformed entries stop the walk at the last good address.
-pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+/// the `X-Forwarded-For` entries (`lines`: every header line, in order; each a comma
+/// list) are read right to left and the first address that is not itself a trusted
+/// proxy is the client (what lies left of it is whatever the client sent, so it is never
+/// believed). Ports are stripped (`1.2.3.4:5`, `[::1]:5`). An entry that does not parse
+/// (`unknown`, empty) where the walk reaches it makes the chain unbelievable: an error,
+/// never the proxy's own address.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    lines: impl IntoIterator<Item = &'a str>,
+    trusted: &[IpNet],
+) -> Result<IpAddr, String> {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
-        return peer;
+        return Ok(peer);
     }
-    let Some(header) = forwarded_for else {
-        return peer;
-    };
+    let hops: Vec<&str> = lines.into_iter().flat_map(|l| l.split(',')).collect();
     let mut client = peer;
-    for hop in header.rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !is_trusted(&ip) {
-                    break;
-                }
-            }
-            Err(_) => break,
+    for hop in hops.iter().rev() {
+        let ip = parse_hop(hop).ok_or_else(|| {
+            format!(
+                "X-Forwarded-For entry `{}` is not an address",
+                hop.trim().escape_debug()
+            )
+        })?;
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
         }
     }
-    client
+    Ok(client)
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 /// Parses a list of IPs or CIDRs (a plain IP is a /32 or /128).
@@ -52,30 +67,60 @@ mod tests {
         parse_nets(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>()).unwrap()
     }
 
+    fn ip(peer: &str, lines: &[&str], trusted: &[&str]) -> Result<String, String> {
+        client_ip(peer.parse().unwrap(), lines.iter().copied(), &nets(trusted))
+            .map(|ip| ip.to_string())
+    }
+
     #[test]
     fn untrusted_peer_header_is_ignored() {
-        let ip = client_ip(
-            "203.0.113.9".parse().unwrap(),
-            Some("127.0.0.1"),
-            &nets(&["10.0.0.0/8"]),
-        );
-        assert_eq!(ip.to_string(), "203.0.113.9");
+        let got = ip("203.0.113.9", &["127.0.0.1"], &["10.0.0.0/8"]);
+        assert_eq!(got.unwrap(), "203.0.113.9");
     }
 
     #[test]
     fn trusted_chain_is_walked_from_the_right() {
-        let t = nets(&["10.0.0.0/8", "127.0.0.1"]);
+        let t = ["10.0.0.0/8", "127.0.0.1"];
         // The client forged "1.1.1.1"; the proxy appended the real address.
-        let ip = client_ip(
-            "127.0.0.1".parse().unwrap(),
-            Some("1.1.1.1, 198.51.100.7, 10.1.2.3"),
-            &t,
+        let got = ip("127.0.0.1", &["1.1.1.1, 198.51.100.7, 10.1.2.3"], &t);
+        assert_eq!(got.unwrap(), "198.51.100.7");
+        assert_eq!(ip("127.0.0.1", &[], &t).unwrap(), "127.0.0.1");
+        // What lies left of the client is never read, parseable or not.
+        let got = ip("127.0.0.1", &["garbage, 198.51.100.7"], &t);
+        assert_eq!(got.unwrap(), "198.51.100.7");
+    }
+
+    #[test]
+    fn every_header_line_counts_in_order() {
+        // A forged first line and the proxy's appended second line (HAProxy, some
+        // ingresses): the second line's address is the client.
+        let got = ip("127.0.0.1", &["10.0.0.5", "203.0.113.9"], &["127.0.0.1/32"]);
+        assert_eq!(got.unwrap(), "203.0.113.9");
+    }
+
+    #[test]
+    fn ports_are_stripped_and_garbage_is_refused_not_the_proxy() {
+        let t = ["127.0.0.1/32", "10.0.0.0/8"];
+        assert_eq!(
+            ip("127.0.0.1", &["203.0.113.9:4711"], &t).unwrap(),
+            "203.0.113.9"
         );
-        assert_eq!(ip.to_string(), "198.51.100.7");
-        let ip = client_ip("127.0.0.1".parse().unwrap(), None, &t);
-        assert_eq!(ip.to_string(), "127.0.0.1");
-        let ip = client_ip("127.0.0.1".parse().unwrap(), Some("garbage, 10.0.0.5"), &t);
-        assert_eq!(ip.to_string(), "10.0.0.5");
+        assert_eq!(
+            ip("127.0.0.1", &["[2001:db8::1]:443"], &t).unwrap(),
+            "2001:db8::1"
+        );
+        assert_eq!(
+            ip("127.0.0.1", &["2001:db8::2"], &t).unwrap(),
+            "2001:db8::2"
+        );
+        for bad in [
+            &["unknown"][..],
+            &["garbage, 10.0.0.5"],
+            &[""],
+            &["1.2.3.4,"],
+        ] {
+            assert!(ip("127.0.0.1", bad, &t).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub async fn upgrade(
     } else {
         Credentials::None
     };
-    let remote = client_ip(&req, &broker.settings());
+    let remote = client_ip(&req, &broker.settings())?;
     Ok(broker_ws::connect(&req, payload, broker.into_inner(), remote, credentials).await?)
 }
 

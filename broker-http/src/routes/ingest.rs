@@ -37,7 +37,7 @@ async fn admit(
 ) -> Result<Admitted, ApiError> {
     let settings = broker.settings();
     let lookup = |name: &str| header_str(req, name);
-    let spec = broker.admit_ingest(queue, client_ip(req, &settings), &lookup)?;
+    let spec = broker.admit_ingest(queue, client_ip(req, &settings)?, &lookup)?;
     let body = read_body(req, payload, settings.config.server.max_body_size)
         .await
         .map_err(|e| broker.count_refusal(spec.label(), e))?;
@@ -60,7 +60,7 @@ async fn publish(
 ) -> Result<PublishOutcome, ApiError> {
     let lookup = |name: &str| header_str(req, name);
     let publisher = Publisher::Ingest {
-        client_ip: client_ip(req, &broker.settings()),
+        client_ip: client_ip(req, &broker.settings())?,
         headers: &lookup,
         body: Some(&a.body),
     };

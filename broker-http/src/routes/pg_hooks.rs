@@ -151,7 +151,7 @@ pub async fn create_message(
         .publish(PublishRequest {
             queue: &name,
             publisher: Publisher::Authenticated {
-                client_ip: client_ip(&req, &broker.settings()),
+                client_ip: client_ip(&req, &broker.settings())?,
             },
             messages: vec![message],
             deliver_at_ms: deliver_at,

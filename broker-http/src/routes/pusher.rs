@@ -179,7 +179,8 @@ async fn handle(
             PusherError::from(e)
         }
     })?;
-    let ip = client_ip(req, &settings);
+    let ip = client_ip(req, &settings)
+        .map_err(|_| PusherError::new(400, "Request denied based on IP address."))?;
     if !p.require_ip.is_empty() && !p.require_ip.iter().any(|n| n.contains(&ip)) {
         return Err(PusherError::new(400, "Request denied based on IP address."));
     }

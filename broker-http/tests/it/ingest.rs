@@ -412,6 +412,51 @@ allow_ips = ["198.51.100.0/24"]
         .await
         .unwrap();
     assert_eq!(res.status(), 403);
+
+    // Two header lines: the client's forged one, then the one its proxy appended (as
+    // HAProxy does). Every line counts, in order: the appended address is the client.
+    let mut two = reqwest::header::HeaderMap::new();
+    two.append("x-forwarded-for", "198.51.100.7".parse().unwrap());
+    two.append("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    let (s, v) = json(
+        b.post("/v1/queues/proxied/messages")
+            .headers(two)
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (403, Some("ip_not_allowed")),
+        "{v}"
+    );
+    // A port is stripped; an entry that is no address is refused, never the proxy's.
+    let res = b
+        .post("/v1/queues/proxied/messages")
+        .header("X-Forwarded-For", "198.51.100.7:4711")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for forwarded in ["unknown", "garbage, 127.0.0.1"] {
+        let (s, v) = json(
+            b.post("/v1/queues/local/messages")
+                .header("X-Forwarded-For", forwarded)
+                .body("x")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("invalid_forwarded_for")),
+            "{forwarded}: {v}"
+        );
+    }
 }
 
 #[actix_web::test]

@@ -104,6 +104,21 @@ async fn require_ip_and_require_tls() {
     .await;
     let (s, v, _) = push(&b, ok, &[("x-forwarded-proto", "https")]).await;
     assert_eq!(s, 200, "{v}");
+    // The client's forged `https` line followed by the proxy's `http` is plain HTTP.
+    let mut two = reqwest::header::HeaderMap::new();
+    two.append("x-forwarded-proto", "https".parse().unwrap());
+    two.append("x-forwarded-proto", "http".parse().unwrap());
+    let res = b
+        .post("/push")
+        .header("content-type", "application/json")
+        .headers(two)
+        .body(ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let (s, _, _) = push(&b, ok, &[("x-forwarded-proto", "https, http")]).await;
+    assert_eq!(s, 400);
 }
 
 #[actix_web::test]
