@@ -56,7 +56,11 @@ struct Entry {
     spec: Arc<CronSpec>,
     timer: Option<SpawnHandle>,
     next: Option<DateTime<Utc>>,
+    /// The last tick that fired (scheduling goes on from it).
     last_tick: Option<DateTime<Utc>>,
+    /// The last tick whose message the store acknowledged: what is saved, so a tick
+    /// whose publish failed fires again after a restart.
+    acked_tick: Option<DateTime<Utc>>,
 }
 
 /// The scheduler.
@@ -84,6 +88,7 @@ impl Cron {
                     timer: None,
                     next: None,
                     last_tick: None,
+                    acked_tick: None,
                 };
                 (e.spec.config.name.clone(), e)
             })
@@ -103,7 +108,7 @@ impl Cron {
         let ticks: HashMap<&str, i64> = self
             .entries
             .iter()
-            .filter_map(|(n, e)| e.last_tick.map(|t| (n.as_str(), t.timestamp_millis())))
+            .filter_map(|(n, e)| e.acked_tick.map(|t| (n.as_str(), t.timestamp_millis())))
             .collect();
         let json = serde_json::to_string(&ticks).expect("a map of numbers serializes");
         let save = self.store.set_state(TICKS_KEY, json);
@@ -193,11 +198,17 @@ impl Cron {
                 .await
         };
         let label = name.to_owned();
-        self.save_ticks();
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
             let outcome = if res.is_ok() { "ok" } else { "error" };
-            if let Err(e) = res {
-                tracing::error!(cron = %label, error = %e, "cron publish failed");
+            match res {
+                // Counts as fired only now that its message is stored.
+                Ok(_) => {
+                    if let Some(e) = act.entries.get_mut(&label) {
+                        e.acked_tick = e.acked_tick.max(Some(tick));
+                    }
+                    act.save_ticks();
+                }
+                Err(e) => tracing::error!(cron = %label, error = %e, "cron publish failed"),
             }
             act.metrics
                 .cron_runs
@@ -236,6 +247,7 @@ impl Actor for Cron {
                     for (name, ms) in ticks {
                         if let Some(e) = act.entries.get_mut(&name) {
                             e.last_tick = DateTime::from_timestamp_millis(ms);
+                            e.acked_tick = e.last_tick;
                         }
                     }
                 }),
@@ -271,6 +283,7 @@ impl Handler<SetCrons> for Cron {
                         timer: None,
                         next: None,
                         last_tick: e.last_tick,
+                        acked_tick: e.acked_tick,
                     }
                 }
                 None => Entry {
@@ -278,6 +291,7 @@ impl Handler<SetCrons> for Cron {
                     timer: None,
                     next: None,
                     last_tick: None,
+                    acked_tick: None,
                 },
             };
             let armed = entry.timer.is_some();
@@ -414,6 +428,33 @@ mod tests {
             self.leader.send(Follow { recipient }).await.unwrap();
             cron
         }
+    }
+
+    /// A tick counts as fired only once its message is stored: a refused publish is not
+    /// recorded, so after a restart that tick fires again.
+    #[actix::test]
+    async fn a_tick_whose_publish_is_refused_is_not_recorded() {
+        const REFUSING: &str = "[[queues]]\nname = \"ticks\"\nmax_message_size = 1\n[[crons]]\nname = \"every-second\"\nqueue = \"ticks\"\nschedule = \"* * * * * *\"\nbody = \"{}\"\n";
+        let hook = Arc::new(std::sync::Mutex::new(None));
+        let h = Harness::new(REFUSING, Box::new(Manual(hook.clone())), None).await;
+        let _cron = h.start_cron().await;
+        elect(&hook, true);
+        let failed = h
+            .metrics
+            .cron_runs
+            .with_label_values(&["every-second", "error"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while failed.get() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the cron never ran");
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+        // The store is written in order: a barrier write is committed after any save.
+        h.store.set_state("barrier", String::new()).await.unwrap();
+        let saved = h.store.state(TICKS_KEY).await.unwrap();
+        assert!(
+            saved.as_deref().is_none_or(|j| !j.contains("every-second")),
+            "a refused tick was recorded: {saved:?}"
+        );
     }
 
     #[actix::test]
