@@ -192,9 +192,46 @@ impl CronSpec {
     }
 }
 
+/// [`shown_url`] of a URL given as text (`None` if it does not parse).
+pub fn shown_url_text(url: &str) -> Option<String> {
+    reqwest::Url::parse(url).ok().map(|u| shown_url(&u))
+}
+
+/// A target URL as the broker shows it (dead-letter headers, logs, the admin API):
+/// without user info, query or fragment, and with path segments of 16 characters or more
+/// (tokens, as in Slack's `/services/T…/B…/<secret>`) replaced by `***`.
+pub fn shown_url(url: &reqwest::Url) -> String {
+    let mut shown = format!("{}://", url.scheme());
+    if let Some(host) = url.host_str() {
+        shown.push_str(host);
+    }
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    for segment in url.path().split('/').skip(1) {
+        shown.push('/');
+        shown.push_str(if segment.len() >= 16 { "***" } else { segment });
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        let shown = |u: &str| shown_url(&reqwest::Url::parse(u).unwrap());
+        assert_eq!(
+            shown("https://user:pa55@hooks.example:8443/in/orders?token=abc#x"),
+            "https://hooks.example:8443/in/orders"
+        );
+        assert_eq!(
+            shown("https://hooks.slack.com/services/T0001/B0001/XXXXXXXXXXXXXXXXXXXXXXXX"),
+            "https://hooks.slack.com/services/T0001/B0001/***"
+        );
+        assert_eq!(shown("http://127.0.0.1:9/"), "http://127.0.0.1:9/");
+    }
     use chrono::TimeZone;
 
     #[test]

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::hub::QueueHandle;
 use super::leader::LeadershipChanged;
 use super::queue::{Head, Read};
-use crate::delivery::{WebhookSpec, MAX_RETRY_AFTER};
+use crate::delivery::{shown_url, WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
 use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::{now_ms, Message, NewMessage};
@@ -282,7 +282,7 @@ impl Webhook {
             let from = act.cursor.unwrap_or(0);
             let to = h.first.saturating_sub(1);
             if to > from {
-                tracing::warn!(queue = %act.handle.name, url = %act.spec.url, skipped = to - from,
+                tracing::warn!(queue = %act.handle.name, url = %shown_url(&act.spec.url), skipped = to - from,
                     "messages rolled off the queue before their delivery began");
                 act.metrics
                     .webhook_skipped
@@ -506,7 +506,7 @@ impl Webhook {
     fn give_up(&mut self, ctx: &mut Context<Self>, done: InFlight) {
         let m = done.message;
         let Some(dlq) = self.spec.config.dead_letter_queue.clone() else {
-            tracing::warn!(queue = %self.handle.name, offset = m.offset, url = %self.spec.url,
+            tracing::warn!(queue = %self.handle.name, offset = m.offset, url = %shown_url(&self.spec.url),
                 "webhook retries exhausted and no dead_letter_queue: message dropped");
             self.metrics
                 .webhook_deliveries
@@ -517,7 +517,7 @@ impl Webhook {
         let mut headers = crate::message::without_broker_headers(&m.headers);
         headers.push((dlq_headers::QUEUE.into(), self.handle.name.to_string()));
         headers.push((dlq_headers::OFFSET.into(), m.offset.to_string()));
-        headers.push((dlq_headers::TARGET.into(), self.spec.url.to_string()));
+        headers.push((dlq_headers::TARGET.into(), shown_url(&self.spec.url)));
         headers.push((dlq_headers::ATTEMPTS.into(), done.attempts.to_string()));
         if let Some(s) = done.last_status {
             headers.push((dlq_headers::LAST_STATUS.into(), s.to_string()));
@@ -573,7 +573,8 @@ fn outcome(res: Result<reqwest::Response, reqwest::Error>) -> Result<(), Failure
             let error = if e.is_timeout() {
                 "timeout".to_owned()
             } else {
-                format!("request failed: {e}")
+                // Without the URL: it may carry credentials.
+                format!("request failed: {}", e.without_url())
             };
             return Err(Failure {
                 status: None,
@@ -686,7 +687,7 @@ impl Handler<GetStatus> for Webhook {
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         let cursor = self.cursor.unwrap_or(self.head);
         WebhookStatus {
-            url: self.spec.url.to_string(),
+            url: shown_url(&self.spec.url),
             active: self.leader,
             pending: self.head.saturating_sub(cursor),
             in_flight: self.in_flight.len(),

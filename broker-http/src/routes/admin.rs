@@ -24,7 +24,19 @@ fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             for (k, val) in map.iter_mut() {
-                if matches!(
+                if k == "url" {
+                    // Webhook targets: no user info, query or token-like path segments.
+                    if let Some(u) = val.as_str().and_then(broker_core::delivery::shown_url_text) {
+                        *val = u.into();
+                    }
+                } else if k == "headers" {
+                    // A target's own headers (Authorization, API keys): names only.
+                    if let serde_json::Value::Object(h) = val {
+                        for v in h.values_mut() {
+                            *v = "***".into();
+                        }
+                    }
+                } else if matches!(
                     k.as_str(),
                     "key" | "keys" | "signing_secret" | "token" | "pass_hash"
                 ) {

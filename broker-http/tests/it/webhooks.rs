@@ -519,3 +519,64 @@ async fn publishers_cannot_forge_broker_or_connection_headers() {
         Some(4.0)
     );
 }
+
+/// Credentials in a target's URL or headers never leave the broker: not in the
+/// dead-letter headers, not in the admin API, not in the last error.
+#[actix_web::test]
+async fn target_credentials_are_never_shown() {
+    let mut sink = spawn_sink(|_, _| Reply::status(500)).await;
+    // The sink's address with credentials in user info, query and a token-like segment.
+    let with_secrets = sink.url.replacen("http://", "http://user:pa55word@", 1)
+        + "/in/abcdefghijklmnopqrstuvwxyz?token=topsecret";
+    let b = spawn_broker(&format!(
+        r#"{USER}
+[admin]
+token = "{ADMIN}"
+[[queues]]
+name = "q"
+[[queues.webhooks]]
+url = "{with_secrets}"
+max_retries = 0
+dead_letter_queue = "q2"
+headers = {{ authorization = "Bearer header-secret" }}
+[[queues]]
+name = "q2"
+"#
+    ))
+    .await;
+    b.post("/v1/queues/q/messages")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    sink.wait_hits(1).await;
+    let (_, v) = json(
+        b.read("/v1/queues/q2/messages?wait=10s")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (_, admin) = json(
+        b.get("/v1/queues/q")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    for shown in [v.to_string(), admin.to_string()] {
+        for secret in [
+            "pa55word",
+            "topsecret",
+            "abcdefghijklmnopqrstuvwxyz",
+            "header-secret",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+    }
+    let target = v["messages"][0]["headers"]["x-broker-target"]
+        .as_str()
+        .unwrap();
+    assert!(target.ends_with("/in/***"), "{target}");
+}
