@@ -75,23 +75,33 @@ impl Broker {
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
         if let Some(json) = store.state(STATE_KEY).await? {
+            // What does not load is kept aside, never overwritten by the next save.
+            let set_aside = |why: String| {
+                let (store, json) = (store.clone(), json.clone());
+                async move {
+                    let key = format!("{STATE_KEY}.unloaded.{}", crate::message::now_ms());
+                    store.set_state(&key, json).await?;
+                    tracing::error!(error = %why, kept_as = %key, "stored runtime definitions were not loaded; the stored copy is kept aside under that key (broker_state)");
+                    Ok::<_, Error>(())
+                }
+            };
             match serde_json::from_str::<PersistedState>(&json) {
                 Ok(p) => {
                     let (cfg, source) = (settings.config.clone(), settings.source.clone());
+                    let mut unloaded = Vec::new();
                     match Settings::compile_with(cfg, source, p.runtime) {
                         Ok(s) => settings = s,
                         // The config file changed under them: start without, say so loudly.
-                        Err(e) => {
-                            tracing::error!(error = %e, "stored runtime definitions no longer fit the config; not loaded")
-                        }
+                        Err(e) => unloaded.push(format!("runtime definitions: {e}")),
                     }
                     if let Err(e) = pg_hooks.restore(p.pg_hooks) {
-                        tracing::error!(error = %e, "stored pg-hooks state is unreadable; not loaded");
+                        unloaded.push(format!("pg-hooks state: {e}"));
+                    }
+                    if !unloaded.is_empty() {
+                        set_aside(unloaded.join("; ")).await?;
                     }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "stored runtime definitions are unreadable; not loaded")
-                }
+                Err(e) => set_aside(format!("unreadable: {e}")).await?,
             }
         }
         warn_weak_passwords(&settings);

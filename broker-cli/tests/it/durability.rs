@@ -419,3 +419,70 @@ async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart()
     let m = b.metrics().await;
     assert!(crate::support::metric(&m, "broker_store_errors_total").unwrap() >= 1.0);
 }
+
+/// Stored runtime definitions that no longer fit the config are not loaded, and never
+/// overwritten: the stored copy is kept aside (`runtime.unloaded.<ms>` in broker_state)
+/// before the next save replaces `runtime`.
+#[actix_web::test]
+async fn unloadable_runtime_definitions_are_kept_aside_not_overwritten() {
+    const ADMIN: &str = "durable-admin-token-02";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let url = format!("sqlite://{}", db.display());
+    let with_dlq = format!(
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues]]\nname = \"dlq\"\n",
+        config(&url, "base")
+    );
+    let (_d, path) = write_config("broker.toml", &with_dlq);
+    let b = spawn_broker(&path);
+    let def = serde_json::json!({
+        "webhooks": [{"url": "http://127.0.0.1:9/", "dead_letter_queue": "dlq"}]
+    });
+    let put = |b: &crate::support::BrokerProcess, name: &str, def: &serde_json::Value| {
+        b.http
+            .put(format!("{}/v1/queues/{name}", b.url))
+            .bearer_auth(ADMIN)
+            .json(def)
+            .send()
+    };
+    assert_eq!(put(&b, "orders", &def).await.unwrap().status(), 200);
+    drop(b); // kill -9
+
+    // The config no longer has the dead-letter queue the runtime queue names.
+    std::fs::write(
+        &path,
+        format!("{}\n[admin]\ntoken = \"{ADMIN}\"\n", config(&url, "base")),
+    )
+    .unwrap();
+    let b = spawn_broker(&path);
+    assert_eq!(b.publish("orders", "x").await.0, 404, "not loaded");
+    // A save of the runtime definitions now must not lose the stored copy.
+    let other = serde_json::json!({"max_message_count": 5});
+    assert_eq!(put(&b, "other", &other).await.unwrap().status(), 200);
+    drop(b);
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             print('\\n'.join(k+' '+v for k,v in c.execute(\"select key, value from broker_state where key like 'runtime%'\")))",
+        ])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let aside = rows
+        .lines()
+        .find(|l| l.starts_with("runtime.unloaded."))
+        .unwrap_or_else(|| panic!("nothing kept aside: {rows}"));
+    assert!(aside.contains("orders"), "{aside}");
+    let current = rows.lines().find(|l| l.starts_with("runtime ")).unwrap();
+    assert!(
+        current.contains("other") && !current.contains("orders"),
+        "{current}"
+    );
+}
