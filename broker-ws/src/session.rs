@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::Item;
@@ -42,6 +42,8 @@ pub struct Identity {
     pub read: Vec<String>,
     /// Queues (and patterns) it may publish into.
     pub publish: Vec<String>,
+    /// When its token expires (Unix ms): the session is closed then (4001).
+    pub expires_at_ms: Option<i64>,
 }
 
 impl Identity {
@@ -55,6 +57,7 @@ impl Identity {
             publish: c
                 .publish
                 .unwrap_or_else(|| user.map(|u| u.publish.clone()).unwrap_or_default()),
+            expires_at_ms: Some(c.exp.saturating_mul(1000)),
             user: c.sub,
         }
     }
@@ -65,6 +68,7 @@ impl Identity {
             user: u.name.clone(),
             read: u.grants.clone(),
             publish: u.publish.clone(),
+            expires_at_ms: None,
         }
     }
 
@@ -74,6 +78,7 @@ impl Identity {
             user: String::new(),
             read: ws.config.anonymous_queues.clone(),
             publish: Vec::new(),
+            expires_at_ms: None,
         }
     }
 }
@@ -212,6 +217,14 @@ impl WsSession {
     /// Registers the now-authenticated session and greets it.
     pub(crate) fn authorized(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity) {
         let user = identity.user.clone();
+        if let Some(at) = identity.expires_at_ms {
+            // Rights end with the token: closed at its expiry, whatever it is doing.
+            let now = broker_core::message::now_ms();
+            let left = Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0));
+            ctx.run_later(left, |act, ctx| {
+                act.close(ctx, close::INVALID_TOKEN, "token_expired");
+            });
+        }
         self.identity = Some(identity);
         let addr = ctx.address();
         let info = ConnectionInfo {

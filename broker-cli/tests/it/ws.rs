@@ -716,3 +716,27 @@ async fn subscription_and_connection_limits() {
     assert!(matches!(third.next().await, Next::Closed(4003, _)));
     let (_bob, _) = connect(&b, "bob").await; // the limit is per user
 }
+
+/// A session's rights end with its token: it is closed (4001 `token_expired`) at the
+/// token's expiry, with no leeway, whatever it is doing.
+#[actix_web::test]
+async fn a_session_is_closed_when_its_token_expires() {
+    let (_d, path) = write_config("broker.toml", &config(""));
+    let b = spawn_broker(&path);
+    let mut c = ws_connect(&b.url, &format!("?token={}", token("alice", 2)), None)
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await["event"], "connected");
+    c.subscribe("q1", None).await;
+    let started = Instant::now();
+    loop {
+        match c.next().await {
+            Next::Closed(code, reason) => {
+                assert_eq!((code, reason.as_str()), (4001, "token_expired"));
+                break;
+            }
+            Next::Json(v) => assert_ne!(v["event"], "message", "{v}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "closed late");
+}

@@ -49,13 +49,29 @@ impl std::fmt::Display for TokenError {
     }
 }
 
-/// Verifies a token against every secret; no clock leeway.
+/// Verifies a token against every secret; no clock leeway: a token is expired from the
+/// start of its `exp` second (compared in milliseconds, not in whole seconds).
 pub fn verify(token: &str, secrets: &[Secret]) -> Result<Claims, TokenError> {
+    verify_at(token, secrets, crate::message::now_ms())
+}
+
+/// [`verify`] at `now_ms`.
+pub fn verify_at(token: &str, secrets: &[Secret], now_ms: i64) -> Result<Claims, TokenError> {
+    let claims = verify_signature(token, secrets)?;
+    if claims.exp.saturating_mul(1000) <= now_ms {
+        return Err(TokenError::Expired);
+    }
+    Ok(claims)
+}
+
+/// The claims of a token signed by one of `secrets`; `exp` is checked by the caller.
+fn verify_signature(token: &str, secrets: &[Secret]) -> Result<Claims, TokenError> {
     if secrets.is_empty() {
         return Err(TokenError::NotConfigured);
     }
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.validate_exp = false;
     validation.leeway = 0;
     let mut outcome = TokenError::Invalid;
     for s in secrets {
@@ -88,6 +104,27 @@ pub fn mint(claims: &Claims, secret: &Secret) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_expired_from_the_start_of_its_exp_second() {
+        let secret = Secret::new("token-test-secret-0123456789");
+        let claims = Claims {
+            sub: "u".into(),
+            exp: 1_000,
+            iat: None,
+            queues: None,
+            publish: None,
+        };
+        let t = mint(&claims, &secret);
+        let s = [secret];
+        assert!(verify_at(&t, &s, 999_999).is_ok());
+        assert_eq!(verify_at(&t, &s, 1_000_000), Err(TokenError::Expired));
+        assert_eq!(
+            verify_at(&t, &s, 1_000_060),
+            Err(TokenError::Expired),
+            "0.06 s past"
+        );
+    }
 
     fn claims(exp: i64) -> Claims {
         Claims {
