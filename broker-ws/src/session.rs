@@ -233,12 +233,15 @@ impl WsSession {
             remote: self.remote.to_string(),
             connected_at: chrono_now(),
         };
-        let register = self.broker.register_connection(
-            info,
-            addr.clone().recipient(),
-            addr.recipient(),
-            self.ws.config.max_connections_per_user,
-        );
+        let cfg = &self.ws.config;
+        let max = if user.is_empty() {
+            cfg.max_anonymous_connections
+        } else {
+            cfg.max_connections_per_user
+        };
+        let register =
+            self.broker
+                .register_connection(info, addr.clone().recipient(), addr.recipient(), max);
         ctx.wait(
             register
                 .into_actor(self)

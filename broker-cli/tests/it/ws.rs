@@ -740,3 +740,30 @@ async fn a_session_is_closed_when_its_token_expires() {
     }
     assert!(started.elapsed() < Duration::from_secs(4), "closed late");
 }
+
+/// Anonymous connections are capped all together (they skip the per-user cap).
+#[actix_web::test]
+async fn anonymous_connections_are_capped() {
+    let (_d, path) = write_config(
+        "broker.toml",
+        &config(
+            "allow_anonymous = true\nanonymous_queues = [\"q1\"]\nmax_anonymous_connections = 2",
+        ),
+    );
+    let b = spawn_broker(&path);
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut c = ws_connect(&b.url, "", None).await.unwrap();
+        assert_eq!(c.recv().await["event"], "connected");
+        open.push(c);
+    }
+    let mut third = ws_connect(&b.url, "", None).await.unwrap();
+    let v = third.recv().await;
+    assert_eq!(v["code"], "too_many_connections", "{v}");
+    match third.next().await {
+        Next::Closed(code, _) => assert_eq!(code, 4003),
+        other => panic!("{other:?}"),
+    }
+    // A user's connection is not counted against the anonymous cap.
+    let (_alice, _) = connect(&b, "alice").await;
+}

@@ -127,9 +127,14 @@ impl Handler<Register> for ConnectionRegistry {
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
         let user = msg.info.user.clone();
         let ids = self.by_user.entry(user.clone()).or_default();
-        if !user.is_empty() && ids.len() >= msg.max_per_user {
+        // Anonymous connections share the user "" and so one cap.
+        if ids.len() >= msg.max_per_user {
             return Err(Error::TooManyConnections {
-                user,
+                user: if user.is_empty() {
+                    "(anonymous)".to_owned()
+                } else {
+                    user
+                },
                 max: msg.max_per_user,
             });
         }

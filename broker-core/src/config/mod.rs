@@ -364,6 +364,8 @@ pub struct WsConfig {
     pub max_subscriptions: usize,
     /// Most connections of one user.
     pub max_connections_per_user: usize,
+    /// Most anonymous connections, all together (`allow_anonymous`).
+    pub max_anonymous_connections: usize,
     /// Most deliveries waiting for one connection before it counts as slow.
     pub max_pending_messages: usize,
     /// Most bytes waiting for one connection before it counts as slow.
@@ -385,6 +387,7 @@ impl Default for WsConfig {
             max_frame_size: 64 * 1024,
             max_subscriptions: 100,
             max_connections_per_user: 100,
+            max_anonymous_connections: 1000,
             max_pending_messages: 256,
             max_pending_bytes: 4 * 1024 * 1024,
             slow_consumer: SlowConsumer::Refresh,
