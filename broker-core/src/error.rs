@@ -51,11 +51,13 @@ pub enum Rejection {
     /// A message header or content type the broker will not keep (not a token, the
     /// broker's own `x-broker-*`, control characters).
     InvalidHeader,
+    /// A signed request received already, within its tolerance window.
+    Replayed,
 }
 
 impl Rejection {
     /// Every reason (for tables that must cover them all).
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::UnknownQueue,
         Rejection::IpNotAllowed,
         Rejection::MissingCredentials,
@@ -68,6 +70,7 @@ impl Rejection {
         Rejection::NotGranted,
         Rejection::DelayTooLong,
         Rejection::InvalidHeader,
+        Rejection::Replayed,
     ];
 
     /// The metric label and the error `code`.
@@ -85,6 +88,7 @@ impl Rejection {
             Rejection::NotGranted => "not_granted",
             Rejection::DelayTooLong => "delay_too_long",
             Rejection::InvalidHeader => "invalid_header",
+            Rejection::Replayed => "replayed",
         }
     }
 }

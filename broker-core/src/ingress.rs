@@ -17,6 +17,7 @@ use crate::actors::{
     ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published, QueueHandle,
     Scheduled,
 };
+use crate::auth::crossbar::{NonceCache, SignatureError};
 use crate::config::QueueKind;
 use crate::error::{Error, Rejection};
 use crate::message::NewMessage;
@@ -35,7 +36,12 @@ pub(crate) struct Ingress {
     hub: Addr<Hub>,
     registry: Addr<ConnectionRegistry>,
     metrics: Arc<Metrics>,
+    /// Signed ingest requests seen within their tolerance (replays are refused).
+    replays: Arc<NonceCache>,
 }
+
+/// Signed requests remembered at most (past it: 503 rather than forgetting early).
+const MAX_REMEMBERED_SIGNATURES: usize = 1_000_000;
 
 impl Ingress {
     /// A front door publishing into `hub`'s queues.
@@ -50,6 +56,7 @@ impl Ingress {
             hub,
             registry,
             metrics,
+            replays: Arc::new(NonceCache::new(MAX_REMEMBERED_SIGNATURES)),
         }
     }
 
@@ -68,7 +75,7 @@ impl Ingress {
             return Err(self.count_refusal(UNKNOWN_QUEUE_LABEL, e));
         };
         let counted = |e: Error| self.count_refusal(spec.label(), e);
-        admit(&spec, req.queue, &req.publisher).map_err(counted)?;
+        admit(&spec, req.queue, &req.publisher, &self.replays).map_err(counted)?;
         let messages = req.messages;
         let single = messages.len() == 1;
         let mut routes = Vec::new();
@@ -183,7 +190,8 @@ impl Ingress {
             headers,
             body: None,
         };
-        admit(&spec, queue, &early).map_err(|e| self.count_refusal(spec.label(), e))?;
+        admit(&spec, queue, &early, &self.replays)
+            .map_err(|e| self.count_refusal(spec.label(), e))?;
         Ok(spec)
     }
 
@@ -280,7 +288,12 @@ pub enum PublishOutcome {
 
 /// The checks of `publisher` on queue `name` (spec `spec`), in the order of
 /// [`Ingress::publish`]: address, ingest authentication, grants.
-fn admit(spec: &QueueSpec, name: &str, publisher: &Publisher<'_>) -> Result<(), Error> {
+fn admit(
+    spec: &QueueSpec,
+    name: &str,
+    publisher: &Publisher<'_>,
+    replays: &NonceCache,
+) -> Result<(), Error> {
     let client_ip = match publisher {
         Publisher::Broker => return Ok(()),
         Publisher::Ingest { client_ip, .. }
@@ -297,7 +310,27 @@ fn admit(spec: &QueueSpec, name: &str, publisher: &Publisher<'_>) -> Result<(), 
         Publisher::Ingest { headers, body, .. } => {
             let now = chrono::Utc::now().timestamp();
             match body {
-                Some(body) => spec.auth.verify(headers, body, now),
+                Some(body) => {
+                    spec.auth.verify(headers, body, now)?;
+                    // Only a verified request is remembered: nobody else can spend one.
+                    let Some((key, tolerance)) = spec.auth.replay_key(headers) else {
+                        return Ok(());
+                    };
+                    let keep_ms = tolerance.saturating_mul(2_000);
+                    replays
+                        .check_and_remember(
+                            &format!("{name}\n{key}"),
+                            now.saturating_mul(1000),
+                            keep_ms,
+                        )
+                        .map_err(|e| match e {
+                            SignatureError::Replayed => Error::rejected(
+                                Rejection::Replayed,
+                                "this signed request was received already (a replay)",
+                            ),
+                            _ => Error::Store("too many signed requests to remember".into()),
+                        })
+                }
                 None if !spec.auth.needs_body() => spec.auth.verify(headers, b"", now),
                 None => Ok(()),
             }

@@ -166,6 +166,26 @@ impl IngestAuth {
         }
     }
 
+    /// For methods whose signature covers a timestamp (Stripe, Slack, Standard
+    /// Webhooks): what identifies one signed request, and its tolerance in seconds. The
+    /// same request replayed within the tolerance would verify again, so the front door
+    /// remembers it for that long. Senders' retries are signed anew (a new timestamp).
+    pub fn replay_key<'a>(
+        &self,
+        header: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<(String, i64)> {
+        match self {
+            IngestAuth::Stripe(_, t) => header("stripe-signature").map(|s| (s.to_owned(), *t)),
+            IngestAuth::Slack(_, t) => header("x-slack-signature")
+                .zip(header("x-slack-request-timestamp"))
+                .map(|(s, ts)| (format!("{ts}:{s}"), *t)),
+            IngestAuth::StandardWebhooks(_, t) => header("webhook-signature")
+                .zip(header("webhook-id"))
+                .map(|(s, id)| (format!("{id}:{s}"), *t)),
+            _ => None,
+        }
+    }
+
     /// Whether the verdict depends on the body (signatures) or only on headers.
     pub fn needs_body(&self) -> bool {
         !matches!(self, IngestAuth::None | IngestAuth::Bearer(_))
@@ -284,7 +304,6 @@ impl IngestAuth {
     }
 }
 
-/// Hex HMAC of `body` with `key`: what webhook-queue's senders put in the header.
 /// The key bytes of a Standard Webhooks secret: base64, optionally after `whsec_` —
 /// the specification's definition, which its libraries apply to every secret. The one
 /// rule for ingest keys and outbound signing secrets alike.
@@ -301,6 +320,7 @@ pub fn standard_webhooks_key(secret: &str) -> Result<Vec<u8>, String> {
         .map_err(|_| "a Standard Webhooks secret is base64, optionally after `whsec_`".to_owned())
 }
 
+/// Hex HMAC of `body` with `key`: what webhook-queue's senders put in the header.
 pub fn sign_hex(algo: HmacAlgo, key: &[u8], body: &[u8]) -> String {
     hex::encode(compute_mac(algo, key, &[body]))
 }

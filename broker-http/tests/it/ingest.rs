@@ -340,16 +340,29 @@ auth = { method = "standard-webhooks", key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2La
     hmac::Mac::update(&mut mac, body);
     let sig =
         base64::engine::general_purpose::STANDARD.encode(hmac::Mac::finalize(mac).into_bytes());
-    let res = b
-        .post("/v1/queues/sw/messages")
-        .header("webhook-id", "msg_1")
-        .header("webhook-timestamp", &now)
-        .header("webhook-signature", format!("v1,{sig}"))
-        .body(&body[..])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let sw = || {
+        b.post("/v1/queues/sw/messages")
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", &now)
+            .header("webhook-signature", format!("v1,{sig}"))
+            .body(&body[..])
+            .send()
+    };
+    assert_eq!(sw().await.unwrap().status(), 200);
+    // The same signed request again, within its tolerance: a replay, refused (Stripe,
+    // Slack and Standard Webhooks alike), and nothing stored twice.
+    let (s, v) = json(sw().await.unwrap()).await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
+    let (s, v) = json(
+        b.post("/v1/queues/stripe/messages")
+            .header("Stripe-Signature", stripe(&now))
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
     let (s, _) = json(
         b.post("/v1/queues/sw/messages")
             .header("webhook-id", "msg_1")
