@@ -94,15 +94,58 @@ pub type FrameError = (&'static str, String);
 /// A frame's correlation id (any JSON value), echoed in replies.
 pub type FrameId = Option<Box<RawValue>>;
 
-/// Parses a text frame into its correlation id and action.
+/// Parses a text frame into its correlation id and action. The id is taken first, so
+/// every reply echoes it — also when a field is missing or of the wrong type, which is
+/// `invalid_frame` naming the field.
 pub fn parse(text: &str) -> Result<(FrameId, Action), (FrameId, FrameError)> {
-    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
-        (
-            None,
-            ("invalid_json", format!("frame is not a JSON object: {e}")),
-        )
-    })?;
-    let id = frame.id;
+    let mut fields: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(text)
+        .map_err(|e| {
+            (
+                None,
+                ("invalid_json", format!("frame is not a JSON object: {e}")),
+            )
+        })?;
+    let id = fields.remove("id").filter(|v| v.get() != "null");
+    match frame_of(&fields) {
+        Ok(frame) => parse_frame(id, frame),
+        Err(e) => Err((id, e)),
+    }
+}
+
+/// The typed fields of a frame; a mistyped one is named.
+fn frame_of(
+    fields: &std::collections::BTreeMap<String, Box<RawValue>>,
+) -> Result<ClientFrame, FrameError> {
+    fn field<T: serde::de::DeserializeOwned>(
+        fields: &std::collections::BTreeMap<String, Box<RawValue>>,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<T>, FrameError> {
+        match fields.get(name) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str::<Option<T>>(raw.get()).map_err(|_| {
+                (
+                    "invalid_frame",
+                    format!("`{name}` must be {what}, not {}", raw.get()),
+                )
+            }),
+        }
+    }
+    Ok(ClientFrame {
+        action: field(fields, "action", "a string")?,
+        id: None,
+        token: field(fields, "token", "a string")?,
+        queue: field(fields, "queue", "a string")?,
+        since: field(fields, "since", "an offset (a non-negative integer)")?,
+        epoch: field(fields, "epoch", "a string")?,
+        data: fields.get("data").filter(|v| v.get() != "null").cloned(),
+    })
+}
+
+fn parse_frame(
+    id: FrameId,
+    frame: ClientFrame,
+) -> Result<(FrameId, Action), (FrameId, FrameError)> {
     let need = |field: Option<String>, name: &str, action: &str| {
         field.ok_or_else(|| ("invalid_frame", format!("`{action}` needs `{name}`")))
     };
@@ -363,6 +406,32 @@ mod tests {
         let (id, (code, _)) = parse(r#"{"action":"subscribe","id":"x"}"#).unwrap_err();
         assert_eq!((id.unwrap().get(), code), (r#""x""#, "invalid_frame"));
         assert!(parse("[1,2]").is_err());
+    }
+
+    #[test]
+    fn a_mistyped_field_is_named_and_the_id_still_echoed() {
+        for (frame, field) in [
+            (
+                r#"{"action":"subscribe","queue":"q","since":"x","id":7}"#,
+                "`since`",
+            ),
+            (
+                r#"{"action":"subscribe","queue":"q","since":-1,"id":7}"#,
+                "`since`",
+            ),
+            (r#"{"action":"subscribe","queue":5,"id":7}"#, "`queue`"),
+            (r#"{"action":["subscribe"],"id":7}"#, "`action`"),
+        ] {
+            let (id, (code, message)) = parse(frame).unwrap_err();
+            assert_eq!(
+                (id.map(|i| i.get().to_owned()), code),
+                (Some("7".into()), "invalid_frame"),
+                "{frame}"
+            );
+            assert!(message.contains(field), "{frame}: {message}");
+        }
+        let (id, a) = parse(r#"{"action":"ping","id":{"k":[1]}}"#).unwrap();
+        assert_eq!((id.unwrap().get(), a), (r#"{"k":[1]}"#, Action::Ping));
     }
 
     #[test]
