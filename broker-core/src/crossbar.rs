@@ -107,16 +107,9 @@ mod tests {
 
     fn message(body: &str, json: bool) -> Message {
         Message {
-            queue: Arc::from("com.example.t"),
-            offset: 1,
-            body: Bytes::from(body.to_owned()),
             content_type: json.then(|| Arc::from("application/json")),
-            headers: Vec::new(),
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(Arc::from("com.example.t"), 1, Bytes::from(body.to_owned()))
         }
     }
 

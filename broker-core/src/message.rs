@@ -36,6 +36,25 @@ pub struct Message {
     pub audience: Option<Arc<Audience>>,
 }
 
+impl Message {
+    /// A message at `offset` of `queue` with `body`: no content type, headers or
+    /// audience, received now (set fields with struct update syntax to change them).
+    pub fn new(queue: Arc<str>, offset: u64, body: Bytes) -> Self {
+        Message {
+            queue,
+            offset,
+            body,
+            content_type: None,
+            headers: Vec::new(),
+            received_at_ms: now_ms(),
+            accepted: Instant::now(),
+            ws_frame: OnceLock::new(),
+            wamp_event: OnceLock::new(),
+            audience: None,
+        }
+    }
+}
+
 /// The WebSocket sessions a message is for, by numeric session id: Crossbar's
 /// `exclude` / `eligible` publish options and WAMP's `exclude_me`. It concerns live
 /// sessions only (session ids do not outlive a connection), so it is not persisted;

@@ -281,16 +281,10 @@ mod tests {
 
     fn msg(body: &[u8], ct: Option<&str>) -> Message {
         Message {
-            queue: "q".into(),
-            offset: 7,
-            body: Bytes::copy_from_slice(body),
             content_type: ct.map(Arc::from),
             headers: vec![("x-a".into(), "1".into())],
             received_at_ms: 1_700_000_000_123,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new("q".into(), 7, Bytes::copy_from_slice(body))
         }
     }
 

@@ -452,16 +452,13 @@ mod tests {
         );
         assert!(notify(b"{broken").is_none());
         let m = Message {
-            queue: Arc::from("q"),
-            offset: 9,
-            body: bytes::Bytes::from_static(br#"{"k":true}"#),
             content_type: Some(Arc::from("application/json")),
-            headers: vec![],
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(
+                Arc::from("q"),
+                9,
+                bytes::Bytes::from_static(br#"{"k":true}"#),
+            )
         };
         assert_eq!(
             v(&message(&m)),

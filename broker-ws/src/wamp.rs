@@ -438,16 +438,13 @@ mod tests {
         assert_eq!(w[0], 2);
         assert_eq!(w[2]["authid"], "alice");
         let m = Message {
-            queue: Arc::from("com.t"),
-            offset: 3,
-            body: bytes::Bytes::from_static(br#"{"args":[1],"kwargs":{"k":"v"}}"#),
             content_type: Some(Arc::from("application/json")),
-            headers: Vec::new(),
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(
+                Arc::from("com.t"),
+                3,
+                bytes::Bytes::from_static(br#"{"args":[1],"kwargs":{"k":"v"}}"#),
+            )
         };
         let e: Value = serde_json::from_str(&event(11, &event_tail(&m))).unwrap();
         assert_eq!(

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use std::io::Write;
 
-use crate::support::{broker_bin, json, spawn_broker, write_config};
+use crate::support::{broker_bin, json, send, spawn_broker, write_config};
 
 fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     let mut child = Command::new(broker_bin())
@@ -99,12 +99,9 @@ async fn publish_subcommand_signs_like_the_queue_wants() {
         "{err}"
     );
 
-    let (s, v) = json(
+    let (s, v) = send(
         b.get("/v1/queues/signed/messages")
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("u", Some("password1")),
     )
     .await;
     assert_eq!(s, 200);
@@ -391,12 +388,9 @@ async fn a_config_cron_publishes_every_second() {
     let mut stamps = Vec::new();
     let mut since = 0;
     while stamps.len() < 3 {
-        let (s, v) = json(
+        let (s, v) = send(
             b.get(&format!("/v1/queues/ticks/messages?since={since}&wait=5s"))
-                .basic_auth("u", Some("password1"))
-                .send()
-                .await
-                .unwrap(),
+                .basic_auth("u", Some("password1")),
         )
         .await;
         assert_eq!(s, 200);

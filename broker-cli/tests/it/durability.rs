@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::{
-    bodies, fresh_postgres, json, metric, psql, read_all, spawn_broker, spawn_http, write_config,
+    bodies, fresh_postgres, json, metric, psql, read_all, send, spawn_broker, spawn_http,
+    write_config,
 };
 
 fn config(url: &str, queue: &str) -> String {
@@ -87,12 +88,9 @@ async fn crash_and_recover(url: &str) {
     let bodies: HashSet<&String> = stored.values().collect();
     assert_eq!(bodies.len(), stored.len(), "no message stored twice");
     let last = *stored.keys().last().unwrap();
-    let (s, v) = json(
+    let (s, v) = send(
         b2.post(&format!("/v1/queues/{queue}/messages"))
-            .body("after")
-            .send()
-            .await
-            .unwrap(),
+            .body("after"),
     )
     .await;
     assert_eq!(s, 200);
@@ -118,12 +116,9 @@ async fn delayed_messages_survive_kill_9() {
     let url = format!("sqlite://{}/broker.db", dir.path().display());
     let (_d, path) = write_config("broker.toml", &config(&url, "later"));
     let mut b = spawn_broker(&path);
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/later/messages?delay=2s")
-            .body("from before the crash")
-            .send()
-            .await
-            .unwrap(),
+            .body("from before the crash"),
     )
     .await;
     assert_eq!((s, v["scheduled"].as_bool()), (200, Some(true)));
@@ -131,12 +126,9 @@ async fn delayed_messages_survive_kill_9() {
     b.child.wait().unwrap();
 
     let b2 = spawn_broker(&path);
-    let (s, v) = json(
+    let (s, v) = send(
         b2.get("/v1/queues/later/messages?since=0&wait=10s")
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("u", Some("password1")),
     )
     .await;
     assert_eq!(s, 200);
@@ -156,27 +148,16 @@ async fn runtime_definitions_survive_kill_9() {
     let (_d, path) = write_config("broker.toml", &toml);
     let mut b = spawn_broker(&path);
     let def = serde_json::json!({"max_message_count": 7});
-    let (s, _) = json(
+    let (s, _) = send(
         b.http
             .put(format!("{}/v1/queues/orders", b.url))
             .bearer_auth(ADMIN)
-            .json(&def)
-            .send()
-            .await
-            .unwrap(),
+            .json(&def),
     )
     .await;
     assert_eq!(s, 200);
     let cron = serde_json::json!({"name": "nightly", "queue": "orders", "schedule": "0 2 * * *"});
-    let (s, _) = json(
-        b.post("/v1/crons")
-            .bearer_auth(ADMIN)
-            .json(&cron)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/crons").bearer_auth(ADMIN).json(&cron)).await;
     assert_eq!(s, 201);
     let pg = serde_json::json!({"name": "hooks", "callbackUrl": "http://127.0.0.1:9/x"});
     let (s, v) = json(b.post("/queues").json(&pg).send().await.unwrap()).await;
@@ -185,14 +166,7 @@ async fn runtime_definitions_survive_kill_9() {
     b.child.wait().unwrap();
 
     let b2 = spawn_broker(&path);
-    let (s, v) = json(
-        b2.get("/v1/queues/orders")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b2.get("/v1/queues/orders").bearer_auth(ADMIN)).await;
     assert_eq!(
         (
             s,
@@ -301,14 +275,7 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
         .unwrap();
     // Until the retry is scheduled (and so its record queued for the store)…
     loop {
-        let (_, v) = json(
-            b.get("/v1/queues/q")
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (_, v) = send(b.get("/v1/queues/q").bearer_auth(ADMIN)).await;
         if v["webhooks"][0]["next_attempt"].is_string() {
             break;
         }
@@ -338,12 +305,9 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
         "the retry kept its time: {:?}",
         second - t0
     );
-    let (_, v) = json(
+    let (_, v) = send(
         b2.get("/v1/queues/dlq/messages?since=0&wait=10s")
-            .basic_auth("ops", Some("password2"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("ops", Some("password2")),
     )
     .await;
     assert_eq!(

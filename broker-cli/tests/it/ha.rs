@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::{
-    bodies, fresh_postgres, json, metric, next_line, psql, spawn_broker_with, spawn_http,
+    bodies, fresh_postgres, metric, next_line, psql, send, spawn_broker_with, spawn_http,
     spawn_serve, write_config, BrokerProcess,
 };
 
@@ -28,14 +28,7 @@ fn spawn_standby(path: &std::path::Path, env: &[(&str, &str)]) -> BrokerProcess 
 }
 
 async fn publish(b: &BrokerProcess, body: &'static str) -> (u16, Value) {
-    json(
-        b.post("/v1/queues/q/messages")
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    send(b.post("/v1/queues/q/messages").body(body)).await
 }
 
 #[actix_web::test]

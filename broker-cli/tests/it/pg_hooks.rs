@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{json, spawn_broker_with, write_config};
+use crate::support::{send, spawn_broker_with, write_config};
 
 const CREATE_QUEUE: &str = r#"curl --request POST \
   --url http://127.0.0.1:3042/queues/ \
@@ -128,14 +128,7 @@ async fn the_readme_tutorial_works_unchanged() {
         (cron["id"].as_u64(), cron["schedule"].as_str()),
         (Some(1), Some("* * * * *"))
     );
-    let (_, v) = json(
-        b.get("/v1/crons")
-            .bearer_auth("tutorial-admin-token")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.get("/v1/crons").bearer_auth("tutorial-admin-token")).await;
     assert_eq!(v["crons"][0]["name"], "pg-hooks.cron.1");
     assert!(
         v["crons"][0]["next_run"]
@@ -146,12 +139,9 @@ async fn the_readme_tutorial_works_unchanged() {
     );
 
     // pg-hooks' admin secret header is the admin credential when anonymous access is off.
-    let (s, _) = json(
+    let (s, _) = send(
         b.post("/v1/queues/pg-hooks.1/redrive")
-            .header("X-PLATFORMATIC-ADMIN-SECRET", "tutorial-admin-token")
-            .send()
-            .await
-            .unwrap(),
+            .header("X-PLATFORMATIC-ADMIN-SECRET", "tutorial-admin-token"),
     )
     .await;
     assert_eq!(s, 200);

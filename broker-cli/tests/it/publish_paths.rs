@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{json, metric, spawn_broker, write_config, ws_connect};
+use crate::support::{metric, send, spawn_broker, write_config, ws_connect};
 
 const CONFIG: &str = r#"
 [pusher]
@@ -32,14 +32,7 @@ async fn a_refused_publish_is_counted_alike_over_every_transport() {
     let sample = r#"broker_rejected_total{queue="guarded",reason="ip_not_allowed"}"#;
 
     // HTTP.
-    let (s, v) = json(
-        b.post("/v1/queues/guarded/messages")
-            .body("{}")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/guarded/messages").body("{}")).await;
     assert_eq!(
         (s, v["code"].as_str()),
         (403, Some("ip_not_allowed")),
@@ -93,13 +86,10 @@ async fn a_refused_publish_is_counted_alike_over_every_transport() {
     b.wait_for_metric(sample, 3.0).await;
 
     // The Crossbar pusher (Crossbar's wording for an address refusal).
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/push")
             .header("content-type", "application/json")
-            .body(r#"{"topic":"guarded","args":[1]}"#)
-            .send()
-            .await
-            .unwrap(),
+            .body(r#"{"topic":"guarded","args":[1]}"#),
     )
     .await;
     assert_eq!(s, 400, "{v}");

@@ -430,3 +430,8 @@ pub enum Next {
     /// The connection closed with this code and reason.
     Closed(u16, String),
 }
+
+/// Sends a request: status and JSON body.
+pub async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    json(req.send().await.unwrap()).await
+}

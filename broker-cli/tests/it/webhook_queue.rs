@@ -2,7 +2,7 @@
 //! webhook-queue's own format, checking its exact wire format (empty bodies, the
 //! `MessageList` shape, `{"message","refresh"}` errors, 410 semantics).
 
-use crate::support::{hmac_sha256_hex, json, spawn_broker, text, write_config};
+use crate::support::{hmac_sha256_hex, send, spawn_broker, text, write_config};
 
 /// webhook-queue's `sha512;SALT;HEX` for password "insecure2", salt "77", computed with
 /// `python3 -c 'import hashlib;print("sha512;77;"+hashlib.sha512(b"insecure277").hexdigest())'`.
@@ -54,12 +54,9 @@ async fn read(
     user: (&str, &str),
     client: &str,
 ) -> (u16, serde_json::Value) {
-    json(
+    send(
         b.get(&format!("/read/{client}"))
-            .basic_auth(user.0, Some(user.1))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth(user.0, Some(user.1)),
     )
     .await
 }
@@ -290,14 +287,7 @@ async fn reload_keeps_contents_and_disconnects_revoked_clients() {
         r#"{"listen_host": "127.0.0.1", "listen_port": 1, "users": [], "queues": [], "bogus": 1}"#,
     )
     .unwrap();
-    let (s, v) = json(
-        b.post("/reload")
-            .basic_auth(JOHN.0, Some(JOHN.1))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/reload").basic_auth(JOHN.0, Some(JOHN.1))).await;
     assert_eq!(s, 500);
     assert!(v["message"].as_str().unwrap().contains("bogus"), "{v}");
     assert_eq!(read(&b, jane, "j1").await.0, 200);
@@ -321,13 +311,10 @@ async fn set_password_rewrites_the_file_and_the_old_password_stops_working() {
     let b = spawn_broker(&path);
     let old = ("jane", "insecure2");
     assert_eq!(listen(&b, old, "j", "foo").await.0, 200);
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/setPassword")
             .basic_auth(old.0, Some(old.1))
-            .json(&serde_json::json!({"password": "short"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&serde_json::json!({"password": "short"})),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (400, Some("password_too_short")));

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::{coding::Data, coding::OpCo
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    json, metric, spawn_broker, write_config, ws_connect, BrokerProcess, Next, WsClient,
+    json, metric, send, spawn_broker, write_config, ws_connect, BrokerProcess, Next, WsClient,
 };
 
 const JWT: &str = "test-jwt-secret-0123456789";
@@ -86,13 +86,10 @@ async fn connect(b: &BrokerProcess, user: &str) -> (WsClient, String) {
 }
 
 async fn publish(b: &BrokerProcess, queue: &str, body: &str) -> serde_json::Value {
-    let (s, v) = json(
+    let (s, v) = send(
         b.post(&format!("/v1/queues/{queue}/messages"))
             .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap(),
+            .body(body.to_owned()),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -342,12 +339,9 @@ async fn pings_unknown_actions_malformed_and_oversized_frames() {
     c.send(json!({"action": "publish", "queue": "q2", "data": 1, "id": 3}))
         .await;
     assert_eq!(c.recv().await["code"], "not_granted");
-    let (_, v) = json(
+    let (_, v) = send(
         b.get("/v1/queues/q1/messages")
-            .basic_auth("alice", Some("alice-pass"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("alice", Some("alice-pass")),
     )
     .await;
     assert_eq!(v["messages"][0]["data"], json!({"via": "ws"}));
@@ -443,14 +437,7 @@ async fn notifications_reach_exactly_their_targets() {
         json!({"event": "notify", "data": "just you"})
     );
     expect_nothing_pending(&mut bob1).await;
-    let (s, v) = json(
-        b.post("/v1/queues/nu/messages")
-            .body(r#"{"userId":"bob"}"#)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/nu/messages").body(r#"{"userId":"bob"}"#)).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")));
     // Over WebSocket too.
     alice.send(json!({"action": "publish", "queue": "nu", "data": {"userId": "bob", "data": 7}, "id": 1})).await;
@@ -459,32 +446,19 @@ async fn notifications_reach_exactly_their_targets() {
     assert_eq!(bob2.recv().await["data"], 7);
 
     // Admin: list, and close one with 4010.
-    let (s, v) = json(
-        b.get("/v1/connections")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.get("/v1/connections").bearer_auth(ADMIN)).await;
     assert_eq!(s, 200);
     assert_eq!(v["connections"].as_array().unwrap().len(), 3);
-    let (s, _) = json(
+    let (s, _) = send(
         b.get("/v1/connections")
-            .bearer_auth("test-notify-secret-0123")
-            .send()
-            .await
-            .unwrap(),
+            .bearer_auth("test-notify-secret-0123"),
     )
     .await;
     assert_eq!(s, 403, "notify secrets are not admin");
-    let (s, _) = json(
+    let (s, _) = send(
         b.http
             .delete(format!("{}/v1/connections/{id1}", b.url))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
+            .bearer_auth(ADMIN),
     )
     .await;
     assert_eq!(s, 200);

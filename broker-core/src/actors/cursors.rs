@@ -123,16 +123,8 @@ mod tests {
 
     fn msg(offset: u64) -> Arc<Message> {
         Arc::new(Message {
-            queue: Arc::from("q"),
-            offset,
-            body: Bytes::from_static(b"x"),
-            content_type: None,
-            headers: Vec::new(),
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(Arc::from("q"), offset, Bytes::from_static(b"x"))
         })
     }
 

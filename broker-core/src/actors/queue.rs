@@ -538,16 +538,11 @@ impl Queue {
             .enumerate()
             .map(|(i, m)| {
                 Arc::new(Message {
-                    queue: self.name.clone(),
-                    offset: first + i as u64,
-                    body: m.body,
                     content_type: m.content_type,
                     headers: m.headers,
                     received_at_ms: now,
-                    accepted: std::time::Instant::now(),
-                    ws_frame: Default::default(),
-                    wamp_event: Default::default(),
                     audience: m.audience,
+                    ..Message::new(self.name.clone(), first + i as u64, m.body)
                 })
             })
             .collect();

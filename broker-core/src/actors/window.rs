@@ -119,16 +119,8 @@ mod tests {
 
     fn msg(offset: u64, size: usize) -> Arc<Message> {
         Arc::new(Message {
-            queue: Arc::from("q"),
-            offset,
-            body: Bytes::from(vec![b'x'; size]),
-            content_type: None,
-            headers: Vec::new(),
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(Arc::from("q"), offset, Bytes::from(vec![b'x'; size]))
         })
     }
 

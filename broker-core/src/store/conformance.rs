@@ -12,16 +12,10 @@ use crate::metrics::Metrics;
 
 fn msg(queue: &str, offset: u64, body: &str) -> Arc<Message> {
     Arc::new(Message {
-        queue: Arc::from(queue),
-        offset,
-        body: Bytes::from(body.to_owned()),
         content_type: Some(Arc::from("text/plain")),
         headers: vec![("h".into(), format!("v{offset}"))],
         received_at_ms: 1_700_000_000_000 + offset as i64,
-        accepted: std::time::Instant::now(),
-        ws_frame: Default::default(),
-        wamp_event: Default::default(),
-        audience: None,
+        ..Message::new(Arc::from(queue), offset, Bytes::from(body.to_owned()))
     })
 }
 

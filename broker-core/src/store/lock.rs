@@ -382,16 +382,8 @@ mod tests {
         let metrics = || std::sync::Arc::new(crate::metrics::Metrics::new());
         let msg = |o: u64| {
             std::sync::Arc::new(crate::message::Message {
-                queue: "q".into(),
-                offset: o,
-                body: bytes::Bytes::from(format!("m{o}")),
-                content_type: None,
-                headers: Vec::new(),
                 received_at_ms: 0,
-                accepted: std::time::Instant::now(),
-                ws_frame: Default::default(),
-                wamp_event: Default::default(),
-                audience: None,
+                ..crate::message::Message::new("q".into(), o, bytes::Bytes::from(format!("m{o}")))
             })
         };
         let mut old = ActiveLock::acquire(&db.url, key, || panic!("the lock is free"))

@@ -255,16 +255,8 @@ mod tests {
 
     fn msg(offset: u64) -> Arc<Message> {
         Arc::new(Message {
-            queue: "q".into(),
-            offset,
-            body: Bytes::from_static(b"x"),
-            content_type: None,
-            headers: vec![],
             received_at_ms: 0,
-            accepted: std::time::Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new("q".into(), offset, Bytes::from_static(b"x"))
         })
     }
 

@@ -830,16 +830,10 @@ macro_rules! messages_after {
                 let content_type: Option<String> = r.get(2);
                 let headers: String = r.get(3);
                 Arc::new(Message {
-                    queue: name.clone(),
-                    offset: r.get::<i64, _>(0) as u64,
-                    body: Bytes::from(body),
                     content_type: content_type.map(Arc::from),
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     received_at_ms: r.get(4),
-                    accepted: Instant::now(),
-                    ws_frame: Default::default(),
-                    wamp_event: Default::default(),
-                    audience: None,
+                    ..Message::new(name.clone(), r.get::<i64, _>(0) as u64, Bytes::from(body))
                 })
             })
             .collect::<Vec<_>>()
@@ -1140,16 +1134,8 @@ mod tests {
 
     fn msg(queue: &str, offset: u64) -> Arc<Message> {
         Arc::new(Message {
-            queue: Arc::from(queue),
-            offset,
-            body: Bytes::from(format!("m{offset}")),
-            content_type: None,
-            headers: Vec::new(),
             received_at_ms: 0,
-            accepted: Instant::now(),
-            ws_frame: Default::default(),
-            wamp_event: Default::default(),
-            audience: None,
+            ..Message::new(Arc::from(queue), offset, Bytes::from(format!("m{offset}")))
         })
     }
 

@@ -2,21 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{json, metric, spawn_broker, USER};
+use crate::support::{json, metric, send, spawn_broker, USER};
 
 #[actix_web::test]
 async fn delayed_messages_appear_at_their_time_in_due_order() {
     let b = spawn_broker(&format!("{USER}\n[[queues]]\nname = \"q\"\n")).await;
     let start = Instant::now();
     // Published late-first: the 1 s one becomes visible before the 2 s one.
-    let (s, v) = json(
-        b.post("/v1/queues/q/messages?delay=2s")
-            .body("second")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/messages?delay=2s").body("second")).await;
     assert_eq!(
         (s, v["scheduled"].as_bool(), v["count"].as_u64()),
         (200, Some(true), Some(1)),
@@ -25,12 +18,9 @@ async fn delayed_messages_appear_at_their_time_in_due_order() {
     assert!(v.get("offset").is_none(), "offsets are given when due");
     let at = (chrono::Utc::now() + chrono::Duration::milliseconds(1000))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let (s, _) = json(
+    let (s, _) = send(
         b.post(&format!("/v1/queues/q/messages?at={at}"))
-            .body("first")
-            .send()
-            .await
-            .unwrap(),
+            .body("first"),
     )
     .await;
     assert_eq!(s, 200);
@@ -45,26 +35,14 @@ async fn delayed_messages_appear_at_their_time_in_due_order() {
         0,
         "not visible before its time"
     );
-    let (_, v) = json(
-        b.read("/v1/queues/q/messages?wait=10s")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.read("/v1/queues/q/messages?wait=10s")).await;
     assert_eq!(v["messages"][0]["body"], "first");
     assert_eq!(v["messages"][0]["offset"], 1);
     assert!(
         start.elapsed() >= Duration::from_millis(900),
         "visible only at its time"
     );
-    let (_, v) = json(
-        b.read("/v1/queues/q/messages?since=1&wait=10s")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.read("/v1/queues/q/messages?since=1&wait=10s")).await;
     assert_eq!(
         (
             v["messages"][0]["body"].as_str(),
@@ -90,33 +68,16 @@ async fn delayed_input_errors() {
         "at=yesterday",
         "delay=1s&at=2030-01-01T00:00:00Z",
     ] {
-        let (s, v) = json(
-            b.post(&format!("/v1/queues/q/messages?{q}"))
-                .body("x")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, v) = send(b.post(&format!("/v1/queues/q/messages?{q}")).body("x")).await;
         assert_eq!((s, v["code"].as_str()), (400, Some("invalid_query")), "{q}");
     }
     let batch = r#"{"messages":[{"body":"a"},{"body":"b"},{"body":"c"}]}"#;
-    let (s, v) = json(
-        b.post("/v1/queues/q/batch?delay=1h")
-            .body(batch)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/batch?delay=1h").body(batch)).await;
     assert_eq!((s, v["code"].as_str()), (429, Some("too_many_delayed")));
     // A time in the past publishes at once.
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/q/messages?at=2000-01-01T00:00:00Z")
-            .body("now")
-            .send()
-            .await
-            .unwrap(),
+            .body("now"),
     )
     .await;
     assert_eq!((s, v["offset"].as_u64()), (200, Some(1)));
@@ -136,28 +97,14 @@ async fn delays_past_max_delay_or_too_large_to_compute_are_refused() {
         "delay=2h",
         "at=2999-01-01T00:00:00Z",
     ] {
-        let (s, v) = json(
-            b.post(&format!("/v1/queues/q/messages?{query}"))
-                .body("x")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, v) = send(b.post(&format!("/v1/queues/q/messages?{query}")).body("x")).await;
         assert_eq!(
             (s, v["code"].as_str()),
             (400, Some("delay_too_long")),
             "{query}: {v}"
         );
     }
-    let (s, v) = json(
-        b.post("/v1/queues/q/messages?delay=59m")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/messages?delay=59m").body("x")).await;
     assert_eq!((s, v["scheduled"].as_bool()), (200, Some(true)), "{v}");
     let m = b.metrics().await;
     assert_eq!(

@@ -2,7 +2,7 @@
 
 use base64::Engine;
 
-use crate::support::{hmac_hex, json, metric, spawn_broker, USER};
+use crate::support::{hmac_hex, json, metric, send, spawn_broker, USER};
 
 fn config(extra: &str) -> String {
     format!("{USER}\n{extra}")
@@ -11,13 +11,10 @@ fn config(extra: &str) -> String {
 #[actix_web::test]
 async fn publish_and_read_every_body_kind() {
     let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/q/messages")
             .header("content-type", "application/json")
-            .body(r#"{"n":1}"#)
-            .send()
-            .await
-            .unwrap(),
+            .body(r#"{"n":1}"#),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -43,13 +40,7 @@ async fn publish_and_read_every_body_kind() {
         .await
         .unwrap();
 
-    let (s, v) = json(
-        b.read("/v1/queues/q/messages?since=0")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.read("/v1/queues/q/messages?since=0")).await;
     assert_eq!(s, 200);
     assert_eq!(v["epoch"], epoch.as_str());
     assert_eq!(v["offset"], 3);
@@ -61,13 +52,7 @@ async fn publish_and_read_every_body_kind() {
         m[2]["body_base64"],
         base64::engine::general_purpose::STANDARD.encode([0xff, 0, 1])
     );
-    let (_, v) = json(
-        b.read("/v1/queues/q/messages?since=2&limit=5")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.read("/v1/queues/q/messages?since=2&limit=5")).await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
     assert_eq!(v["messages"][0]["offset"], 3);
 }
@@ -79,14 +64,7 @@ async fn batch_is_all_or_nothing() {
     ))
     .await;
     let ok = r#"{"messages":[{"data":{"a":1}},{"body":"two"},{"body_base64":"AAE="}]}"#;
-    let (s, v) = json(
-        b.post("/v1/queues/small/batch")
-            .body(ok)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/small/batch").body(ok)).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         (
@@ -98,37 +76,16 @@ async fn batch_is_all_or_nothing() {
     );
 
     let too_big = r#"{"messages":[{"body":"ok"},{"body":"far too long for this queue"}]}"#;
-    let (s, v) = json(
-        b.post("/v1/queues/small/batch")
-            .body(too_big)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/small/batch").body(too_big)).await;
     assert_eq!((s, v["code"].as_str()), (413, Some("message_too_large")));
     let malformed = r#"{"messages":[{"body":"ok"},{"body":"x","data":1}]}"#;
-    let (s, v) = json(
-        b.post("/v1/queues/small/batch")
-            .body(malformed)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/small/batch").body(malformed)).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")));
     assert!(
         v["message"].as_str().unwrap().contains("messages[1]"),
         "{v}"
     );
-    let (s, _) = json(
-        b.post("/v1/queues/small/batch")
-            .body(r#"{"messages":[]}"#)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/queues/small/batch").body(r#"{"messages":[]}"#)).await;
     assert_eq!(s, 400);
 
     let (_, v) = json(b.read("/v1/queues/small/messages").send().await.unwrap()).await;
@@ -144,23 +101,9 @@ async fn json_content_rule() {
         "[[queues]]\nname = \"json\"\ncontent_type = \"json\"\n",
     ))
     .await;
-    let (s, v) = json(
-        b.post("/v1/queues/json/messages")
-            .body("{not json")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/json/messages").body("{not json")).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")));
-    let (s, _) = json(
-        b.post("/v1/queues/json/messages")
-            .body("[1,2]")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/queues/json/messages").body("[1,2]")).await;
     assert_eq!(s, 200);
     let m = b.metrics().await;
     assert_eq!(
@@ -186,56 +129,37 @@ auth = { method = "hmac-sha256", key = "12345", header_name = "Foo-Auth" }
     ))
     .await;
     for auth in ["old-key", "Bearer new-key"] {
-        let (s, v) = json(
+        let (s, v) = send(
             b.post("/v1/queues/bearer/messages")
                 .header("Authorization", auth)
-                .body("x")
-                .send()
-                .await
-                .unwrap(),
+                .body("x"),
         )
         .await;
         assert_eq!(s, 200, "{auth}: {v}");
     }
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/bearer/messages")
             .header("Authorization", "Bearer nope")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
+            .body("x"),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (403, Some("invalid_signature")));
-    let (s, _) = json(
-        b.post("/v1/queues/bearer/messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/queues/bearer/messages").body("x")).await;
     assert_eq!(s, 401);
 
     let body = br#"{"hello":"world"}"#;
     let sig = hmac_hex(b"12345", &[body]);
-    let (s, _) = json(
+    let (s, _) = send(
         b.post("/v1/queues/hmac/messages")
             .header("Foo-Auth", &sig)
-            .body(&body[..])
-            .send()
-            .await
-            .unwrap(),
+            .body(&body[..]),
     )
     .await;
     assert_eq!(s, 200);
-    let (s, _) = json(
+    let (s, _) = send(
         b.post("/v1/queues/hmac/messages")
             .header("Foo-Auth", &sig)
-            .body("tampered")
-            .send()
-            .await
-            .unwrap(),
+            .body("tampered"),
     )
     .await;
     assert_eq!(s, 403);
@@ -307,13 +231,10 @@ auth = { method = "standard-webhooks", key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2La
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/stripe/messages")
             .header("Stripe-Signature", stripe(&stale))
-            .body(&body[..])
-            .send()
-            .await
-            .unwrap(),
+            .body(&body[..]),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (403, Some("stale_timestamp")));
@@ -353,23 +274,17 @@ auth = { method = "standard-webhooks", key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2La
     // Slack and Standard Webhooks alike), and nothing stored twice.
     let (s, v) = json(sw().await.unwrap()).await;
     assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/stripe/messages")
             .header("Stripe-Signature", stripe(&now))
-            .body(&body[..])
-            .send()
-            .await
-            .unwrap(),
+            .body(&body[..]),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
-    let (s, _) = json(
+    let (s, _) = send(
         b.post("/v1/queues/sw/messages")
             .header("webhook-id", "msg_1")
-            .body(&body[..])
-            .send()
-            .await
-            .unwrap(),
+            .body(&body[..]),
     )
     .await;
     assert_eq!(s, 401);
@@ -400,13 +315,10 @@ allow_ips = ["198.51.100.0/24"]
         .unwrap();
     assert_eq!(res.status(), 200);
     // The left part of X-Forwarded-For is whatever the client wrote: never believed.
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/proxied/messages")
             .header("X-Forwarded-For", "198.51.100.7, 203.0.113.1")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
+            .body("x"),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (403, Some("ip_not_allowed")));
@@ -431,15 +343,7 @@ allow_ips = ["198.51.100.0/24"]
     let mut two = reqwest::header::HeaderMap::new();
     two.append("x-forwarded-for", "198.51.100.7".parse().unwrap());
     two.append("x-forwarded-for", "203.0.113.9".parse().unwrap());
-    let (s, v) = json(
-        b.post("/v1/queues/proxied/messages")
-            .headers(two)
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/proxied/messages").headers(two).body("x")).await;
     assert_eq!(
         (s, v["code"].as_str()),
         (403, Some("ip_not_allowed")),
@@ -455,13 +359,10 @@ allow_ips = ["198.51.100.0/24"]
         .unwrap();
     assert_eq!(res.status(), 200);
     for forwarded in ["unknown", "garbage, 127.0.0.1"] {
-        let (s, v) = json(
+        let (s, v) = send(
             b.post("/v1/queues/local/messages")
                 .header("X-Forwarded-For", forwarded)
-                .body("x")
-                .send()
-                .await
-                .unwrap(),
+                .body("x"),
         )
         .await;
         assert_eq!(
@@ -495,44 +396,16 @@ async fn size_limits_and_unknown_queues() {
         "[server]\nmax_body_size = 1000\n[limits]\nmax_message_size = 100\nmax_queue_size = 1000\n[[queues]]\nname = \"q\"\n",
     ))
     .await;
-    let (s, v) = json(
-        b.post("/v1/queues/q/messages")
-            .body(vec![b'x'; 101])
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/messages").body(vec![b'x'; 101])).await;
     assert_eq!((s, v["code"].as_str()), (413, Some("message_too_large")));
-    let (s, v) = json(
-        b.post("/v1/queues/q/messages")
-            .body(vec![b'x'; 5000])
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/messages").body(vec![b'x'; 5000])).await;
     assert_eq!((s, v["code"].as_str()), (413, Some("body_too_large")));
-    let (s, v) = json(
-        b.post("/v1/queues/nope/messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/nope/messages").body("x")).await;
     assert_eq!(
         (s, v["code"].as_str(), v["refresh"].as_bool()),
         (404, Some("unknown_queue"), Some(false))
     );
-    let (s, v) = json(
-        b.post("/v1/queues/q/messages?deliver=30s")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/q/messages?deliver=30s").body("x")).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_query")));
     let m = b.metrics().await;
     assert_eq!(
@@ -575,14 +448,7 @@ async fn pattern_queues_are_created_on_first_use() {
     }
     let (_, v) = json(b.read("/v1/queues/p.a/messages").send().await.unwrap()).await;
     assert_eq!(v["offset"], 2);
-    let (s, _) = json(
-        b.post("/v1/queues/p./messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/queues/p./messages").body("x")).await;
     assert_eq!(s, 404);
     let m = b.metrics().await;
     assert_eq!(

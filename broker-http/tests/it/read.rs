@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{json, metric, spawn_broker, USER};
+use crate::support::{json, metric, send, spawn_broker, USER};
 
 fn config(extra: &str) -> String {
     format!("{USER}\n{extra}")
@@ -18,35 +18,17 @@ async fn since_before_retention_or_other_epoch_is_gone() {
             .await
             .unwrap();
     }
-    let (s, v) = json(
-        b.read("/v1/queues/q/messages?since=1")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.read("/v1/queues/q/messages?since=1")).await;
     assert_eq!(
         (s, v["code"].as_str(), v["refresh"].as_bool()),
         (410, Some("unrecoverable_position"), Some(true))
     );
     assert_eq!(v["offset"], 4);
     let epoch = v["epoch"].as_str().unwrap().to_owned();
-    let (s, v) = json(
-        b.read(&format!("/v1/queues/q/messages?since=2&epoch={epoch}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.read(&format!("/v1/queues/q/messages?since=2&epoch={epoch}"))).await;
     assert_eq!(s, 200);
     assert_eq!(v["messages"].as_array().unwrap().len(), 2);
-    let (s, _) = json(
-        b.read("/v1/queues/q/messages?since=2&epoch=0000000000000000")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.read("/v1/queues/q/messages?since=2&epoch=0000000000000000")).await;
     assert_eq!(s, 410);
 }
 
@@ -78,26 +60,14 @@ async fn long_poll_returns_when_a_message_arrives() {
 async fn long_poll_times_out_empty() {
     let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
     let start = Instant::now();
-    let (s, v) = json(
-        b.read("/v1/queues/q/messages?since=0&wait=1s")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.read("/v1/queues/q/messages?since=0&wait=1s")).await;
     assert_eq!(s, 200);
     assert_eq!(v["messages"].as_array().unwrap().len(), 0);
     assert!(
         start.elapsed() >= Duration::from_millis(950),
         "waited for the timeout"
     );
-    let (s, v) = json(
-        b.read("/v1/queues/q/messages?wait=later")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.read("/v1/queues/q/messages?wait=later")).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_wait")));
 }
 
@@ -112,33 +82,24 @@ async fn named_consumers() {
         .send()
         .await
         .unwrap();
-    let (s, v) = json(
+    let (s, v) = send(
         b.put("/v1/consumers/c1")
             .basic_auth("u", Some("password1"))
-            .json(&serde_json::json!({"queue": "q"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&serde_json::json!({"queue": "q"})),
     )
     .await;
     assert_eq!((s, v["queue"].as_str()), (200, Some("q")));
-    let (s, _) = json(
+    let (s, _) = send(
         b.put("/v1/consumers/c1")
             .basic_auth("u", Some("password1"))
-            .json(&serde_json::json!({"queue": "q"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&serde_json::json!({"queue": "q"})),
     )
     .await;
     assert_eq!(s, 200, "idempotent for the same queue");
-    let (s, v) = json(
+    let (s, v) = send(
         b.put("/v1/consumers/c1")
             .basic_auth("u", Some("password1"))
-            .json(&serde_json::json!({"queue": "q2"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&serde_json::json!({"queue": "q2"})),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (409, Some("client_exists")));
@@ -183,12 +144,9 @@ async fn named_consumers() {
     let (s, v) = json(b.read("/v1/consumers/c1/messages").send().await.unwrap()).await;
     assert_eq!((s, v["messages"].as_array().unwrap().len()), (200, 0));
 
-    let (s, _) = json(
+    let (s, _) = send(
         b.delete("/v1/consumers/c1")
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("u", Some("password1")),
     )
     .await;
     assert_eq!(s, 200);
@@ -213,39 +171,23 @@ async fn logins_and_grants() {
     let res = b.get("/v1/queues/q/messages").send().await.unwrap();
     assert_eq!(res.status(), 401);
     assert!(res.headers().get("www-authenticate").is_some());
-    let (s, v) = json(
+    let (s, v) = send(b.get("/v1/queues/q/messages").basic_auth("u", Some("nope"))).await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
+    let (s, v) = send(
         b.get("/v1/queues/q/messages")
-            .basic_auth("u", Some("nope"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("ghost", Some("x")),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
-    let (s, v) = json(
+    let (s, v) = send(
         b.get("/v1/queues/q/messages")
-            .basic_auth("ghost", Some("x"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
-    let (s, v) = json(
-        b.get("/v1/queues/q/messages")
-            .basic_auth("other", Some("password2"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("other", Some("password2")),
     )
     .await;
     assert_eq!((s, v["code"].as_str()), (403, Some("not_granted")));
-    let (s, _) = json(
+    let (s, _) = send(
         b.get("/v1/queues/q/messages")
-            .basic_auth("u", Some("password1"))
-            .send()
-            .await
-            .unwrap(),
+            .basic_auth("u", Some("password1")),
     )
     .await;
     assert_eq!(s, 200);

@@ -245,3 +245,8 @@ impl Sink {
         self.hits.lock().unwrap().len()
     }
 }
+
+/// Sends a request: status and JSON body.
+pub async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    json(req.send().await.unwrap()).await
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{json, metric, spawn_broker, spawn_sink, Reply, USER};
+use crate::support::{json, metric, send, spawn_broker, spawn_sink, Reply, USER};
 
 fn queue_with_webhook(sink: &str, extra: &str) -> String {
     format!(
@@ -215,13 +215,7 @@ name = "q2"
         .await
         .unwrap();
     sink.wait_hits(3).await;
-    let (_, v) = json(
-        b.read("/v1/queues/q2/messages?wait=10s")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.read("/v1/queues/q2/messages?wait=10s")).await;
     let m = &v["messages"][0];
     assert_eq!(m["data"], serde_json::json!({"lost": 1}));
     assert_eq!(m["headers"]["x-broker-original-queue"], "q");
@@ -265,15 +259,7 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
     });
     let (s, _) = json(b.put("/v1/queues/orders").json(&def).send().await.unwrap()).await;
     assert_eq!(s, 401, "admin only");
-    let (s, v) = json(
-        b.put("/v1/queues/orders")
-            .bearer_auth(ADMIN)
-            .json(&def)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.put("/v1/queues/orders").bearer_auth(ADMIN).json(&def)).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         (
@@ -286,26 +272,10 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
         v["definition"]["webhooks"][0]["signing_secret"], "***",
         "secrets are redacted"
     );
-    let (s, v) = json(
-        b.put("/v1/queues/q")
-            .bearer_auth(ADMIN)
-            .json(&def)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.put("/v1/queues/q").bearer_auth(ADMIN).json(&def)).await;
     assert_eq!((s, v["code"].as_str()), (409, Some("defined_in_config")));
     let bad = serde_json::json!({"webhooks": [{"url": "ftp://x"}]});
-    let (s, v) = json(
-        b.put("/v1/queues/bad")
-            .bearer_auth(ADMIN)
-            .json(&bad)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.put("/v1/queues/bad").bearer_auth(ADMIN).json(&bad)).await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_definition")));
     assert!(
         v["message"].as_str().unwrap().contains("webhooks[0].url"),
@@ -321,12 +291,9 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
     sink.wait_hits(2).await;
     b.wait_for_metric(r#"broker_dead_lettered_total{queue="orders"}"#, 1.0)
         .await;
-    let (_, v) = json(
+    let (_, v) = send(
         b.get("/v1/queues/orders")
-            .header("X-PLATFORMATIC-ADMIN-SECRET", ADMIN)
-            .send()
-            .await
-            .unwrap(),
+            .header("X-PLATFORMATIC-ADMIN-SECRET", ADMIN),
     )
     .await;
     let st = &v["webhooks"][0];
@@ -343,14 +310,7 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
 
     // The target recovers; redrive delivers the dead letter.
     open.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (s, v) = json(
-        b.post("/v1/queues/dlq/redrive")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/queues/dlq/redrive").bearer_auth(ADMIN)).await;
     assert_eq!(
         (s, v["redriven"].as_u64(), v["offset"].as_u64()),
         (200, Some(1), Some(1)),
@@ -365,81 +325,29 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
 
     // Crons.
     let cron = serde_json::json!({"name": "tick", "queue": "orders", "schedule": "0 0 1 1 *", "body": "{}"});
-    let (s, v) = json(
-        b.post("/v1/crons")
-            .bearer_auth(ADMIN)
-            .json(&cron)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = send(b.post("/v1/crons").bearer_auth(ADMIN).json(&cron)).await;
     assert_eq!((s, v["name"].as_str()), (201, Some("tick")), "{v}");
     assert!(v["next_run"]
         .as_str()
         .unwrap()
         .ends_with("-01-01T00:00:00.000Z"));
-    let (s, _) = json(
-        b.post("/v1/crons")
-            .bearer_auth(ADMIN)
-            .json(&cron)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/crons").bearer_auth(ADMIN).json(&cron)).await;
     assert_eq!(s, 409);
     let bad = serde_json::json!({"name": "x", "queue": "orders", "schedule": "every day"});
-    let (s, _) = json(
-        b.post("/v1/crons")
-            .bearer_auth(ADMIN)
-            .json(&bad)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/crons").bearer_auth(ADMIN).json(&bad)).await;
     assert_eq!(s, 400);
     let (_, v) = json(b.get("/v1/crons").bearer_auth(ADMIN).send().await.unwrap()).await;
     assert_eq!(v["crons"].as_array().unwrap().len(), 1);
-    let (s, _) = json(
-        b.delete("/v1/crons/tick")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.delete("/v1/crons/tick").bearer_auth(ADMIN)).await;
     assert_eq!(s, 200);
 
     // Runtime queues survive a reload of the config file; then they can be deleted.
     b.post("/reload").bearer_auth(ADMIN).send().await.unwrap();
-    let (s, _) = json(
-        b.get("/v1/queues/orders")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.get("/v1/queues/orders").bearer_auth(ADMIN)).await;
     assert_eq!(s, 200);
-    let (s, _) = json(
-        b.delete("/v1/queues/orders")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.delete("/v1/queues/orders").bearer_auth(ADMIN)).await;
     assert_eq!(s, 200);
-    let (s, _) = json(
-        b.post("/v1/queues/orders/messages")
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = send(b.post("/v1/queues/orders/messages").body("x")).await;
     assert_eq!(s, 404);
 }
 
@@ -462,12 +370,9 @@ async fn publishers_cannot_forge_broker_or_connection_headers() {
         serde_json::json!({"bad name": "x"}),
         serde_json::json!({"x-ok": "line\r\nInjected: 1"}),
     ] {
-        let (s, v) = json(
+        let (s, v) = send(
             b.post("/v1/queues/q/batch")
-                .json(&serde_json::json!({"messages": [{"body": "x", "headers": headers}]}))
-                .send()
-                .await
-                .unwrap(),
+                .json(&serde_json::json!({"messages": [{"body": "x", "headers": headers}]})),
         )
         .await;
         assert_eq!(
@@ -484,12 +389,9 @@ async fn publishers_cannot_forge_broker_or_connection_headers() {
         "content-type": "text/evil",
         "x-trace": "kept",
     });
-    let (s, v) = json(
+    let (s, v) = send(
         b.post("/v1/queues/q/batch")
-            .json(&serde_json::json!({"messages": [{"data": {"n": 1}, "headers": forged}]}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&serde_json::json!({"messages": [{"data": {"n": 1}, "headers": forged}]})),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -550,21 +452,8 @@ name = "q2"
         .await
         .unwrap();
     sink.wait_hits(1).await;
-    let (_, v) = json(
-        b.read("/v1/queues/q2/messages?wait=10s")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    let (_, admin) = json(
-        b.get("/v1/queues/q")
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, v) = send(b.read("/v1/queues/q2/messages?wait=10s")).await;
+    let (_, admin) = send(b.get("/v1/queues/q").bearer_auth(ADMIN)).await;
     for shown in [v.to_string(), admin.to_string()] {
         for secret in [
             "pa55word",
