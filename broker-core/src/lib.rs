@@ -28,6 +28,7 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod pg_hooks;
+pub mod schedule;
 pub mod settings;
 pub mod store;
 

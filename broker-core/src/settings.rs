@@ -12,8 +12,9 @@ use crate::auth::{parse_nets, IngestAuth, PasswordHash};
 use crate::config::{
     self, Config, ContentRule, CronConfig, LimitsConfig, QueueConfig, QueueKind, Secret, Source,
 };
-use crate::delivery::{CronSpec, WebhookSpec};
+use crate::delivery::WebhookSpec;
 use crate::error::{Error, KeyError};
+use crate::schedule::CronSpec;
 
 /// Everything about one configured queue or queue pattern.
 #[derive(Debug)]

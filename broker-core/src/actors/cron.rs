@@ -13,10 +13,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::leader::LeadershipChanged;
-use crate::delivery::CronSpec;
 use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
+use crate::schedule::CronSpec;
 use crate::store::Store;
 
 /// Store key of the last fired tick of every entry.
