@@ -425,12 +425,14 @@ impl Broker {
         info: crate::actors::ConnectionInfo,
         notify: Recipient<Notify>,
         control: Recipient<crate::actors::Disconnect>,
+        regrant: Recipient<crate::actors::subscriber::Regrant>,
         max_per_user: usize,
     ) -> impl std::future::Future<Output = Result<(), Error>> + 'static {
         let send = self.registry.send(crate::actors::registry::Register {
             info,
             notify,
             control,
+            regrant,
             max_per_user,
         });
         async move { send.await? }
@@ -552,6 +554,10 @@ impl Broker {
         self.credentials.clear();
         self.cron.do_send(SetCrons {
             crons: new.crons.clone(),
+        });
+        // Live connections re-derive their rights (removed users, narrowed grants).
+        self.registry.do_send(crate::actors::registry::RegrantAll {
+            settings: new.clone(),
         });
         self.hub.send(ApplySettings { settings: new }).await?;
         outcome("ok");

@@ -31,6 +31,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// Closed by an admin (`DELETE /v1/connections/{id}`).
     pub const BY_ADMIN: u16 = 4010;
+    /// A reload removed the user, or a grant of a subscription the session holds.
+    pub const REVOKED: u16 = 4011;
 }
 
 /// A client frame as received; which fields matter depends on `action`.

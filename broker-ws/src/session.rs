@@ -25,7 +25,7 @@ use broker_core::config::SlowConsumer;
 use broker_core::message::{Message, NewMessage};
 use broker_core::settings::{grants, Settings, WsSettings};
 use broker_core::subscriber::{
-    next_subscription_id, ConnectionInfo, Deliver, Disconnect, Lagged, Notify, Subscriber,
+    next_subscription_id, ConnectionInfo, Deliver, Disconnect, Lagged, Notify, Regrant, Subscriber,
 };
 use broker_core::Broker;
 use bytes::{Bytes, BytesMut};
@@ -44,6 +44,9 @@ pub struct Identity {
     pub publish: Vec<String>,
     /// When its token expires (Unix ms): the session is closed then (4001).
     pub expires_at_ms: Option<i64>,
+    /// The token's claims, when it came from one (its rights are re-derived from them
+    /// at a reload).
+    pub claims: Option<Claims>,
 }
 
 impl Identity {
@@ -53,12 +56,15 @@ impl Identity {
         Identity {
             read: c
                 .queues
+                .clone()
                 .unwrap_or_else(|| user.map(|u| u.grants.clone()).unwrap_or_default()),
             publish: c
                 .publish
+                .clone()
                 .unwrap_or_else(|| user.map(|u| u.publish.clone()).unwrap_or_default()),
             expires_at_ms: Some(c.exp.saturating_mul(1000)),
-            user: c.sub,
+            user: c.sub.clone(),
+            claims: Some(c),
         }
     }
 
@@ -69,6 +75,7 @@ impl Identity {
             read: u.grants.clone(),
             publish: u.publish.clone(),
             expires_at_ms: None,
+            claims: None,
         }
     }
 
@@ -79,7 +86,24 @@ impl Identity {
             read: ws.config.anonymous_queues.clone(),
             publish: Vec::new(),
             expires_at_ms: None,
+            claims: None,
         }
+    }
+
+    /// The same session's rights under `settings` (after a reload): `None` when it has
+    /// none any more (its user was removed, anonymous access was turned off).
+    pub fn under(&self, settings: &Settings) -> Option<Identity> {
+        if let Some(c) = &self.claims {
+            return Some(Identity::from_claims(c.clone(), settings));
+        }
+        if self.user.is_empty() {
+            return settings
+                .ws
+                .config
+                .allow_anonymous
+                .then(|| Identity::anonymous(&settings.ws));
+        }
+        settings.users.get(&self.user).map(|u| Identity::of_user(u))
     }
 }
 
@@ -100,7 +124,7 @@ pub(crate) enum Dialect {
     /// The native JSON protocol (`protocol`).
     Native,
     /// WAMP v2 (`wamp.2.json`).
-    Wamp(crate::wamp_session::WampState),
+    Wamp(Box<crate::wamp_session::WampState>),
 }
 
 /// A WebSocket connection.
@@ -145,7 +169,7 @@ impl WsSession {
     /// are used once the client sends HELLO.
     pub fn wamp(broker: Arc<Broker>, remote: IpAddr, identity: Option<Identity>) -> Self {
         let mut s = Self::new(broker, remote, None);
-        s.dialect = Dialect::Wamp(crate::wamp_session::WampState::new(identity));
+        s.dialect = Dialect::Wamp(Box::new(crate::wamp_session::WampState::new(identity)));
         s
     }
 
@@ -239,9 +263,13 @@ impl WsSession {
         } else {
             cfg.max_connections_per_user
         };
-        let register =
-            self.broker
-                .register_connection(info, addr.clone().recipient(), addr.recipient(), max);
+        let register = self.broker.register_connection(
+            info,
+            addr.clone().recipient(),
+            addr.clone().recipient(),
+            addr.recipient(),
+            max,
+        );
         ctx.wait(
             register
                 .into_actor(self)
@@ -715,6 +743,38 @@ impl Handler<Notify> for WsSession {
         if let Some(frame) = protocol::notify(&msg.data) {
             self.send(ctx, frame);
         }
+    }
+}
+
+impl Handler<Regrant> for WsSession {
+    type Result = ();
+
+    /// A reload: rights are re-derived; a session that lost its user, or the grant of a
+    /// subscription it holds, is closed (4011) — the client reconnects and sees what it
+    /// may now. Narrower publish grants apply to the next publish.
+    fn handle(&mut self, msg: Regrant, ctx: &mut Self::Context) {
+        let Some(current) = &self.identity else {
+            return;
+        };
+        let Some(new) = current.under(&msg.settings) else {
+            return self.close(ctx, close::REVOKED, "user_removed");
+        };
+        let lost = self.subs.values().any(|s| {
+            let granted = if s.exact {
+                grants(&new.read, &s.topic)
+            } else {
+                // A prefix subscription: every grant it was made under must remain.
+                current.read.iter().all(|g| new.read.contains(g))
+            };
+            !granted
+        });
+        if lost {
+            return self.close(ctx, close::REVOKED, "grants_revoked");
+        }
+        self.identity = Some(Identity {
+            expires_at_ms: current.expires_at_ms,
+            ..new
+        });
     }
 }
 

@@ -741,3 +741,48 @@ async fn anonymous_connections_are_capped() {
     // A user's connection is not counted against the anonymous cap.
     let (_alice, _) = connect(&b, "alice").await;
 }
+
+/// A reload that narrows a user's grants closes its sessions that hold a subscription it
+/// lost (4011 `grants_revoked`); other sessions go on. A token session whose user is
+/// removed keeps only what its token grants itself (here nothing): closed too. (A Basic
+/// session of a removed user is closed with `user_removed`.)
+#[actix_web::test]
+async fn a_reload_that_revokes_rights_closes_the_sessions_using_them() {
+    let (_d, path) = write_config("broker.toml", &config(""));
+    let b = spawn_broker(&path);
+    let (mut alice, _) = connect(&b, "alice").await;
+    alice.subscribe("q1", None).await;
+    let (mut bob, _) = connect(&b, "bob").await;
+    bob.subscribe("q1", None).await;
+
+    // bob may read q2 only now; alice keeps q1.
+    let narrowed = std::fs::read_to_string(&path).unwrap().replace(
+        "name = \"bob\"\npass_hash = \"plain;;bob-pass\"\nqueues = [\"q1\"]",
+        "name = \"bob\"\npass_hash = \"plain;;bob-pass\"\nqueues = [\"q2\"]",
+    );
+    assert_ne!(narrowed, std::fs::read_to_string(&path).unwrap());
+    std::fs::write(&path, &narrowed).unwrap();
+    let res = b.post("/reload").bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    match bob.next().await {
+        Next::Closed(code, reason) => assert_eq!((code, reason.as_str()), (4011, "grants_revoked")),
+        other => panic!("{other:?}"),
+    }
+    publish(&b, "q1", r#"{"n":1}"#).await;
+    expect_message(&mut alice, "q1", 1).await;
+
+    // alice is removed from the config.
+    let removed = narrowed.replace("name = \"alice\"", "name = \"alicia\"");
+    std::fs::write(&path, removed).unwrap();
+    let res = b.post("/reload").bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    loop {
+        match alice.next().await {
+            Next::Closed(code, reason) => {
+                assert_eq!((code, reason.as_str()), (4011, "grants_revoked"));
+                break;
+            }
+            Next::Json(v) => assert_ne!(v["event"], "message", "{v}"),
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use serde::Serialize;
 
-use super::subscriber::{Disconnect, Notify};
+use super::subscriber::{Disconnect, Notify, Regrant};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -38,6 +38,8 @@ pub struct Register {
     pub notify: Recipient<Notify>,
     /// Where close requests go.
     pub control: Recipient<Disconnect>,
+    /// Where reloads go.
+    pub regrant: Recipient<Regrant>,
     /// `ws.max_connections_per_user` at the time of connecting.
     pub max_per_user: usize,
 }
@@ -89,6 +91,28 @@ struct Entry {
     info: ConnectionInfo,
     notify: Recipient<Notify>,
     control: Recipient<Disconnect>,
+    regrant: Recipient<Regrant>,
+}
+
+/// Tells every connection that the configuration changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RegrantAll {
+    /// The new settings.
+    pub settings: Arc<crate::settings::Settings>,
+}
+
+impl Handler<RegrantAll> for ConnectionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RegrantAll, _: &mut Self::Context) {
+        for e in self.by_id.values() {
+            // One per connection and reload: bounded by how often the config is reloaded.
+            e.regrant.do_send(Regrant {
+                settings: msg.settings.clone(),
+            });
+        }
+    }
 }
 
 /// The registry of live connections.
@@ -145,6 +169,7 @@ impl Handler<Register> for ConnectionRegistry {
                 info: msg.info,
                 notify: msg.notify,
                 control: msg.control,
+                regrant: msg.regrant,
             },
         );
         Ok(())

@@ -60,6 +60,15 @@ pub struct Disconnect {
     pub reason: &'static str,
 }
 
+/// The configuration changed (a reload): a connection re-derives its rights from it and
+/// closes if it lost any it is using.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Regrant {
+    /// The new settings.
+    pub settings: Arc<crate::settings::Settings>,
+}
+
 /// What a queue keeps of one live subscription.
 #[derive(Clone)]
 pub struct Subscriber {
