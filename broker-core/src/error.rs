@@ -53,11 +53,14 @@ pub enum Rejection {
     InvalidHeader,
     /// A signed request received already, within its tolerance window.
     Replayed,
+    /// Creating another queue from a pattern would pass `limits.max_queues` or the
+    /// pattern's `max_queues`.
+    TooManyQueues,
 }
 
 impl Rejection {
     /// Every reason (for tables that must cover them all).
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::UnknownQueue,
         Rejection::IpNotAllowed,
         Rejection::MissingCredentials,
@@ -71,6 +74,7 @@ impl Rejection {
         Rejection::DelayTooLong,
         Rejection::InvalidHeader,
         Rejection::Replayed,
+        Rejection::TooManyQueues,
     ];
 
     /// The metric label and the error `code`.
@@ -89,6 +93,7 @@ impl Rejection {
             Rejection::DelayTooLong => "delay_too_long",
             Rejection::InvalidHeader => "invalid_header",
             Rejection::Replayed => "replayed",
+            Rejection::TooManyQueues => "too_many_queues",
         }
     }
 }

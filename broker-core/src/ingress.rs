@@ -117,7 +117,7 @@ impl Ingress {
                 Err(e) => return Err(e),
             }
         }
-        let handle = self.queue(req.queue).await?;
+        let handle = self.queue(req.queue).await.map_err(counted)?;
         let now = crate::message::now_ms();
         if let Some(at) = req.deliver_at_ms {
             let max_ms = i64::try_from(spec.limits.max_delay.as_millis()).unwrap_or(i64::MAX);
@@ -224,9 +224,6 @@ impl Ingress {
                 name: name.to_owned(),
             })
             .await?
-            .ok_or_else(|| Error::UnknownQueue {
-                queue: name.to_owned(),
-            })
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub poll_reads: IntCounterVec,
     /// `broker_poll_waiting`: long-polls parked waiting for a message.
     pub poll_waiting: prometheus::IntGauge,
+    /// `broker_queues`: live queues (configured and created from patterns).
+    pub queues: prometheus::IntGauge,
     /// `broker_http_requests_total{route,method,status}`.
     pub http_requests: IntCounterVec,
     /// `broker_http_request_duration_seconds{route}`.
@@ -163,6 +165,13 @@ impl Metrics {
             prometheus::IntGauge::new(
                 "broker_poll_waiting",
                 "Long-polls parked waiting for a message.",
+            ),
+        );
+        let queues = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_queues",
+                "Live queues (configured and created from patterns).",
             ),
         );
         let ws_connections = registered(
@@ -345,6 +354,7 @@ impl Metrics {
             delayed,
             poll_reads,
             poll_waiting,
+            queues,
             http_requests,
             http_duration,
             reloads,

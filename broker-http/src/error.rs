@@ -90,7 +90,7 @@ fn status_of(code: &str) -> StatusCode {
         "invalid_body" | "password_too_short" | "delay_too_long" | "invalid_header" => {
             S::BAD_REQUEST
         }
-        "too_many_delayed" | "too_many_connections" => S::TOO_MANY_REQUESTS,
+        "too_many_delayed" | "too_many_connections" | "too_many_queues" => S::TOO_MANY_REQUESTS,
         // webhook-queue answers 410 without `refresh` for a disconnected client.
         "unrecoverable_position" | "refresh" | "client_disconnected" => S::GONE,
         "client_exists" | "config_not_writable" | "defined_in_config" | "exists" | "replayed" => {

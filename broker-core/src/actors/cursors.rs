@@ -67,6 +67,11 @@ impl Cursors {
         at
     }
 
+    /// Whether no consumer reads this queue.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// Forgets a consumer.
     pub(crate) fn remove(&mut self, key: &ConsumerKey) {
         self.map.remove(key);

@@ -18,13 +18,13 @@ use tokio::sync::watch;
 
 use super::leader::{Follow, Leader};
 use super::queue::{
-    AddConsumer, ConsumerKey, Queue, Reconfigure, RemoveConsumer, Subscribe, Unsubscribe,
+    AddConsumer, ConsumerKey, IsIdle, Queue, Reconfigure, RemoveConsumer, Subscribe, Unsubscribe,
 };
 use super::subscriber::Subscriber;
 use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
-use crate::error::Error;
+use crate::error::{Error, Rejection};
 use crate::metrics::Metrics;
-use crate::settings::Settings;
+use crate::settings::{QueueSpec, Settings};
 use crate::store::Store;
 
 const QUEUE_REMOVED: &str = "A reload has removed that queue";
@@ -43,7 +43,7 @@ pub struct QueueHandle {
 
 /// Looks a queue up, creating it if its name is configured or matches a pattern.
 #[derive(Message)]
-#[rtype(result = "Option<QueueHandle>")]
+#[rtype(result = "Result<QueueHandle, Error>")]
 pub struct GetQueue {
     /// Queue name.
     pub name: String,
@@ -203,6 +203,8 @@ pub struct Hub {
     webhooks: HashMap<String, Vec<Target>>,
     /// Prefix subscriptions by subscriber id.
     prefix_subs: HashMap<u64, PrefixSub>,
+    /// Pattern queues found idle, since when.
+    idle_since: HashMap<String, std::time::Instant>,
 }
 
 impl Hub {
@@ -222,6 +224,7 @@ impl Hub {
             deliveries,
             webhooks: HashMap::new(),
             prefix_subs: HashMap::new(),
+            idle_since: HashMap::new(),
         }
     }
 
@@ -293,13 +296,22 @@ impl Hub {
         }
     }
 
-    fn queue(&mut self, name: &str) -> Option<QueueHandle> {
+    fn queue(&mut self, name: &str) -> Result<QueueHandle, Error> {
         if let Some(h) = self.queues.get(name) {
             if h.addr.connected() {
-                return Some(h.clone());
+                return Ok(h.clone());
             }
         }
-        let spec = self.settings.queue(name)?.clone();
+        let spec = self
+            .settings
+            .queue(name)
+            .ok_or_else(|| Error::UnknownQueue {
+                queue: name.to_owned(),
+            })?
+            .clone();
+        if spec.name != name {
+            self.check_caps(&spec)?;
+        }
         let name: Arc<str> = Arc::from(name);
         let (tx, rx) = watch::channel(0);
         let addr = Queue::new(
@@ -316,20 +328,96 @@ impl Hub {
             changes: rx,
         };
         self.queues.insert(name.to_string(), handle.clone());
+        self.metrics.queues.set(self.queues.len() as i64);
         for sub in self.prefix_subs.values().filter(|s| s.covers(&name)) {
             sub.attach(&handle.addr);
         }
-        Some(handle)
+        Ok(handle)
+    }
+
+    /// Whether another queue may be created from pattern `spec`: under `limits.max_queues`
+    /// live queues in all, and under the pattern's own `max_queues`.
+    fn check_caps(&mut self, spec: &QueueSpec) -> Result<(), Error> {
+        self.queues.retain(|_, h| h.addr.connected());
+        let max = self.settings.config.limits.max_queues;
+        if self.queues.len() >= max {
+            return Err(Error::rejected(
+                Rejection::TooManyQueues,
+                format!("the broker holds {max} queues already (limits.max_queues)"),
+            ));
+        }
+        if let Some(max) = spec.config.max_queues {
+            let settings = &self.settings;
+            let of_pattern = self
+                .queues
+                .keys()
+                .filter(|n| settings.queue(n).is_some_and(|s| s.name == spec.name))
+                .count();
+            if of_pattern >= max {
+                return Err(Error::rejected(
+                    Rejection::TooManyQueues,
+                    format!(
+                        "pattern `{}` has {max} queues already (max_queues)",
+                        spec.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and forgets queues created from patterns that have held nothing for
+    /// `limits.idle_queue_timeout` (asked of each such queue; first seen idle noted here).
+    fn sweep_idle(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.settings.config.limits.idle_queue_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        let settings = self.settings.clone();
+        let candidates: Vec<(String, Addr<Queue>)> = self
+            .queues
+            .iter()
+            .filter(|(n, h)| {
+                h.addr.connected()
+                    && !self.webhooks.contains_key(n.as_str())
+                    && settings.queue(n).is_some_and(|s| s.name != n.as_str())
+            })
+            .map(|(n, h)| (n.clone(), h.addr.clone()))
+            .collect();
+        for (name, addr) in candidates {
+            ctx.spawn(addr.send(IsIdle).into_actor(self).map(move |res, act, _| {
+                if res != Ok(true) {
+                    act.idle_since.remove(&name);
+                    return;
+                }
+                let since = *act
+                    .idle_since
+                    .entry(name.clone())
+                    .or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= timeout {
+                    act.idle_since.remove(&name);
+                    // Dropping the last address stops the actor.
+                    act.queues.remove(&name);
+                    act.store.remove(&name);
+                    act.metrics.queues.set(act.queues.len() as i64);
+                    tracing::debug!(queue = %name, "idle queue forgotten");
+                }
+            }));
+        }
     }
 
     /// [`Hub::queue`], starting the webhooks of a queue it creates.
-    fn queue_with_webhooks(&mut self, ctx: &mut Context<Self>, name: &str) -> Option<QueueHandle> {
+    fn queue_with_webhooks(
+        &mut self,
+        ctx: &mut Context<Self>,
+        name: &str,
+    ) -> Result<QueueHandle, Error> {
         let existed = self.queues.get(name).is_some_and(|h| h.addr.connected());
         let h = self.queue(name)?;
         if !existed {
             self.sync_webhooks(ctx, name);
         }
-        Some(h)
+        Ok(h)
     }
 
     /// Forgets a consumer, through its queue when that runs (so that a read in flight
@@ -357,8 +445,8 @@ impl Hub {
                 continue;
             };
             let disconnected = match self.queue_with_webhooks(ctx, &c.queue) {
-                None => Some(QUEUE_REMOVED),
-                Some(h) => {
+                Err(_) => Some(QUEUE_REMOVED),
+                Ok(h) => {
                     h.addr.do_send(AddConsumer {
                         key: key.clone(),
                         last_seen: Some(c.last_seen),
@@ -383,7 +471,7 @@ impl Hub {
             .map(|q| q.name.clone())
             .collect();
         for n in names {
-            self.queue_with_webhooks(ctx, &n);
+            let _ = self.queue_with_webhooks(ctx, &n);
         }
     }
 }
@@ -394,6 +482,12 @@ impl Actor for Hub {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
         self.start_named_queues(ctx);
+        // A quarter of the idle timeout (read at each sweep), between 1 s and 1 min.
+        let every = (self.settings.config.limits.idle_queue_timeout / 4).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
+        ctx.run_interval(every, |act, ctx| act.sweep_idle(ctx));
         // Nothing is handled before the stored consumers are back.
         ctx.wait(
             self.store
@@ -408,7 +502,7 @@ impl Actor for Hub {
 }
 
 impl Handler<GetQueue> for Hub {
-    type Result = Option<QueueHandle>;
+    type Result = Result<QueueHandle, Error>;
 
     fn handle(&mut self, msg: GetQueue, ctx: &mut Self::Context) -> Self::Result {
         self.queue_with_webhooks(ctx, &msg.name)
@@ -430,11 +524,7 @@ impl Handler<Listen> for Hub {
                 });
             }
         }
-        let handle =
-            self.queue_with_webhooks(ctx, &msg.queue)
-                .ok_or_else(|| Error::UnknownQueue {
-                    queue: msg.queue.clone(),
-                })?;
+        let handle = self.queue_with_webhooks(ctx, &msg.queue)?;
         if let Some(old) = self.consumers.remove(&msg.key) {
             if let Some(h) = self.queues.get(&old.queue) {
                 // Moved, not forgotten: the new queue writes its stored position.
@@ -493,7 +583,7 @@ impl Handler<ResolveConsumer> for Hub {
         }
         let queue = entry.queue.clone();
         self.queue_with_webhooks(ctx, &queue)
-            .ok_or(Error::ClientDisconnected {
+            .map_err(|_| Error::ClientDisconnected {
                 client: msg.key.client,
                 reason: QUEUE_REMOVED.to_owned(),
             })

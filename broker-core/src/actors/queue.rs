@@ -184,6 +184,12 @@ pub struct Unsubscribe {
     pub id: u64,
 }
 
+/// Whether the queue holds nothing: no message, delayed message, subscriber, consumer or
+/// append in flight (the Hub forgets idle pattern queues).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsIdle;
+
 /// Applies new limits after a reload (dropping what no longer fits).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -789,6 +795,19 @@ impl Handler<Unsubscribe> for Queue {
 
     fn handle(&mut self, msg: Unsubscribe, _: &mut Self::Context) {
         self.subscribers.remove(&msg.id);
+    }
+}
+
+impl Handler<IsIdle> for Queue {
+    type Result = bool;
+
+    fn handle(&mut self, _: IsIdle, _: &mut Self::Context) -> bool {
+        self.window.len() == 0
+            && self.delayed.len() == 0
+            && self.subscribers.is_empty()
+            && self.consumers.is_empty()
+            && self.inflight.is_empty()
+            && self.resync == Resync::No
     }
 }
 

@@ -131,6 +131,7 @@ impl LegacyConfig {
                     max_message_count: q.max_message_count,
                     max_message_size: q.max_message_size,
                     max_queue_size: q.max_queue_size,
+                    max_queues: None,
                     webhooks: Vec::new(),
                 })
                 .collect(),

@@ -302,6 +302,13 @@ pub struct LimitsConfig {
     /// Longest a publish may be delayed (`delay=`, `at=`, pg-hooks `when`); later is a 400.
     #[serde(with = "humantime_serde")]
     pub max_delay: std::time::Duration,
+    /// Most live queues (configured ones included); creating another from a pattern is
+    /// refused with 429 `too_many_queues`.
+    pub max_queues: usize,
+    /// A queue created from a pattern that has held nothing (no message, delayed message,
+    /// subscriber or consumer) for this long is stopped and forgotten; `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_queue_timeout: std::time::Duration,
 }
 
 impl Default for LimitsConfig {
@@ -313,6 +320,8 @@ impl Default for LimitsConfig {
             max_queue_size: 1_000_000,
             max_delayed_messages: 100_000,
             max_delay: std::time::Duration::from_secs(30 * 24 * 3600),
+            max_queues: 10_000,
+            idle_queue_timeout: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -445,6 +454,9 @@ pub struct QueueConfig {
     /// Overrides `limits.max_queue_size`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_size: Option<usize>,
+    /// For a pattern (`chat.*`): most live queues created from it (429 beyond).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queues: Option<usize>,
     /// Webhook targets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookConfig>,

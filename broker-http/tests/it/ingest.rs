@@ -457,3 +457,53 @@ async fn pattern_queues_are_created_on_first_use() {
         "pattern queues share their label"
     );
 }
+
+/// Anyone who may publish to a pattern cannot grow the broker without bound: queues made
+/// from patterns are capped (the pattern's `max_queues`, and `limits.max_queues` in all:
+/// 429 `too_many_queues`), counted in `broker_queues`, and forgotten once they have held
+/// nothing for `limits.idle_queue_timeout`, which makes room again.
+#[actix_web::test]
+async fn pattern_queues_are_capped_and_idle_ones_forgotten() {
+    let b = spawn_broker(&config(
+        "[limits]\nmax_queues = 50\nidle_queue_timeout = \"1s\"\n[[queues]]\nname = \"p.*\"\nmax_queues = 2\n",
+    ))
+    .await;
+    // Readers create queues too (an empty read), and leave them idle.
+    for q in ["p.a", "p.b"] {
+        let (s, v) = send(b.read(&format!("/v1/queues/{q}/messages"))).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = send(b.post("/v1/queues/p.c/messages").body("x")).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (429, Some("too_many_queues")),
+        "{v}"
+    );
+    let (s, v) = send(b.read("/v1/queues/p.d/messages")).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (429, Some("too_many_queues")),
+        "{v}"
+    );
+    assert_eq!(
+        metric(
+            &b.metrics().await,
+            r#"broker_rejected_total{queue="p.*",reason="too_many_queues"}"#
+        ),
+        Some(1.0),
+        "the refused publish is counted"
+    );
+    // Once idle long enough they are forgotten, and new ones can be made.
+    let live = |m: &str| metric(m, "broker_queues").unwrap_or(-1.0);
+    let before = live(&b.metrics().await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while live(&b.metrics().await) > before - 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle queues never forgotten"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (s, v) = send(b.post("/v1/queues/p.c/messages").body("x")).await;
+    assert_eq!(s, 200, "{v}");
+}
