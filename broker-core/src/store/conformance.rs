@@ -1,6 +1,7 @@
 //! One conformance suite for every backend: memory, SQLite, PostgreSQL
-//! (`BROKER_TEST_POSTGRES_URL`; `.ci/run` starts PostgreSQL and sets it, and with `CI`
-//! set a missing URL fails the test instead of skipping it).
+//! (`BROKER_TEST_POSTGRES_URL`, or the local server when it answers: see
+//! `store::test_postgres_url`; `.ci/run` starts PostgreSQL, and with `CI` set a missing
+//! PostgreSQL fails the test instead of skipping it).
 
 use std::sync::Arc;
 
@@ -214,12 +215,8 @@ async fn sqlite_backend() {
 
 #[actix::test]
 async fn postgres_backend() {
-    match std::env::var("BROKER_TEST_POSTGRES_URL") {
-        Ok(url) => suite(&url, true).await,
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("BROKER_TEST_POSTGRES_URL must be set in CI (.ci/run sets it)")
-        }
-        Err(_) => eprintln!("postgres_backend: BROKER_TEST_POSTGRES_URL is not set; skipped"),
+    if let Some(url) = super::test_postgres_url().await {
+        suite(&url, true).await;
     }
 }
 

@@ -265,17 +265,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    fn url() -> Option<String> {
-        match std::env::var("BROKER_TEST_POSTGRES_URL") {
-            Ok(u) => Some(u),
-            Err(_) if std::env::var_os("CI").is_some() => {
-                panic!("BROKER_TEST_POSTGRES_URL must be set in CI (.ci/run sets it)")
-            }
-            Err(_) => {
-                eprintln!("BROKER_TEST_POSTGRES_URL is not set; skipped");
-                None
-            }
-        }
+    async fn url() -> Option<String> {
+        crate::store::test_postgres_url().await
     }
 
     /// A key no other test (or broker) uses.
@@ -285,7 +276,7 @@ mod tests {
 
     #[actix::test]
     async fn a_second_broker_waits_until_the_first_is_gone() {
-        let Some(url) = url() else { return };
+        let Some(url) = url().await else { return };
         let key = key();
         let first = ActiveLock::acquire(&url, key, || panic!("the lock is free"))
             .await
@@ -315,7 +306,7 @@ mod tests {
 
     #[actix::test]
     async fn sessions_end_soon_when_their_peer_vanishes() {
-        let Some(url) = url() else { return };
+        let Some(url) = url().await else { return };
         let mut lock = ActiveLock::acquire(&url, key(), || panic!("the lock is free"))
             .await
             .unwrap();
@@ -376,7 +367,7 @@ mod tests {
     /// everything the old one acknowledged before.
     #[actix::test]
     async fn a_broker_that_lost_its_lock_acknowledges_nothing_more() {
-        let Some(base) = url() else { return };
+        let Some(base) = url().await else { return };
         let db = FreshDb::new(&base).await;
         let key = key();
         let metrics = || std::sync::Arc::new(crate::metrics::Metrics::new());
@@ -426,7 +417,7 @@ mod tests {
 
     #[actix::test]
     async fn the_holder_notices_when_its_session_is_gone() {
-        let Some(url) = url() else { return };
+        let Some(url) = url().await else { return };
         let mut lock = ActiveLock::acquire(&url, key(), || panic!("the lock is free"))
             .await
             .unwrap();

@@ -238,6 +238,44 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// The PostgreSQL the tests use: `BROKER_TEST_POSTGRES_URL`, or else the local server
+/// on 127.0.0.1:5432 when it is reachable (database `broker_test`, created if missing),
+/// so the README's test command runs the PostgreSQL tests wherever PostgreSQL runs.
+/// `None` (the test is skipped, saying why) otherwise; with `CI` set, a failure.
+#[cfg(test)]
+pub(crate) async fn test_postgres_url() -> Option<String> {
+    use sqlx::Connection;
+    if let Ok(u) = std::env::var("BROKER_TEST_POSTGRES_URL") {
+        return Some(u);
+    }
+    const LOCAL: &str = "postgres://postgres@127.0.0.1:5432";
+    let ci = std::env::var_os("CI").is_some();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
+    let timeout = std::time::Duration::from_millis(300);
+    if std::net::TcpStream::connect_timeout(&addr, timeout).is_err() {
+        assert!(
+            !ci,
+            "PostgreSQL must be reachable in CI (.ci/run starts it)"
+        );
+        eprintln!("PostgreSQL is not reachable on 127.0.0.1:5432 (BROKER_TEST_POSTGRES_URL unset); skipped");
+        return None;
+    }
+    match sqlx::PgConnection::connect(&format!("{LOCAL}/postgres")).await {
+        Ok(mut c) => {
+            // Concurrent tests may race to create it: "exists" is fine.
+            let _ = sqlx::query("CREATE DATABASE broker_test")
+                .execute(&mut c)
+                .await;
+            Some(format!("{LOCAL}/broker_test"))
+        }
+        Err(e) => {
+            assert!(!ci, "PostgreSQL refused the test login: {e}");
+            eprintln!("PostgreSQL on 127.0.0.1:5432 refused the test login ({e}); skipped");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::without_password;
