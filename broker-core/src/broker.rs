@@ -9,8 +9,8 @@ use actix::prelude::*;
 use tokio::sync::watch;
 
 use crate::actors::cron::{Cron, SetCrons};
-use crate::actors::hub::Deliveries;
 use crate::actors::leader::{Follow, Leader, SingleNode};
+use crate::actors::webhooks::{Deliveries, Webhooks};
 use crate::actors::{
     ApplySettings, Batch, ConnectionRegistry, ConsumerKey, ConsumerRead, Hub, Listen, Notify,
     QueueHandle, Read, ResolveConsumer, Subscribe, SubscribePrefix, Subscribed, Subscriber,
@@ -34,10 +34,14 @@ pub const MIN_PASSWORD_LEN: usize = 6;
 /// The running broker.
 pub struct Broker {
     hub: Addr<Hub>,
+    /// The webhook supervisor (delivery status).
+    webhooks: Addr<Webhooks>,
     store: Arc<dyn store::Store>,
     registry: Addr<ConnectionRegistry>,
     /// Kept for the broker's lifetime (its followers hold it too).
     _leader: Addr<Leader>,
+    /// Whether this node leads, as it changes.
+    leadership: watch::Receiver<bool>,
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
@@ -60,15 +64,21 @@ impl Broker {
     /// Opens the store, restores the runtime definitions kept there, and starts the
     /// actors. Call inside a running actix system.
     pub async fn start(settings: Settings) -> Result<Arc<Broker>, Error> {
-        Self::start_fenced(settings, None).await
+        Self::start_holding(settings, None).await
     }
 
-    /// [`Broker::start`] for a broker that holds the database's active lock: its store
-    /// writes only while `fence` is current (see `store::ActiveLock`).
-    pub async fn start_fenced(
+    /// [`Broker::start`] for a broker that holds the database's active lock: the lock is
+    /// its election (it leads until the lock is lost, see [`Broker::lost_leadership`]),
+    /// and its store writes only while the lock's fence is current.
+    pub async fn start_holding(
         settings: Settings,
-        fence: Option<store::Fence>,
+        lock: Option<store::ActiveLock>,
     ) -> Result<Arc<Broker>, Error> {
+        let fence = lock.as_ref().map(store::ActiveLock::fence);
+        let election: Box<dyn crate::election::Election> = match lock {
+            Some(lock) => Box::new(lock),
+            None => Box::new(SingleNode),
+        };
         let metrics = Arc::new(Metrics::new());
         let store =
             store::open_fenced(&settings.config.storage.url, metrics.clone(), fence).await?;
@@ -106,7 +116,9 @@ impl Broker {
         }
         warn_weak_passwords(&settings);
         let settings = Arc::new(settings);
-        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
+        let leader = Leader::new(election, metrics.clone());
+        let leadership = leader.watch();
+        let leader = leader.start();
         let client = reqwest::Client::builder()
             .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(std::time::Duration::from_secs(60))
@@ -122,13 +134,11 @@ impl Broker {
             settings: shared.clone(),
             registry: registry.clone(),
         };
-        let hub = Hub::new(settings.clone(), store.clone(), metrics.clone(), deliveries).start();
-        let ingress = Ingress::new(
-            shared.clone(),
-            hub.clone(),
-            registry.clone(),
-            metrics.clone(),
-        );
+        let crate::actors::hub::Launched {
+            hub,
+            webhooks,
+            ingress,
+        } = Hub::launch(settings.clone(), store.clone(), metrics.clone(), deliveries);
         let cron = Cron::new(
             settings.crons.clone(),
             ingress.clone(),
@@ -142,9 +152,11 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Broker {
             hub,
+            webhooks,
             store,
             registry,
             _leader: leader,
+            leadership,
             cron,
             _deliveries: arbiter,
             pg_hooks,
@@ -162,6 +174,16 @@ impl Broker {
     /// Nonces of signed pusher requests seen within the timestamp window.
     pub fn pusher_nonces(&self) -> &crate::auth::crossbar::NonceCache {
         &self.pusher_nonces
+    }
+
+    /// Resolves once this node, having led, has lost the lead (the database's active
+    /// lock was lost): it must stop serving, another broker may be active. Never for a
+    /// single node.
+    pub async fn lost_leadership(&self) {
+        let mut rx = self.leadership.clone();
+        if rx.wait_for(|leads| *leads).await.is_ok() {
+            let _ = rx.wait_for(|leads| !*leads).await;
+        }
     }
 
     /// The one publish call every producer makes: see [`Ingress::publish`].
@@ -328,7 +350,7 @@ impl Broker {
 
     /// The delivery state of each webhook target of `queue` (admin views).
     pub async fn webhook_status(&self, queue: &str) -> Vec<crate::actors::webhook::WebhookStatus> {
-        crate::actors::hub::webhook_status(&self.hub, queue).await
+        crate::actors::webhooks::status(&self.webhooks, queue).await
     }
 
     /// Every cron with its schedule and next run (admin views).

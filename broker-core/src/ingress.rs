@@ -4,18 +4,19 @@
 //! calls [`Ingress::publish`], which does, once and in one order: queue lookup (names and
 //! patterns), the address rule, ingest authentication, grants, body rules, notify
 //! routing, the queue (limits, store), and counts every refusal under the queue's label
-//! and its reason. It is a cloneable handle (the actors that publish hold one), one
-//! mailbox round trip to the `Hub` and one to the `Queue` per publish.
+//! and its reason. It is a cloneable handle (the actors that publish hold one); a publish
+//! to a running queue is one mailbox round trip, to the `Queue` (the `Hub` is asked
+//! only to start a queue).
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
 
+use crate::actors::hub::Queues;
 use crate::actors::registry::{NotifyConnection, NotifyUser};
 use crate::actors::{
-    ConnectionRegistry, GetQueue, Hub, Notify, Publish, PublishAt, Published, QueueHandle,
-    Scheduled,
+    ConnectionRegistry, Notify, Publish, PublishAt, Published, QueueHandle, Scheduled,
 };
 use crate::auth::crossbar::{NonceCache, SignatureError};
 use crate::config::QueueKind;
@@ -33,7 +34,7 @@ pub(crate) type SharedSettings = Arc<RwLock<Arc<Settings>>>;
 #[derive(Clone)]
 pub(crate) struct Ingress {
     settings: SharedSettings,
-    hub: Addr<Hub>,
+    queues: Queues,
     registry: Addr<ConnectionRegistry>,
     metrics: Arc<Metrics>,
     /// Signed ingest requests seen within their tolerance (replays are refused).
@@ -44,16 +45,16 @@ pub(crate) struct Ingress {
 const MAX_REMEMBERED_SIGNATURES: usize = 1_000_000;
 
 impl Ingress {
-    /// A front door publishing into `hub`'s queues.
+    /// A front door publishing into `queues`.
     pub(crate) fn new(
         settings: SharedSettings,
-        hub: Addr<Hub>,
+        queues: Queues,
         registry: Addr<ConnectionRegistry>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             settings,
-            hub,
+            queues,
             registry,
             metrics,
             replays: Arc::new(NonceCache::new(MAX_REMEMBERED_SIGNATURES)),
@@ -219,11 +220,7 @@ impl Ingress {
 
     /// The queue `name`, created on first use if configured or matching a pattern.
     pub(crate) async fn queue(&self, name: &str) -> Result<QueueHandle, Error> {
-        self.hub
-            .send(GetQueue {
-                name: name.to_owned(),
-            })
-            .await?
+        self.queues.get(name).await
     }
 }
 

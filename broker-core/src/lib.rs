@@ -8,6 +8,10 @@
 //! - [`actors`]: `Hub` (queue registry, poll consumers, prefix subscriptions, webhook
 //!   supervision), `Queue` (one bounded, ordered log each), `Webhook` (one target each),
 //!   `Cron`, `ConnectionRegistry`, `Leader`.
+//! - [`log`]: the seam between a queue and where its messages are kept (`QueueLog`),
+//!   filled today by the store; a replicated log fills it too.
+//! - [`election`]: who does the once-across-replicas work (cron, delayed releases,
+//!   webhook dispatch): one node, or the holder of the database's active lock.
 //! - [`store`]: the `Store` trait behind every write, and its memory, SQLite and
 //!   PostgreSQL backends (with the active lock and its fence).
 //! - [`auth`]: ingest verifiers, user passwords, tokens, client addresses behind proxies.
@@ -22,8 +26,10 @@ pub mod broker;
 pub mod config;
 pub mod crossbar;
 pub mod delivery;
+pub mod election;
 pub mod error;
 mod ingress;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod notify;

@@ -137,6 +137,30 @@ pub struct NewMessage {
     pub audience: Option<Arc<Audience>>,
 }
 
+impl NewMessage {
+    /// The message once its log has given it `offset` in `queue`, received at `at_ms`.
+    pub fn into_message(self, queue: Arc<str>, offset: u64, at_ms: i64) -> Message {
+        Message {
+            content_type: self.content_type,
+            headers: self.headers,
+            received_at_ms: at_ms,
+            audience: self.audience,
+            ..Message::new(queue, offset, self.body)
+        }
+    }
+}
+
+impl From<Bytes> for NewMessage {
+    fn from(body: Bytes) -> Self {
+        NewMessage {
+            body,
+            content_type: None,
+            headers: Vec::new(),
+            audience: None,
+        }
+    }
+}
+
 /// A random 16-hex-digit id (queue epochs, connection ids).
 pub fn random_id() -> Arc<str> {
     let mut b = [0u8; 8];

@@ -83,8 +83,7 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
         .path
         .as_ref()
         .map_or("built-in example".to_owned(), |p| p.display().to_string());
-    let fence = lock.as_ref().map(ActiveLock::fence);
-    let broker = Broker::start_fenced(settings, fence).await?;
+    let broker = Broker::start_holding(settings, lock).await?;
     let server = broker_http::server(broker.clone(), listener)?;
     let handle = server.handle();
     // The standby answered (health, 503 `standby`) while the store was opened; once it
@@ -98,13 +97,9 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
         role.spawn_set("active");
     }
 
-    let lost = async move {
-        match lock {
-            Some(lock) => lock.lost().await,
-            None => std::future::pending().await,
-        }
-    };
-    let fenced = Rc::new(RefCell::new(None));
+    let leading = broker.clone();
+    let lost = async move { leading.lost_leadership().await };
+    let fenced = Rc::new(RefCell::new(false));
     let fenced_in = fenced.clone();
     let control = async move {
         tokio::pin!(lost);
@@ -117,10 +112,10 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
                 }
                 _ = signals.term.recv() => break "SIGTERM",
                 _ = signals.int.recv() => break "SIGINT",
-                e = &mut lost => {
+                () = &mut lost => {
                     // Another broker may be active now: stop serving at once, no drain.
-                    tracing::error!(error = %e, "lost the active lock; stopping now");
-                    *fenced_in.borrow_mut() = Some(e);
+                    tracing::error!("lost the active lock; stopping now");
+                    *fenced_in.borrow_mut() = true;
                     handle.stop(false).await;
                     return;
                 }
@@ -132,8 +127,8 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
     };
     actix_web::rt::spawn(control);
     server.await?;
-    if let Some(e) = fenced.borrow_mut().take() {
-        return Err(e).context("stopped because the active lock was lost");
+    if *fenced.borrow() {
+        anyhow::bail!("stopped because the active lock was lost");
     }
     tracing::info!("stopped");
     Ok(())

@@ -334,10 +334,11 @@ impl Handler<ListCrons> for Cron {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::hub::{Deliveries, GetQueue, Hub};
+    use crate::actors::hub::{GetQueue, Hub};
     use crate::actors::leader::testing::{elect, Manual};
     use crate::actors::leader::{Follow, Leader};
     use crate::actors::queue::Read;
+    use crate::actors::webhooks::Deliveries;
     use crate::config::parse;
     use crate::settings::Settings;
     use std::time::Duration;
@@ -395,14 +396,9 @@ mod tests {
             let arbiter = Arbiter::new();
             let deliveries =
                 Deliveries::for_tests(leader.clone(), arbiter.handle(), &settings, &metrics);
-            let hub = Hub::new(
-                settings.clone(),
-                store.clone(),
-                metrics.clone(),
-                deliveries.clone(),
-            )
-            .start();
-            let ingress = deliveries.ingress(hub.clone(), &metrics);
+            let launched =
+                Hub::launch(settings.clone(), store.clone(), metrics.clone(), deliveries);
+            let (hub, ingress) = (launched.hub, launched.ingress);
             Harness {
                 settings,
                 metrics,

@@ -11,35 +11,26 @@
 //! the subscriber may read), and with each such queue that starts later.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use super::leader::{Follow, Leader};
+use super::leader::{Follow, LeadershipChanged};
 use super::queue::{
-    AddConsumer, ConsumerKey, IsIdle, Queue, Reconfigure, RemoveConsumer, Subscribe, Unsubscribe,
+    AddConsumer, ConsumerKey, IsIdle, Queue, QueueHandle, Reconfigure, RemoveConsumer, Subscribe,
+    Unsubscribe,
 };
 use super::subscriber::Subscriber;
-use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
+use super::webhooks::{Deliveries, SyncTargets, Webhooks};
 use crate::error::{Error, Rejection};
+use crate::ingress::Ingress;
 use crate::metrics::Metrics;
 use crate::settings::{QueueSpec, Settings};
 use crate::store::Store;
 
 const QUEUE_REMOVED: &str = "A reload has removed that queue";
 const GRANT_REVOKED: &str = "A reload has caused that queue to no longer be available to you";
-
-/// What callers hold to talk to one queue.
-#[derive(Clone)]
-pub struct QueueHandle {
-    /// The queue's name.
-    pub name: Arc<str>,
-    /// The actor.
-    pub addr: Addr<Queue>,
-    /// Bumped whenever readers could see something new; long-polls wait on it.
-    pub changes: watch::Receiver<u64>,
-}
 
 /// Looks a queue up, creating it if its name is configured or matches a pattern.
 #[derive(Message)]
@@ -76,62 +67,6 @@ pub struct Unlisten {
 pub struct ResolveConsumer {
     /// The consumer.
     pub key: ConsumerKey,
-}
-
-/// The webhook targets of a queue and their delivery state.
-#[derive(Message)]
-#[rtype(result = "Vec<Addr<Webhook>>")]
-pub struct QueueWebhooks {
-    /// Queue name.
-    pub name: String,
-}
-
-/// What the Hub needs to start webhook deliveries.
-#[derive(Clone)]
-pub struct Deliveries {
-    /// Leadership, which webhooks follow.
-    pub leader: Addr<Leader>,
-    /// The outbound HTTP client (pooled, rustls).
-    pub client: reqwest::Client,
-    /// The arbiter webhook actors run on, away from the HTTP workers.
-    pub arbiter: ArbiterHandle,
-    /// The broker's settings (webhooks dead-letter through the front door).
-    pub settings: crate::ingress::SharedSettings,
-    /// The connection registry (the front door routes notifications there).
-    pub registry: Addr<super::ConnectionRegistry>,
-}
-
-#[cfg(test)]
-impl Deliveries {
-    /// Deliveries for a test: a fresh registry and the given settings.
-    pub(crate) fn for_tests(
-        leader: Addr<Leader>,
-        arbiter: ArbiterHandle,
-        settings: &Arc<Settings>,
-        metrics: &Arc<Metrics>,
-    ) -> Self {
-        Deliveries {
-            leader,
-            client: reqwest::Client::new(),
-            arbiter,
-            settings: Arc::new(std::sync::RwLock::new(settings.clone())),
-            registry: super::ConnectionRegistry::new(metrics.clone()).start(),
-        }
-    }
-
-    /// A front door over `hub` with these deliveries' settings and registry.
-    pub(crate) fn ingress(
-        &self,
-        hub: Addr<Hub>,
-        metrics: &Arc<Metrics>,
-    ) -> crate::ingress::Ingress {
-        crate::ingress::Ingress::new(
-            self.settings.clone(),
-            hub,
-            self.registry.clone(),
-            metrics.clone(),
-        )
-    }
 }
 
 /// Subscribes to every queue whose name starts with `prefix` and that `grants` cover,
@@ -188,112 +123,133 @@ struct ConsumerEntry {
     disconnected: Option<&'static str>,
 }
 
-/// A running webhook target: its spec and its actor.
-type Target = (Arc<crate::delivery::WebhookSpec>, Addr<Webhook>);
-
 /// The queue registry.
 pub struct Hub {
     settings: Arc<Settings>,
     store: Arc<dyn Store>,
+    /// Where each queue's log is kept.
+    logs: Arc<dyn crate::log::Logs>,
     metrics: Arc<Metrics>,
     queues: HashMap<String, QueueHandle>,
+    /// The same queues, as the front door reads them (see [`Queues`]).
+    running: Running,
     consumers: HashMap<ConsumerKey, ConsumerEntry>,
-    deliveries: Deliveries,
-    /// Webhook actors by queue, with their target spec.
-    webhooks: HashMap<String, Vec<Target>>,
+    /// Leadership, which queues follow (delayed releases) through the hub.
+    leader: Addr<super::Leader>,
+    /// The webhook supervisor, told when a queue with targets starts or changes.
+    webhooks: Addr<Webhooks>,
     /// Prefix subscriptions by subscriber id.
     prefix_subs: HashMap<u64, PrefixSub>,
     /// Pattern queues found idle, since when.
     idle_since: HashMap<String, std::time::Instant>,
+    /// Whether this node leads (queues release delayed messages only then).
+    leading: bool,
+}
+
+/// The running queues by name, shared by the `Hub` (which writes it) and the front door.
+type Running = Arc<RwLock<HashMap<Arc<str>, QueueHandle>>>;
+
+/// The queues as the front door reaches them (cloneable): a running queue is looked up
+/// here, so a publish to it is one mailbox round trip (to the queue); the `Hub` is asked
+/// only for a queue it has yet to start (or to refuse).
+#[derive(Clone)]
+pub(crate) struct Queues {
+    running: Running,
+    hub: Addr<Hub>,
+}
+
+impl Queues {
+    /// The queue `name`, created on first use if configured or matching a pattern.
+    pub(crate) async fn get(&self, name: &str) -> Result<QueueHandle, Error> {
+        let running = self.running.read().expect("queues lock").get(name).cloned();
+        match running {
+            Some(h) if h.addr.connected() => Ok(h),
+            _ => {
+                let name = name.to_owned();
+                self.hub.send(GetQueue { name }).await?
+            }
+        }
+    }
+}
+
+/// The core's registry and what hangs off it, as `Hub::launch` starts them.
+pub(crate) struct Launched {
+    /// The queue registry.
+    pub hub: Addr<Hub>,
+    /// The webhook supervisor.
+    pub webhooks: Addr<Webhooks>,
+    /// The front door over the hub's queues.
+    pub ingress: Ingress,
 }
 
 impl Hub {
-    /// A hub over `store` with the initial `settings`.
-    pub fn new(
+    /// Starts the hub over `store` with the initial `settings`, the webhook supervisor
+    /// and the front door (which the supervisor's dead letters go through).
+    pub(crate) fn launch(
         settings: Arc<Settings>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         deliveries: Deliveries,
-    ) -> Self {
-        Self {
-            settings,
-            store,
-            metrics,
-            queues: HashMap::new(),
-            consumers: HashMap::new(),
-            deliveries,
-            webhooks: HashMap::new(),
-            prefix_subs: HashMap::new(),
-            idle_since: HashMap::new(),
-        }
-    }
-
-    fn start_webhook(
-        &self,
-        ctx: &mut Context<Self>,
-        handle: &QueueHandle,
-        label: &str,
-        index: usize,
-        spec: Arc<crate::delivery::WebhookSpec>,
-    ) -> Addr<Webhook> {
-        let w = Webhook::new(
-            handle.clone(),
-            label.to_owned(),
-            index,
-            spec,
-            crate::ingress::Ingress::new(
-                self.deliveries.settings.clone(),
-                ctx.address(),
-                self.deliveries.registry.clone(),
-                self.metrics.clone(),
-            ),
-            self.deliveries.client.clone(),
-            self.metrics.clone(),
-            self.store.clone(),
-        );
-        let addr = Webhook::start_in_arbiter(&self.deliveries.arbiter, move |_| w);
-        self.deliveries.leader.do_send(Follow {
-            recipient: addr.clone().recipient(),
-        });
-        addr
-    }
-
-    /// Starts, retargets and stops the webhook actors of `name` to match its spec.
-    fn sync_webhooks(&mut self, ctx: &mut Context<Self>, name: &str) {
-        let (Some(handle), spec) = (
-            self.queues.get(name).cloned(),
-            self.settings.queue(name).cloned(),
-        ) else {
-            return;
-        };
-        let wanted = spec
-            .as_ref()
-            .map(|s| s.webhooks.clone())
-            .unwrap_or_default();
-        let label = spec.as_ref().map_or(name, |s| s.label()).to_owned();
-        let mut old = self.webhooks.remove(name).unwrap_or_default();
-        let mut now = Vec::new();
-        for (i, w) in wanted.into_iter().enumerate() {
-            match old.iter().position(|(o, _)| o.config.url == w.config.url) {
-                Some(pos) => {
-                    let (o, addr) = old.remove(pos);
-                    if o.config != w.config {
-                        addr.do_send(Retarget { spec: w.clone() });
-                    }
-                    now.push((w, addr));
-                }
-                None => {
-                    let addr = self.start_webhook(ctx, &handle, &label, i, w.clone());
-                    now.push((w, addr));
-                }
+    ) -> Launched {
+        let running = Running::default();
+        let mut parts = None;
+        let hub = Hub::create(|ctx| {
+            let queues = Queues {
+                running: running.clone(),
+                hub: ctx.address(),
+            };
+            let ingress = Ingress::new(
+                deliveries.settings.clone(),
+                queues,
+                deliveries.registry.clone(),
+                metrics.clone(),
+            );
+            let webhooks = Webhooks::new(
+                deliveries.clone(),
+                ingress.clone(),
+                store.clone(),
+                metrics.clone(),
+            )
+            .start();
+            parts = Some((ingress, webhooks.clone()));
+            Self {
+                settings,
+                logs: Arc::new(crate::log::StoreLogs(store.clone())),
+                store,
+                metrics,
+                queues: HashMap::new(),
+                running,
+                consumers: HashMap::new(),
+                leader: deliveries.leader.clone(),
+                webhooks,
+                prefix_subs: HashMap::new(),
+                idle_since: HashMap::new(),
+                leading: false,
             }
+        });
+        let (ingress, webhooks) = parts.expect("created above");
+        Launched {
+            hub,
+            webhooks,
+            ingress,
         }
-        for (_, addr) in old {
-            addr.do_send(StopWebhook);
-        }
-        if !now.is_empty() {
-            self.webhooks.insert(name.to_owned(), now);
-        }
+    }
+
+    /// Forgets a queue (dropping its last address stops the actor; readers in flight
+    /// keep it until they are done).
+    fn forget_queue(&mut self, name: &str) {
+        self.queues.remove(name);
+        self.running.write().expect("queues lock").remove(name);
+        self.metrics.queues.set(self.queues.len() as i64);
+    }
+
+    /// Tells the webhook supervisor the spec of a running queue (`None`: removed).
+    fn sync_webhooks(&self, handle: &QueueHandle, spec: Option<Arc<QueueSpec>>) {
+        // One message per queue started or reload: bounded by `limits.max_queues`.
+        self.webhooks.do_send(SyncTargets {
+            queue: handle.clone(),
+            spec,
+        });
     }
 
     fn queue(&mut self, name: &str) -> Result<QueueHandle, Error> {
@@ -317,9 +273,11 @@ impl Hub {
         let addr = Queue::new(
             name.clone(),
             spec,
+            self.logs.log(&name),
             self.store.clone(),
             self.metrics.clone(),
             tx,
+            self.leading,
         )
         .start();
         let handle = QueueHandle {
@@ -328,6 +286,7 @@ impl Hub {
             changes: rx,
         };
         self.queues.insert(name.to_string(), handle.clone());
+        (self.running.write().expect("queues lock")).insert(name.clone(), handle.clone());
         self.metrics.queues.set(self.queues.len() as i64);
         for sub in self.prefix_subs.values().filter(|s| s.covers(&name)) {
             sub.attach(&handle.addr);
@@ -338,7 +297,15 @@ impl Hub {
     /// Whether another queue may be created from pattern `spec`: under `limits.max_queues`
     /// live queues in all, and under the pattern's own `max_queues`.
     fn check_caps(&mut self, spec: &QueueSpec) -> Result<(), Error> {
-        self.queues.retain(|_, h| h.addr.connected());
+        let stopped: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, h)| !h.addr.connected())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stopped {
+            self.forget_queue(&name);
+        }
         let max = self.settings.config.limits.max_queues;
         if self.queues.len() >= max {
             return Err(Error::rejected(
@@ -379,8 +346,9 @@ impl Hub {
             .iter()
             .filter(|(n, h)| {
                 h.addr.connected()
-                    && !self.webhooks.contains_key(n.as_str())
-                    && settings.queue(n).is_some_and(|s| s.name != n.as_str())
+                    && settings
+                        .queue(n)
+                        .is_some_and(|s| s.name != n.as_str() && s.webhooks.is_empty())
             })
             .map(|(n, h)| (n.clone(), h.addr.clone()))
             .collect();
@@ -396,10 +364,8 @@ impl Hub {
                     .or_insert_with(std::time::Instant::now);
                 if since.elapsed() >= timeout {
                     act.idle_since.remove(&name);
-                    // Dropping the last address stops the actor.
-                    act.queues.remove(&name);
+                    act.forget_queue(&name);
                     act.store.remove(&name);
-                    act.metrics.queues.set(act.queues.len() as i64);
                     tracing::debug!(queue = %name, "idle queue forgotten");
                 }
             }));
@@ -407,15 +373,13 @@ impl Hub {
     }
 
     /// [`Hub::queue`], starting the webhooks of a queue it creates.
-    fn queue_with_webhooks(
-        &mut self,
-        ctx: &mut Context<Self>,
-        name: &str,
-    ) -> Result<QueueHandle, Error> {
+    fn queue_with_webhooks(&mut self, name: &str) -> Result<QueueHandle, Error> {
         let existed = self.queues.get(name).is_some_and(|h| h.addr.connected());
         let h = self.queue(name)?;
         if !existed {
-            self.sync_webhooks(ctx, name);
+            if let Some(spec) = self.settings.queue(name).filter(|s| !s.webhooks.is_empty()) {
+                self.sync_webhooks(&h, Some(spec.clone()));
+            }
         }
         Ok(h)
     }
@@ -430,11 +394,7 @@ impl Hub {
     }
 
     /// Brings back the poll consumers kept in the store (after a restart).
-    fn restore_consumers(
-        &mut self,
-        ctx: &mut Context<Self>,
-        stored: Vec<crate::store::StoredConsumer>,
-    ) {
+    fn restore_consumers(&mut self, stored: Vec<crate::store::StoredConsumer>) {
         for c in stored {
             let key = ConsumerKey {
                 user: c.user.clone(),
@@ -444,7 +404,7 @@ impl Hub {
                 self.store.remove_consumer(&c.user, &c.client); // the user is gone
                 continue;
             };
-            let disconnected = match self.queue_with_webhooks(ctx, &c.queue) {
+            let disconnected = match self.queue_with_webhooks(&c.queue) {
                 Err(_) => Some(QUEUE_REMOVED),
                 Ok(h) => {
                     h.addr.do_send(AddConsumer {
@@ -464,14 +424,14 @@ impl Hub {
         }
     }
 
-    fn start_named_queues(&mut self, ctx: &mut Context<Self>) {
+    fn start_named_queues(&mut self) {
         let names: Vec<String> = self
             .settings
             .named_queues()
             .map(|q| q.name.clone())
             .collect();
         for n in names {
-            let _ = self.queue_with_webhooks(ctx, &n);
+            let _ = self.queue_with_webhooks(&n);
         }
     }
 }
@@ -481,7 +441,10 @@ impl Actor for Hub {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
-        self.start_named_queues(ctx);
+        self.leader.do_send(Follow {
+            recipient: ctx.address().recipient(),
+        });
+        self.start_named_queues();
         // A quarter of the idle timeout (read at each sweep), between 1 s and 1 min.
         let every = (self.settings.config.limits.idle_queue_timeout / 4).clamp(
             std::time::Duration::from_secs(1),
@@ -493,26 +456,38 @@ impl Actor for Hub {
             self.store
                 .consumers()
                 .into_actor(self)
-                .map(|res, act, ctx| match res {
-                    Ok(stored) => act.restore_consumers(ctx, stored),
+                .map(|res, act, _| match res {
+                    Ok(stored) => act.restore_consumers(stored),
                     Err(e) => tracing::error!(error = %e, "cannot load the poll consumers"),
                 }),
         );
     }
 }
 
+/// Passed on to every queue (and given to each new one).
+impl Handler<LeadershipChanged> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeadershipChanged, _: &mut Self::Context) {
+        self.leading = msg.leader;
+        for q in self.queues.values() {
+            q.addr.do_send(msg);
+        }
+    }
+}
+
 impl Handler<GetQueue> for Hub {
     type Result = Result<QueueHandle, Error>;
 
-    fn handle(&mut self, msg: GetQueue, ctx: &mut Self::Context) -> Self::Result {
-        self.queue_with_webhooks(ctx, &msg.name)
+    fn handle(&mut self, msg: GetQueue, _: &mut Self::Context) -> Self::Result {
+        self.queue_with_webhooks(&msg.name)
     }
 }
 
 impl Handler<Listen> for Hub {
     type Result = Result<(), Error>;
 
-    fn handle(&mut self, msg: Listen, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Listen, _: &mut Self::Context) -> Self::Result {
         if let Some(existing) = self.consumers.get(&msg.key) {
             if existing.disconnected.is_none() {
                 if !msg.exclusive && existing.queue == msg.queue {
@@ -524,7 +499,7 @@ impl Handler<Listen> for Hub {
                 });
             }
         }
-        let handle = self.queue_with_webhooks(ctx, &msg.queue)?;
+        let handle = self.queue_with_webhooks(&msg.queue)?;
         if let Some(old) = self.consumers.remove(&msg.key) {
             if let Some(h) = self.queues.get(&old.queue) {
                 // Moved, not forgotten: the new queue writes its stored position.
@@ -568,7 +543,7 @@ impl Handler<Unlisten> for Hub {
 impl Handler<ResolveConsumer> for Hub {
     type Result = Result<QueueHandle, Error>;
 
-    fn handle(&mut self, msg: ResolveConsumer, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: ResolveConsumer, _: &mut Self::Context) -> Self::Result {
         let entry = self
             .consumers
             .get(&msg.key)
@@ -582,42 +557,12 @@ impl Handler<ResolveConsumer> for Hub {
             });
         }
         let queue = entry.queue.clone();
-        self.queue_with_webhooks(ctx, &queue)
+        self.queue_with_webhooks(&queue)
             .map_err(|_| Error::ClientDisconnected {
                 client: msg.key.client,
                 reason: QUEUE_REMOVED.to_owned(),
             })
     }
-}
-
-impl Handler<QueueWebhooks> for Hub {
-    type Result = MessageResult<QueueWebhooks>;
-
-    fn handle(&mut self, msg: QueueWebhooks, _: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.webhooks
-                .get(&msg.name)
-                .map(|v| v.iter().map(|(_, a)| a.clone()).collect())
-                .unwrap_or_default(),
-        )
-    }
-}
-
-/// Delivery status of every target of a queue.
-pub async fn webhook_status(hub: &Addr<Hub>, queue: &str) -> Vec<WebhookStatus> {
-    let addrs = hub
-        .send(QueueWebhooks {
-            name: queue.to_owned(),
-        })
-        .await
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        if let Ok(s) = a.send(GetStatus).await {
-            out.push(s);
-        }
-    }
-    out
 }
 
 impl Handler<SubscribePrefix> for Hub {
@@ -656,7 +601,7 @@ impl Handler<UnsubscribePrefix> for Hub {
 impl Handler<ApplySettings> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: ApplySettings, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: ApplySettings, _: &mut Self::Context) {
         self.settings = msg.settings;
         let mut removed = Vec::new();
         for (name, handle) in &self.queues {
@@ -666,18 +611,16 @@ impl Handler<ApplySettings> for Hub {
             }
         }
         for name in &removed {
-            // Dropping the last address stops the actor; in-flight readers keep it until done.
-            self.queues.remove(name);
-            self.store.remove(name);
-            for (_, w) in self.webhooks.remove(name).unwrap_or_default() {
-                w.do_send(StopWebhook);
+            if let Some(h) = self.queues.get(name) {
+                self.sync_webhooks(h, None);
             }
+            self.forget_queue(name);
+            self.store.remove(name);
         }
-        let kept: Vec<String> = self.queues.keys().cloned().collect();
-        for name in kept {
-            self.sync_webhooks(ctx, &name);
+        for (name, h) in &self.queues {
+            self.sync_webhooks(h, self.settings.queue(name).cloned());
         }
-        self.start_named_queues(ctx);
+        self.start_named_queues();
         let settings = self.settings.clone();
         let gone: Vec<(ConsumerKey, String)> = self
             .consumers

@@ -1,31 +1,15 @@
-//! `Leader`: runs the election and tells the actors that must run on exactly one node
-//! (`Webhook`, `Cron`) when this node gains or loses leadership.
-//!
-//! The election is a trait; today every broker runs [`SingleNode`] (always the leader):
-//! on PostgreSQL only the broker holding the active lock runs at all
-//! (`broker-cli/src/cmd/serve.rs`), so it is the single node.
+//! `Leader`: runs the election (`crate::election`) and tells the actors whose work must
+//! happen once across replicas when this node gains or loses leadership: `Cron` (ticks),
+//! every `Webhook` (dispatch) and, through the `Hub`, every `Queue` (delayed releases).
+//! The state is also published on a watch channel (`Broker::lost_leadership`).
 
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::watch;
 
+pub use crate::election::{Election, SingleNode};
 use crate::metrics::Metrics;
-
-/// How leadership is decided.
-pub trait Election: Send + 'static {
-    /// Starts campaigning; calls `report(true)` on becoming leader and `report(false)` on
-    /// losing it, as often as that happens.
-    fn run(self: Box<Self>, report: Box<dyn Fn(bool) + Send + Sync>);
-}
-
-/// One node with an embedded store: always the leader.
-pub struct SingleNode;
-
-impl Election for SingleNode {
-    fn run(self: Box<Self>, report: Box<dyn Fn(bool) + Send + Sync>) {
-        report(true);
-    }
-}
 
 /// This node gained (`true`) or lost (`false`) leadership.
 #[derive(Message, Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +43,7 @@ pub struct Leader {
     leader: bool,
     followers: Vec<Recipient<LeadershipChanged>>,
     metrics: Arc<Metrics>,
+    state: watch::Sender<bool>,
 }
 
 impl Leader {
@@ -69,7 +54,13 @@ impl Leader {
             leader: false,
             followers: Vec::new(),
             metrics,
+            state: watch::channel(false).0,
         }
+    }
+
+    /// Whether this node leads, as it changes.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.state.subscribe()
     }
 }
 
@@ -97,6 +88,7 @@ impl Handler<Elected> for Leader {
         self.metrics.leader.set(i64::from(msg.0));
         self.metrics.leader_changes.inc();
         tracing::info!(leader = msg.0, "leadership changed");
+        self.state.send_replace(msg.0);
         self.followers.retain(|f| f.connected());
         for f in &self.followers {
             f.do_send(LeadershipChanged { leader: msg.0 });

@@ -1,12 +1,14 @@
 //! `Queue`: one queue's bounded, ordered log.
 //!
-//! It assigns offsets, hands appends to the store and makes them visible (in offset
-//! order) once the store has them, drops the oldest messages past the limits, and keeps
+//! It hands appends to its log (`crate::log`, which gives offsets and makes them
+//! durable) and makes them visible, strictly in offset order, once the log has them,
+//! whether they come back from its own appends or through the log's feed (another
+//! replica's); it drops the oldest messages past the limits, and keeps
 //! the cursors of the poll consumers that read it, so that a read and its cursor move
 //! are one step. Readers that wait (long-poll) watch the `changes` channel, which is
 //! bumped whenever something a reader could see changes: no per-waiter bookkeeping here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -16,9 +18,11 @@ use tokio::sync::watch;
 
 use super::cursors::{ConsumerRead as CursorRead, Cursors};
 use super::delayed::DelayedSet;
+use super::leader::LeadershipChanged;
 use super::subscriber::{Lagged, Offer, Subscriber};
 use super::window::{DropReason, Window};
 use crate::error::{Error, Rejection};
+use crate::log::QueueLog;
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
 use crate::settings::QueueSpec;
@@ -38,6 +42,17 @@ pub struct ConsumerKey {
     pub user: String,
     /// The client name the user chose.
     pub client: String,
+}
+
+/// What callers hold to talk to one queue.
+#[derive(Clone)]
+pub struct QueueHandle {
+    /// The queue's name.
+    pub name: Arc<str>,
+    /// The actor.
+    pub addr: Addr<Queue>,
+    /// Bumped whenever readers could see something new; long-polls wait on it.
+    pub changes: watch::Receiver<u64>,
 }
 
 /// Result of a successful publish.
@@ -198,15 +213,20 @@ pub struct Reconfigure {
     pub spec: Arc<QueueSpec>,
 }
 
+/// An append handed to the log, in call order: what it stored once it has resolved
+/// (`Some(None)`: it failed).
 struct Inflight {
-    messages: Vec<Arc<Message>>,
-    outcome: Option<Result<(), ()>>,
+    seq: u64,
+    outcome: Option<Option<Vec<Arc<Message>>>>,
 }
 
 /// One queue. Created by the `Hub`.
 pub struct Queue {
     name: Arc<str>,
     spec: Arc<QueueSpec>,
+    /// Where its messages are kept (offsets, durability, other replicas' appends).
+    log: Box<dyn QueueLog>,
+    /// Cursors and delayed entries.
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     /// This queue's metric handles (no label lookups on the hot path).
@@ -215,9 +235,13 @@ pub struct Queue {
     epoch: Arc<str>,
     /// The retained window (messages, bytes, newest visible offset).
     window: Window,
-    /// Offset the next publish gets (ahead of `head` while appends are in flight).
-    next_offset: u64,
+    /// Appends handed to the log and not yet applied, in call order.
     inflight: VecDeque<Inflight>,
+    /// Number of the next append.
+    next_seq: u64,
+    /// Stored entries that arrived before an entry ahead of them (see `accept`);
+    /// bounded by the appends in flight and the feed's batch.
+    early: BTreeMap<u64, Arc<Message>>,
     /// The named poll consumers and their refresh rules.
     consumers: Cursors,
     subscribers: HashMap<u64, Subscriber>,
@@ -225,6 +249,8 @@ pub struct Queue {
     delayed: DelayedSet,
     /// The one timer, for the earliest delayed message (its due time and handle).
     delayed_timer: Option<(i64, SpawnHandle)>,
+    /// Whether this node leads: only the leader releases delayed messages.
+    leading: bool,
     /// An append failed: nothing more is appended until every append in flight has
     /// settled and the stored tail has been re-read (a commit reported as failed may
     /// still have happened; offsets continue from what the store holds).
@@ -243,29 +269,34 @@ enum Resync {
 }
 
 impl Queue {
-    /// A queue that loads its state from `store` when it starts.
+    /// A queue that loads its state from `log` when it starts.
     pub fn new(
         name: Arc<str>,
         spec: Arc<QueueSpec>,
+        log: Box<dyn QueueLog>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         changes: watch::Sender<u64>,
+        leading: bool,
     ) -> Self {
         Self {
             m: metrics.queue(spec.label()),
             name,
             spec,
+            log,
             store,
             metrics,
             changes,
             epoch: Arc::from(""),
             window: Window::default(),
-            next_offset: 1,
             inflight: VecDeque::new(),
+            next_seq: 0,
+            early: BTreeMap::new(),
             consumers: Cursors::default(),
             subscribers: HashMap::new(),
             delayed: DelayedSet::default(),
             delayed_timer: None,
+            leading,
             resync: Resync::No,
         }
     }
@@ -279,7 +310,7 @@ impl Queue {
         self.delayed.restore(state.delayed);
         self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
-        self.next_offset = state.next_offset;
+        self.log.continue_at(state.next_offset);
         let (n, size) = self.window.append(state.messages);
         self.window.raise_head(state.next_offset - 1);
         self.m.depth.add(n as i64);
@@ -306,31 +337,45 @@ impl Queue {
             self.m.bytes.sub(*size as i64);
         }
         if !dropped.is_empty() {
-            self.store.trim(&self.name, self.window.first_retained());
+            self.log.trim(self.window.first_retained());
         }
     }
 
-    /// Makes acknowledged appends visible, strictly in offset order. After a failed
-    /// append nothing more becomes visible from here: what the store holds past the
-    /// last visible offset is re-read instead ([`Queue::resync_tail`]).
+    /// Makes acknowledged appends visible, in call order. After a failed append
+    /// nothing more becomes visible from here: what the log holds past the last
+    /// visible offset is re-read instead ([`Queue::resync_tail`]).
     fn apply_acknowledged(&mut self, ctx: &mut Context<Self>) {
-        let mut changed = false;
         while self.inflight.front().is_some_and(|i| i.outcome.is_some()) {
             let done = self.inflight.pop_front().expect("checked above");
             match done.outcome {
-                Some(Ok(())) if self.resync == Resync::No => {
-                    self.make_visible(done.messages);
-                    changed = true;
-                }
-                Some(Ok(())) => {}
+                Some(Some(messages)) if self.resync == Resync::No => self.accept(messages),
+                Some(Some(_)) => {}
                 _ => self.resync = Resync::Draining,
             }
         }
-        if changed {
-            self.notify();
-        }
         if self.resync == Resync::Draining && self.inflight.is_empty() {
             self.resync_tail(ctx);
+        }
+    }
+
+    /// Takes stored entries (from an append or the log's feed) and makes visible what
+    /// follows the head without a gap: offsets already visible are skipped, entries
+    /// after a gap wait in `early` until the entries before them arrive (a replicated
+    /// log may acknowledge appends out of offset order).
+    fn accept(&mut self, messages: Vec<Arc<Message>>) {
+        let head = self.window.head();
+        for m in messages.into_iter().filter(|m| m.offset > head) {
+            self.early.insert(m.offset, m);
+        }
+        let mut next = head + 1;
+        let mut ready = Vec::new();
+        while let Some(m) = self.early.remove(&next) {
+            ready.push(m);
+            next += 1;
+        }
+        if !ready.is_empty() {
+            self.make_visible(ready);
+            self.notify();
         }
     }
 
@@ -350,7 +395,7 @@ impl Queue {
     /// answers.
     fn resync_tail(&mut self, ctx: &mut Context<Self>) {
         self.resync = Resync::Reading;
-        let read = self.store.tail(&self.name, self.window.head());
+        let read = self.log.tail(self.window.head());
         ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
             Ok(tail) => {
                 if tail.epoch != act.epoch {
@@ -369,8 +414,11 @@ impl Queue {
                     }
                     act.window.raise_head(tail.next_offset - 1);
                 }
-                act.next_offset = act.window.head() + 1;
+                let head = act.window.head();
+                act.early.retain(|offset, _| *offset > head);
+                act.log.continue_at(head + 1);
                 act.resync = Resync::No;
+                act.accept(Vec::new());
             }
             Err(e) => {
                 tracing::warn!(queue = %act.name, error = %e, "cannot re-read the queue's stored tail; retrying");
@@ -383,6 +431,7 @@ impl Queue {
     /// created again meanwhile): take it, and tell every reader to refresh.
     fn replace_history(&mut self, tail: crate::store::StoredTail) {
         tracing::error!(queue = %self.name, old = %self.epoch, new = %tail.epoch, "the stored history of the queue changed: new epoch");
+        self.early.clear();
         let (n, size) = self.window.reset(0);
         self.m.depth.sub(n as i64);
         self.m.bytes.sub(size as i64);
@@ -463,7 +512,7 @@ impl Queue {
             new = %new,
             "a reader has seen offsets this queue does not have: its history was lost; new epoch"
         );
-        self.store.set_epoch(&self.name, &new);
+        self.log.set_epoch(&new);
         self.epoch = new;
     }
 }
@@ -475,11 +524,16 @@ impl Actor for Queue {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         // Nothing else is handled until the queue's state is loaded.
         ctx.wait(
-            self.store
-                .open(&self.name)
+            self.log
+                .open()
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
-                    Ok(state) => act.restore(state, ctx),
+                    Ok(state) => {
+                        act.restore(state, ctx);
+                        if let Some(feed) = act.log.feed() {
+                            ctx.add_stream(feed);
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(queue = %act.name, error = %e, "cannot open queue");
                         ctx.stop();
@@ -514,7 +568,7 @@ impl Queue {
         ))
     }
 
-    /// Gives offsets, hands the batch to the store and makes it visible once stored.
+    /// Hands the batch to the log and makes it visible once stored.
     /// `released`: the delayed entries these messages come from (forgotten atomically).
     fn append(
         &mut self,
@@ -529,7 +583,7 @@ impl Queue {
             return Box::pin(fut::ready(Err(e)));
         }
         if messages.is_empty() {
-            let head = self.next_offset - 1;
+            let head = self.window.head();
             let done = Published {
                 first_offset: head,
                 last_offset: head,
@@ -537,53 +591,33 @@ impl Queue {
             };
             return Box::pin(fut::ready(Ok(done)));
         }
-        let now = now_ms();
-        let first = self.next_offset;
-        let messages: Vec<Arc<Message>> = messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Arc::new(Message {
-                    content_type: m.content_type,
-                    headers: m.headers,
-                    received_at_ms: now,
-                    audience: m.audience,
-                    ..Message::new(self.name.clone(), first + i as u64, m.body)
-                })
-            })
-            .collect();
-        let last = first + messages.len() as u64 - 1;
-        self.next_offset = last + 1;
-        let append = if released.is_empty() {
-            self.store.append(&self.name, messages.clone())
-        } else {
-            self.store.release(&self.name, messages.clone(), released)
-        };
-        self.inflight.push_back(Inflight {
-            messages,
-            outcome: None,
-        });
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let append = self.log.append(messages, released);
+        self.inflight.push_back(Inflight { seq, outcome: None });
         Box::pin(append.into_actor(self).map(move |res, act, ctx| {
-            let ok = res.is_ok();
-            if let Some(entry) = act
-                .inflight
-                .iter_mut()
-                .find(|i| i.messages.first().is_some_and(|m| m.offset == first))
-            {
-                entry.outcome = Some(if ok { Ok(()) } else { Err(()) });
+            let (published, outcome) = match res {
+                Ok(stored) => {
+                    let p = Published {
+                        first_offset: stored.first().map_or(0, |m| m.offset),
+                        last_offset: stored.last().map_or(0, |m| m.offset),
+                        epoch: act.epoch.clone(),
+                    };
+                    (Ok(p), Some(stored))
+                }
+                Err(e) => (Err(e), None),
+            };
+            if let Some(entry) = act.inflight.iter_mut().find(|i| i.seq == seq) {
+                entry.outcome = Some(outcome);
             }
             act.apply_acknowledged(ctx);
-            res.map(|()| Published {
-                first_offset: first,
-                last_offset: last,
-                epoch: act.epoch.clone(),
-            })
+            published
         }))
     }
 
     /// Arms the one timer for the earliest delayed message.
     fn arm_delayed_timer(&mut self, ctx: &mut Context<Self>) {
-        let Some(at) = self.delayed.earliest() else {
+        let Some(at) = self.delayed.earliest().filter(|_| self.leading) else {
             return;
         };
         if self.delayed_timer.as_ref().is_some_and(|(t, _)| *t <= at) {
@@ -790,6 +824,37 @@ impl Handler<Subscribe> for Queue {
     }
 }
 
+/// Delayed messages are released where the election says.
+impl Handler<LeadershipChanged> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeadershipChanged, ctx: &mut Self::Context) {
+        self.leading = msg.leader;
+        if msg.leader {
+            self.arm_delayed_timer(ctx);
+        } else if let Some((_, h)) = self.delayed_timer.take() {
+            ctx.cancel_future(h);
+        }
+    }
+}
+
+/// Entries of the log that this queue did not append (another replica's).
+impl StreamHandler<Vec<Arc<Message>>> for Queue {
+    fn handle(&mut self, messages: Vec<Arc<Message>>, ctx: &mut Self::Context) {
+        if self.resync == Resync::No {
+            self.accept(messages);
+        }
+        if self.resync == Resync::Draining && self.inflight.is_empty() {
+            self.resync_tail(ctx);
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        // The queue keeps serving what it has and its own appends.
+        tracing::error!(queue = %self.name, "the log's feed ended: entries appended elsewhere are no longer seen");
+    }
+}
+
 impl Handler<Unsubscribe> for Queue {
     type Result = ();
 
@@ -830,6 +895,7 @@ mod tests {
     use super::*;
     use crate::auth::IngestAuth;
     use crate::config::LimitsConfig;
+    use crate::log::Logs;
     use crate::store::MemoryStore;
     use bytes::Bytes;
 
@@ -840,6 +906,15 @@ mod tests {
     fn spawn_on(
         limits: LimitsConfig,
         store: Arc<MemoryStore>,
+    ) -> (Addr<Queue>, watch::Receiver<u64>) {
+        let log = crate::log::StoreLogs(store.clone()).log(&Arc::from("q"));
+        spawn_with(limits, log, store)
+    }
+
+    fn spawn_with(
+        limits: LimitsConfig,
+        log: Box<dyn QueueLog>,
+        store: Arc<dyn Store>,
     ) -> (Addr<Queue>, watch::Receiver<u64>) {
         let spec = Arc::new(QueueSpec {
             name: "q".into(),
@@ -853,7 +928,8 @@ mod tests {
             runtime: false,
         });
         let (tx, rx) = watch::channel(0);
-        let q = Queue::new("q".into(), spec, store, Arc::new(Metrics::new()), tx);
+        let metrics = Arc::new(Metrics::new());
+        let q = Queue::new("q".into(), spec, log, store, metrics, tx, true);
         (q.start(), rx)
     }
 
@@ -1173,5 +1249,184 @@ mod tests {
             b.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
             vec![3, 4]
         );
+    }
+
+    /// A log like a replicated one: offsets are given when the test acknowledges an
+    /// append (in any order), and entries written by "another replica" arrive through
+    /// the feed, as do the queue's own once stored.
+    #[derive(Clone, Default)]
+    struct Remote(Arc<std::sync::Mutex<RemoteState>>);
+
+    type Ack = tokio::sync::oneshot::Sender<Result<Vec<Arc<Message>>, Error>>;
+
+    #[derive(Default)]
+    struct RemoteState {
+        next: u64,
+        pending: Vec<Option<(Vec<NewMessage>, Ack)>>,
+        feed: Option<tokio::sync::mpsc::UnboundedSender<Vec<Arc<Message>>>>,
+    }
+
+    impl Remote {
+        /// Stores append `i` (in call order), tells the feed (if `feed`) and acks it.
+        fn ack(&self, i: usize, feed: bool) {
+            let mut st = self.0.lock().unwrap();
+            let (batch, ack) = st.pending[i].take().expect("acked once");
+            let stored = st.store(batch);
+            if feed {
+                st.feed.as_ref().unwrap().send(stored.clone()).unwrap();
+            }
+            ack.send(Ok(stored)).unwrap();
+        }
+
+        /// Entries another replica appended.
+        fn append_elsewhere(&self, n: usize) {
+            let mut st = self.0.lock().unwrap();
+            let stored = st.store((0..n).map(|_| body(1)).collect());
+            st.feed.as_ref().unwrap().send(stored).unwrap();
+        }
+
+        fn appends(&self) -> usize {
+            self.0.lock().unwrap().pending.len()
+        }
+    }
+
+    impl RemoteState {
+        fn store(&mut self, batch: Vec<NewMessage>) -> Vec<Arc<Message>> {
+            batch
+                .into_iter()
+                .map(|m| {
+                    self.next += 1;
+                    Arc::new(m.into_message("q".into(), self.next, now_ms()))
+                })
+                .collect()
+        }
+    }
+
+    impl QueueLog for Remote {
+        fn open(&mut self) -> futures_util::future::BoxFuture<'static, Result<StoredQueue, Error>> {
+            Box::pin(fut::ready(Ok(StoredQueue {
+                epoch: "e".into(),
+                messages: vec![],
+                next_offset: 1,
+                delayed: vec![],
+            })))
+        }
+        fn append(
+            &mut self,
+            batch: Vec<NewMessage>,
+            _: Vec<u64>,
+        ) -> futures_util::future::BoxFuture<'static, Result<Vec<Arc<Message>>, Error>> {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.0.lock().unwrap().pending.push(Some((batch, tx)));
+            Box::pin(async move { rx.await.expect("acked") })
+        }
+        fn tail(
+            &self,
+            _: u64,
+        ) -> futures_util::future::BoxFuture<'static, Result<crate::store::StoredTail, Error>>
+        {
+            unreachable!("no append fails here")
+        }
+        fn continue_at(&mut self, _: u64) {}
+        fn trim(&self, _: u64) {}
+        fn set_epoch(&self, _: &str) {}
+        fn feed(&mut self) -> Option<futures_util::stream::BoxStream<'static, Vec<Arc<Message>>>> {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.0.lock().unwrap().feed = Some(tx);
+            Some(Box::pin(futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            )))
+        }
+    }
+
+    /// The log seam holds for a replicated log: appends acknowledged out of order
+    /// become visible in offset order, entries appended elsewhere appear through the
+    /// feed, and an entry that arrives both ways is shown once.
+    #[actix::test]
+    async fn a_replicated_log_feeds_the_queue_in_offset_order() {
+        let remote = Remote::default();
+        let (q, _) = spawn_with(
+            limits(100, 100, 10_000),
+            Box::new(remote.clone()),
+            Arc::new(MemoryStore::default()),
+        );
+        let first = actix::spawn(publish_owned(q.clone(), 2));
+        let second = actix::spawn(publish_owned(q.clone(), 1));
+        while remote.appends() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The second append is acknowledged first: it gets offset 1, the first 2..3.
+        remote.ack(1, false);
+        let p = second.await.unwrap().unwrap();
+        assert_eq!((p.first_offset, p.last_offset), (1, 1));
+        assert_eq!(
+            visible(&q).await,
+            Vec::<u64>::new(),
+            "1 waits for the append before it"
+        );
+        remote.ack(0, false);
+        let p = first.await.unwrap().unwrap();
+        assert_eq!((p.first_offset, p.last_offset), (2, 3));
+        assert_eq!(visible(&q).await, vec![1, 2, 3]);
+
+        remote.append_elsewhere(2);
+        let mut seen = visible(&q).await;
+        while seen.len() < 5 {
+            tokio::task::yield_now().await;
+            seen = visible(&q).await;
+        }
+        assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+
+        let third = actix::spawn(publish_owned(q.clone(), 1));
+        while remote.appends() < 3 {
+            tokio::task::yield_now().await;
+        }
+        remote.ack(2, true);
+        assert_eq!(third.await.unwrap().unwrap().first_offset, 6);
+        assert_eq!(visible(&q).await, vec![1, 2, 3, 4, 5, 6], "shown once");
+    }
+
+    /// Delayed messages are released only while this node leads; a node that becomes
+    /// leader releases what is due at once, one that loses the lead stops.
+    #[actix::test]
+    async fn delayed_messages_are_released_only_by_the_leader() {
+        let (q, mut changes) = spawn(limits(100, 100, 10_000));
+        q.send(LeadershipChanged { leader: false }).await.unwrap();
+        let at = now_ms() + 50;
+        let scheduled = PublishAt {
+            messages: vec![body(1)],
+            deliver_at_ms: at,
+        };
+        q.send(scheduled).await.unwrap().unwrap();
+        // Past the due time, as the queue's own clock says, and still held back.
+        while now_ms() <= at + 20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            visible(&q).await,
+            Vec::<u64>::new(),
+            "not the leader: held back"
+        );
+        changes.borrow_and_update();
+        q.send(LeadershipChanged { leader: true }).await.unwrap();
+        changes.changed().await.unwrap();
+        assert_eq!(visible(&q).await, vec![1], "released once leading");
+    }
+
+    /// A queue started again over its store goes on after the stored offsets.
+    #[actix::test]
+    async fn offsets_go_on_after_a_restart() {
+        let store = Arc::new(MemoryStore::default());
+        let (q, _) = spawn_on(limits(100, 100, 10_000), store.clone());
+        publish(&q, &[1, 1]).await.unwrap();
+        drop(q);
+        let (q, _) = spawn_on(limits(100, 100, 10_000), store);
+        assert_eq!(publish(&q, &[1]).await.unwrap().first_offset, 3);
+        assert_eq!(visible(&q).await, vec![1, 2, 3]);
+    }
+
+    async fn publish_owned(q: Addr<Queue>, n: usize) -> Result<Published, Error> {
+        publish(&q, &vec![1; n]).await
     }
 }

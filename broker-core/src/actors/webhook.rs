@@ -16,9 +16,8 @@ use actix::prelude::*;
 use base64::Engine;
 use serde::Serialize;
 
-use super::hub::QueueHandle;
 use super::leader::LeadershipChanged;
-use super::queue::{Head, Read};
+use super::queue::{Head, QueueHandle, Read};
 use crate::delivery::{shown_url, WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
 use crate::ingress::{Ingress, PublishRequest, Publisher};
@@ -703,9 +702,10 @@ impl Handler<GetStatus> for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::hub::{Deliveries, GetQueue, Hub};
+    use crate::actors::hub::{GetQueue, Hub};
     use crate::actors::leader::{Leader, SingleNode};
     use crate::actors::queue::Publish;
+    use crate::actors::webhooks::Deliveries;
     use crate::config::parse;
     use crate::settings::Settings;
 
@@ -729,13 +729,13 @@ mod tests {
             Vec::<(String, String)>::new(),
         )
         .unwrap();
-        let hub = Hub::new(
+        let launched = Hub::launch(
             Arc::new(Settings::compile(cfg0, src0).unwrap()),
             store.clone(),
             metrics.clone(),
-            deliveries.clone(),
-        )
-        .start();
+            deliveries,
+        );
+        let hub = launched.hub;
         let handle = hub
             .send(GetQueue { name: "q".into() })
             .await
@@ -764,7 +764,7 @@ mod tests {
             "q".into(),
             0,
             spec,
-            deliveries.ingress(hub, &metrics),
+            launched.ingress,
             reqwest::Client::new(),
             metrics,
             store.clone(),

@@ -212,6 +212,19 @@ impl ActiveLock {
     }
 }
 
+/// The active lock as the broker's election: the broker holding it leads (it is the
+/// only one serving the database), until a check of the lock's session fails.
+impl crate::election::Election for ActiveLock {
+    fn run(self: Box<Self>, report: Box<dyn Fn(bool) + Send + Sync>) {
+        report(true);
+        tokio::spawn(async move {
+            let e = self.lost().await;
+            tracing::error!(error = %e, "lost the active lock: no longer the leader");
+            report(false);
+        });
+    }
+}
+
 /// Takes advisory lock `key` on `conn` if it is free and bumps the fence: the fence,
 /// or `None` when another session holds the lock.
 async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<Option<Fence>, sqlx::Error> {
@@ -236,10 +249,13 @@ async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<Option<Fence>, sq
     // A write transaction of the previous holder that still holds the row (its
     // process paused, its node cut off) would make the bump below wait until the
     // database ends it (`idle_in_transaction_session_timeout`): end it now. Only fenced
-    // writers ever touch this table.
+    // writers ever touch this table; a statement that is running (not idle) ends by
+    // itself, so only sessions idle in a transaction are ended.
     let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'relation' \
-         AND relation = 'broker_fence'::regclass AND pid <> pg_backend_pid()",
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'relation' AND l.relation = 'broker_fence'::regclass \
+         AND l.pid <> pg_backend_pid() AND a.state LIKE 'idle in transaction%'",
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -1,0 +1,196 @@
+//! `Webhooks`: supervises the webhook targets — one `Webhook` actor per (queue, target),
+//! started when the `Hub` starts a queue with targets, retargeted or stopped when a
+//! reload changes them, on an arbiter of their own (away from the HTTP workers). Each
+//! target follows the `Leader` (dispatch happens once across replicas) and publishes its
+//! dead letters through the front door it is given.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::leader::{Follow, Leader};
+use super::queue::QueueHandle;
+use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
+use crate::delivery::WebhookSpec;
+use crate::ingress::Ingress;
+use crate::metrics::Metrics;
+use crate::settings::QueueSpec;
+use crate::store::Store;
+
+/// What webhook deliveries need from the broker.
+#[derive(Clone)]
+pub struct Deliveries {
+    /// Leadership, which webhooks follow.
+    pub leader: Addr<Leader>,
+    /// The outbound HTTP client (pooled, rustls).
+    pub client: reqwest::Client,
+    /// The arbiter webhook actors run on, away from the HTTP workers.
+    pub arbiter: ArbiterHandle,
+    /// The broker's settings (webhooks dead-letter through the front door).
+    pub settings: crate::ingress::SharedSettings,
+    /// The connection registry (the front door routes notifications there).
+    pub registry: Addr<super::ConnectionRegistry>,
+}
+
+#[cfg(test)]
+impl Deliveries {
+    /// Deliveries for a test: a fresh registry and the given settings.
+    pub(crate) fn for_tests(
+        leader: Addr<Leader>,
+        arbiter: ArbiterHandle,
+        settings: &Arc<crate::settings::Settings>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Deliveries {
+            leader,
+            client: reqwest::Client::new(),
+            arbiter,
+            settings: Arc::new(std::sync::RwLock::new(settings.clone())),
+            registry: super::ConnectionRegistry::new(metrics.clone()).start(),
+        }
+    }
+}
+
+/// Makes the targets of a queue match its spec (`None`: the queue is gone, stop them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncTargets {
+    /// The queue.
+    pub queue: QueueHandle,
+    /// Its spec now.
+    pub spec: Option<Arc<QueueSpec>>,
+}
+
+/// The targets of a queue.
+#[derive(Message)]
+#[rtype(result = "Vec<Addr<Webhook>>")]
+struct QueueTargets {
+    name: String,
+}
+
+/// A running target: its spec and its actor.
+type Target = (Arc<WebhookSpec>, Addr<Webhook>);
+
+/// The supervisor.
+pub struct Webhooks {
+    deliveries: Deliveries,
+    ingress: Ingress,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Running targets by queue.
+    targets: HashMap<String, Vec<Target>>,
+}
+
+impl Webhooks {
+    /// A supervisor starting targets that publish dead letters through `ingress`.
+    pub(crate) fn new(
+        deliveries: Deliveries,
+        ingress: Ingress,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            deliveries,
+            ingress,
+            store,
+            metrics,
+            targets: HashMap::new(),
+        }
+    }
+
+    fn start_target(
+        &self,
+        queue: &QueueHandle,
+        label: &str,
+        index: usize,
+        spec: Arc<WebhookSpec>,
+    ) -> Addr<Webhook> {
+        let w = Webhook::new(
+            queue.clone(),
+            label.to_owned(),
+            index,
+            spec,
+            self.ingress.clone(),
+            self.deliveries.client.clone(),
+            self.metrics.clone(),
+            self.store.clone(),
+        );
+        let addr = Webhook::start_in_arbiter(&self.deliveries.arbiter, move |_| w);
+        self.deliveries.leader.do_send(Follow {
+            recipient: addr.clone().recipient(),
+        });
+        addr
+    }
+}
+
+impl Actor for Webhooks {
+    type Context = Context<Self>;
+}
+
+impl Handler<SyncTargets> for Webhooks {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncTargets, _: &mut Self::Context) {
+        let name = msg.queue.name.to_string();
+        let wanted = msg
+            .spec
+            .as_ref()
+            .map(|s| s.webhooks.clone())
+            .unwrap_or_default();
+        let label = msg.spec.as_ref().map_or(&*name, |s| s.label()).to_owned();
+        let mut old = self.targets.remove(&name).unwrap_or_default();
+        let mut now = Vec::new();
+        for (i, w) in wanted.into_iter().enumerate() {
+            match old.iter().position(|(o, _)| o.config.url == w.config.url) {
+                Some(pos) => {
+                    let (o, addr) = old.remove(pos);
+                    if o.config != w.config {
+                        addr.do_send(Retarget { spec: w.clone() });
+                    }
+                    now.push((w, addr));
+                }
+                None => {
+                    let addr = self.start_target(&msg.queue, &label, i, w.clone());
+                    now.push((w, addr));
+                }
+            }
+        }
+        for (_, addr) in old {
+            addr.do_send(StopWebhook);
+        }
+        if !now.is_empty() {
+            self.targets.insert(name, now);
+        }
+    }
+}
+
+impl Handler<QueueTargets> for Webhooks {
+    type Result = MessageResult<QueueTargets>;
+
+    fn handle(&mut self, msg: QueueTargets, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.targets
+                .get(&msg.name)
+                .map(|v| v.iter().map(|(_, a)| a.clone()).collect())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Delivery status of every target of a queue.
+pub async fn status(webhooks: &Addr<Webhooks>, queue: &str) -> Vec<WebhookStatus> {
+    let addrs = webhooks
+        .send(QueueTargets {
+            name: queue.to_owned(),
+        })
+        .await
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        if let Ok(s) = a.send(GetStatus).await {
+            out.push(s);
+        }
+    }
+    out
+}
