@@ -44,7 +44,7 @@ pub use actors::{Batch, ConsumerKey};
 /// the connection registry send them, and what they register with.
 pub mod subscriber {
     pub use crate::actors::subscriber::*;
-    pub use crate::actors::ConnectionInfo;
+    pub use crate::actors::{ConnectionInfo, Subscribed};
 }
 pub use broker::Broker;
 pub use error::{Error, Rejection};

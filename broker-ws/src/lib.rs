@@ -1,26 +1,31 @@
-//! broker-ws: WebSocket subscribers.
+//! broker-ws: WebSocket sessions.
 //!
-//! One [`WsSession`] actor per connection (actix-web-actors), speaking the native JSON
-//! protocol of [`protocol`], or WAMP v2 ([`wamp`]) when the client offers the
-//! `wamp.2.json` subprotocol. The rest of the broker sees a session only through the
-//! subscriber messages of broker-core (`Deliver`, `Lagged`, `Notify`, `Disconnect`), and
-//! the HTTP layer only through [`connect`]: moving to another WebSocket implementation
-//! (actix-ws) replaces this crate's transport and nothing else.
+//! One session per connection: a session core (`session.rs`: authentication, connection
+//! caps, subscriptions, publishing through the broker's front door, reloads) speaking
+//! one dialect — the native JSON protocol ([`protocol`], `native.rs`), or WAMP v2
+//! ([`wamp`], `wamp_dialect.rs`) when the client offers the `wamp.2.json` subprotocol —
+//! over a transport (`transport.rs`, the only file that names actix-web-actors). The
+//! rest of the broker sees a session only through the subscriber messages of
+//! broker-core (`Deliver`, `Lagged`, `Notify`, `Disconnect`, `Regrant`), and the HTTP
+//! layer only through [`connect`]: moving to another WebSocket implementation
+//! (actix-ws) replaces `transport.rs` and nothing else.
 
+mod native;
 pub mod protocol;
 mod session;
+mod transport;
 pub mod wamp;
-mod wamp_session;
+mod wamp_dialect;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
 use broker_core::auth::token::{self, TokenError};
 use broker_core::Broker;
 
-pub use session::{Identity, WsSession};
+pub use session::Identity;
+use session::Session;
 
 /// What went wrong before a connection became a session.
 #[derive(Debug, thiserror::Error)]
@@ -72,17 +77,15 @@ pub async fn connect(
         }
         Credentials::None => None,
     };
-    let max_frame = settings.ws.config.max_frame_size;
-    let session = if offers_wamp(req) {
-        WsSession::wamp(broker, remote, identity)
+    let started = if offers_wamp(req) {
+        // Credentials given with the upgrade are used once the client says HELLO.
+        let wamp = wamp_dialect::Wamp::new(identity);
+        transport::start(Session::new(broker, remote, None, wamp), req, payload)
     } else {
-        WsSession::new(broker, remote, identity)
+        let session = Session::new(broker, remote, identity, native::Native);
+        transport::start(session, req, payload)
     };
-    ws::WsResponseBuilder::new(session, req, payload)
-        .frame_size(max_frame)
-        .protocols(&[wamp::SUBPROTOCOL])
-        .start()
-        .map_err(|e| Error::Handshake(e.to_string()))
+    started.map_err(|e| Error::Handshake(e.to_string()))
 }
 
 /// Whether the client offers the `wamp.2.json` subprotocol.

@@ -1,37 +1,40 @@
-//! `WsSession`: one actor per WebSocket connection.
+//! The session core: what a WebSocket session is whatever protocol it speaks.
 //!
-//! It authenticates (at connect, or with `authorize` within `ws.auth_timeout`), keeps
-//! its subscriptions (each a [`Subscriber`] registered with a queue), writes message
-//! events, and answers actions. Its mailbox is bounded by `ws.max_pending_messages` and
-//! queues account the bytes it has not consumed (`ws.max_pending_bytes`): a session that
-//! does not keep up is dropped by the queue and gets one `Lagged`, then either a
-//! `refresh` event (it continues from the newest message) or close code 4008.
-//! Note that actix polls this actor only while the HTTP layer can write to the socket:
-//! a client that stops reading stalls only its own session.
+//! A [`Session`] authenticates (at connect, or in its protocol within `ws.auth_timeout`),
+//! registers with the broker's connection registry (connection caps), keeps its
+//! subscriptions (each a [`Subscriber`] registered with a queue, or a prefix), publishes
+//! through the broker's front door with its grants, writes events, follows reloads
+//! (`Regrant`) and token expiry, and counts frames. What is said on the wire is the
+//! [`Dialect`]'s: the native JSON protocol (`native.rs`) or WAMP v2 (`wamp_dialect.rs`);
+//! neither knows the other. The socket itself is the [`Link`], implemented by
+//! `transport.rs` — the one file that names actix-web-actors.
+//!
+//! Backpressure: the transport's mailbox is bounded by `ws.max_pending_messages` and
+//! queues account the bytes a session has not consumed (`ws.max_pending_bytes`); a session
+//! that does not keep up is dropped by the queue and gets one `Lagged`, which its dialect
+//! turns into a refresh or a close (4008).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use actix::prelude::*;
-use actix_http::ws::Item;
-use actix_web_actors::ws;
-use broker_core::auth::token::{self, Claims};
-use broker_core::broker::Subscription;
-use broker_core::broker::{PublishOutcome, PublishRequest, Publisher};
-use broker_core::config::SlowConsumer;
+use actix::Recipient;
+use broker_core::auth::token::Claims;
+use broker_core::broker::{PublishOutcome, PublishRequest, Publisher, Subscription};
 use broker_core::message::{Message, NewMessage};
 use broker_core::settings::{grants, Settings, WsSettings};
+use broker_core::subscriber::Subscribed;
 use broker_core::subscriber::{
     next_subscription_id, ConnectionInfo, Deliver, Disconnect, Lagged, Notify, Regrant, Subscriber,
 };
 use broker_core::Broker;
-use bytes::{Bytes, BytesMut};
-use serde_json::value::RawValue;
+use bytestring::ByteString;
 
-use crate::protocol::{self, close, Action};
+use crate::protocol::close;
 
 /// Who a session acts as.
 #[derive(Debug, Clone)]
@@ -107,6 +110,7 @@ impl Identity {
     }
 }
 
+/// One subscription of a session.
 pub(crate) struct Sub {
     /// Queue name, or the prefix of a prefix subscription.
     pub(crate) topic: String,
@@ -114,43 +118,105 @@ pub(crate) struct Sub {
     pub(crate) handle: Subscription,
     /// An exact subscription (one queue, with a replay), not a prefix one.
     pub(crate) exact: bool,
+    /// Bytes delivered to the session and not yet written (shared with the queues).
     pub(crate) pending: Arc<AtomicUsize>,
     /// Newest offset delivered (exact subscriptions: the replay/live seam).
     pub(crate) last_offset: u64,
 }
 
-/// The protocol a connection speaks, chosen by its subprotocol at the upgrade.
-pub(crate) enum Dialect {
-    /// The native JSON protocol (`protocol`).
-    Native,
-    /// WAMP v2 (`wamp.2.json`).
-    Wamp(Box<crate::wamp_session::WampState>),
+/// What runs on the session once a future it waited for is done.
+pub(crate) type Then<D> = Box<dyn FnOnce(&mut Session<D>, &mut dyn Link<D>)>;
+
+/// A future whose outcome is what to do next.
+pub(crate) type Pending<D> = Pin<Box<dyn Future<Output = Then<D>>>>;
+
+/// Where the connection registry reaches a session.
+pub(crate) struct Endpoints {
+    /// Notifications for its user or connection.
+    pub notify: Recipient<Notify>,
+    /// Closing it (admin, shutdown).
+    pub control: Recipient<Disconnect>,
+    /// Reloads.
+    pub regrant: Recipient<Regrant>,
 }
 
-/// A WebSocket connection.
-pub struct WsSession {
+/// What the session asks of its transport (the socket and the actor around it).
+pub(crate) trait Link<D: Dialect> {
+    /// Writes a text frame.
+    fn text(&mut self, frame: ByteString);
+    /// Sends a close frame and ends the connection.
+    fn close(&mut self, code: u16, reason: &'static str);
+    /// Runs `fut`; nothing else (no frame, no delivery) is handled until its outcome
+    /// has run.
+    fn wait(&mut self, fut: Pending<D>);
+    /// Runs `fut` beside the session's other work.
+    fn spawn(&mut self, fut: Pending<D>);
+    /// Runs `then` after `after`.
+    fn later(&mut self, after: Duration, then: Then<D>);
+    /// A subscriber delivering to this session as subscription `id`.
+    fn subscriber(
+        &self,
+        id: u64,
+        pending: Arc<AtomicUsize>,
+        max_pending_bytes: usize,
+    ) -> Subscriber;
+    /// Where the connection registry reaches this session.
+    fn endpoints(&self) -> Endpoints;
+}
+
+/// A protocol a session speaks. Each hook gets the whole session (its own state is
+/// `session.dialect`) and the link.
+pub(crate) trait Dialect: Sized + Unpin + 'static {
+    /// A text frame from the client.
+    fn text(s: &mut Session<Self>, link: &mut dyn Link<Self>, text: &str);
+    /// A binary frame from the client (neither protocol has them).
+    fn binary(s: &mut Session<Self>, link: &mut dyn Link<Self>);
+    /// The session is authenticated and registered: greet it.
+    fn welcome(s: &mut Session<Self>, link: &mut dyn Link<Self>);
+    /// The registry refused the session (too many connections); it is closed next.
+    fn refused(s: &mut Session<Self>, link: &mut dyn Link<Self>, e: &broker_core::Error);
+    /// No authentication within `ws.auth_timeout`; it is closed next.
+    fn auth_timeout(s: &mut Session<Self>, link: &mut dyn Link<Self>);
+    /// The server is about to close the session with `code`: last words, if any.
+    fn closing(s: &mut Session<Self>, link: &mut dyn Link<Self>, code: u16);
+    /// The frame that carries `m` for subscription `sub`.
+    fn event(m: &Message, sub: u64) -> ByteString;
+    /// A queue dropped subscription `msg.subscription` (still held) for falling behind.
+    fn lagged(s: &mut Session<Self>, link: &mut dyn Link<Self>, msg: Lagged);
+    /// A notification for this session's user or connection.
+    fn notify(s: &mut Session<Self>, link: &mut dyn Link<Self>, data: &[u8]);
+}
+
+/// A WebSocket session, speaking dialect `D`.
+pub(crate) struct Session<D> {
     pub(crate) id: Arc<str>,
     /// Numeric id (WAMP's session id; what `exclude`/`eligible` name).
     pub(crate) session_id: u64,
     pub(crate) broker: Arc<Broker>,
     pub(crate) ws: Arc<WsSettings>,
     pub(crate) remote: IpAddr,
+    /// Set once authenticated.
     pub(crate) identity: Option<Identity>,
     registered: bool,
     /// Subscriptions by id.
     pub(crate) subs: HashMap<u64, Sub>,
-    last_heard: Instant,
-    fragments: Option<(bool, BytesMut)>,
+    /// The `broker_ws_disconnects_total` reason.
     close_reason: &'static str,
-    pub(crate) dialect: Dialect,
+    /// The protocol's own state.
+    pub(crate) dialect: D,
 }
 
-impl WsSession {
+impl<D: Dialect> Session<D> {
     /// A session for a connection from `remote`, authenticated already or not.
-    pub fn new(broker: Arc<Broker>, remote: IpAddr, identity: Option<Identity>) -> Self {
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        remote: IpAddr,
+        identity: Option<Identity>,
+        dialect: D,
+    ) -> Self {
         let ws = broker.settings().ws.clone();
         Self {
-            id: new_connection_id(),
+            id: broker_core::message::random_id(),
             session_id: broker_core::crossbar::random_session_id(),
             broker,
             ws,
@@ -158,444 +224,42 @@ impl WsSession {
             identity,
             registered: false,
             subs: HashMap::new(),
-            last_heard: Instant::now(),
-            fragments: None,
             close_reason: "client_closed",
-            dialect: Dialect::Native,
+            dialect,
         }
     }
 
-    /// The same session speaking WAMP (`wamp.2.json`): credentials given at the upgrade
-    /// are used once the client sends HELLO.
-    pub fn wamp(broker: Arc<Broker>, remote: IpAddr, identity: Option<Identity>) -> Self {
-        let mut s = Self::new(broker, remote, None);
-        s.dialect = Dialect::Wamp(Box::new(crate::wamp_session::WampState::new(identity)));
-        s
-    }
-
-    fn is_wamp(&self) -> bool {
-        matches!(self.dialect, Dialect::Wamp(_))
-    }
-
-    /// The id of the native subscription to `queue`.
-    fn native_sub(&self, queue: &str) -> Option<u64> {
-        self.subs
-            .iter()
-            .find(|(_, s)| s.exact && s.topic == queue)
-            .map(|(id, _)| *id)
-    }
-
-    /// A subscriber for this session, and its pending-bytes counter.
-    pub(crate) fn new_subscriber(
-        &self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        id: u64,
-    ) -> (Subscriber, Arc<AtomicUsize>) {
-        let pending = Arc::new(AtomicUsize::new(0));
-        let addr = ctx.address();
-        let subscriber = Subscriber {
-            id,
-            deliver: addr.clone().recipient(),
-            lagged: addr.recipient(),
-            pending_bytes: pending.clone(),
-            max_pending_bytes: self.ws.config.max_pending_bytes,
-        };
-        (subscriber, pending)
-    }
-    pub(crate) fn send(&self, ctx: &mut ws::WebsocketContext<Self>, frame: bytestring::ByteString) {
-        self.broker
-            .metrics()
-            .ws_frames
-            .with_label_values(&["out"])
-            .inc();
-        ctx.text(frame);
-    }
-
-    fn error(
-        &self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        id: Option<&RawValue>,
-        code: &str,
-        message: &str,
-    ) {
-        self.send(ctx, protocol::error(id, code, message));
-    }
-
-    pub(crate) fn close(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        code: u16,
-        reason: &'static str,
-    ) {
-        if self.is_wamp() && self.identity.is_some() {
-            self.wamp_goodbye(ctx, code);
-        }
-        self.close_reason = reason;
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::Other(code),
-            description: Some(reason.to_owned()),
+    /// The connection is open: shutdown closes it; it authenticates now or within
+    /// `ws.auth_timeout`.
+    pub(crate) fn start(&mut self, link: &mut dyn Link<D>) {
+        self.broker.metrics().ws_connections.inc();
+        let mut shutdown = self.broker.shutdown_signal();
+        link.spawn(Box::pin(async move {
+            if !*shutdown.borrow_and_update() {
+                let _ = shutdown.changed().await;
+            }
+            Box::new(|s: &mut Session<D>, link: &mut dyn Link<D>| {
+                s.close(link, close::GOING_AWAY, "shutting_down")
+            }) as Then<D>
         }));
-        ctx.stop();
-    }
-
-    /// Registers the now-authenticated session and greets it.
-    pub(crate) fn authorized(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity) {
-        let user = identity.user.clone();
-        if let Some(at) = identity.expires_at_ms {
-            // Rights end with the token: closed at its expiry, whatever it is doing.
-            let now = broker_core::message::now_ms();
-            let left = Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0));
-            ctx.run_later(left, |act, ctx| {
-                act.close(ctx, close::INVALID_TOKEN, "token_expired");
-            });
-        }
-        self.identity = Some(identity);
-        let addr = ctx.address();
-        let info = ConnectionInfo {
-            id: self.id.clone(),
-            user: user.clone(),
-            remote: self.remote.to_string(),
-            connected_at: chrono_now(),
-        };
-        let cfg = &self.ws.config;
-        let max = if user.is_empty() {
-            cfg.max_anonymous_connections
-        } else {
-            cfg.max_connections_per_user
-        };
-        let register = self.broker.register_connection(
-            info,
-            addr.clone().recipient(),
-            addr.clone().recipient(),
-            addr.recipient(),
-            max,
-        );
-        ctx.wait(
-            register
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(()) => {
-                        act.registered = true;
-                        if act.is_wamp() {
-                            act.wamp_welcome(ctx);
-                        } else {
-                            let hello = protocol::connected(&act.id, &user);
-                            act.send(ctx, hello);
-                        }
-                    }
-                    Err(broker_core::Error::ShuttingDown) => {
-                        act.close(ctx, close::GOING_AWAY, "shutting_down")
-                    }
-                    Err(e) => {
-                        if act.is_wamp() {
-                            act.wamp_abort(ctx, crate::wamp::uri::NOT_AUTHORIZED, &e.to_string());
-                        } else {
-                            act.error(ctx, None, "too_many_connections", &e.to_string());
-                        }
-                        act.close(ctx, close::TOO_MANY_CONNECTIONS, "too_many_connections");
+        match self.identity.take() {
+            Some(identity) => self.authorized(link, identity),
+            None => link.later(
+                self.ws.config.auth_timeout,
+                Box::new(|s, link| {
+                    if s.identity.is_none() {
+                        D::auth_timeout(s, link);
+                        s.close(link, close::AUTH_TIMEOUT, "auth_timeout");
                     }
                 }),
-        );
-    }
-
-    fn handle_text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
-        if self.is_wamp() {
-            return self.wamp_text(ctx, text);
-        }
-        let (id, action) = match protocol::parse(text) {
-            Ok(p) => p,
-            Err((id, (code, message))) => return self.error(ctx, id.as_deref(), code, &message),
-        };
-        let id = id.as_deref();
-        if let Action::Authorize(t) = &action {
-            if self.identity.is_some() {
-                return self.error(
-                    ctx,
-                    id,
-                    "already_authorized",
-                    "this connection is authorized already",
-                );
-            }
-            let settings = self.broker.settings();
-            match token::verify(t, &settings.ws.jwt_secrets) {
-                Ok(claims) => self.authorized(ctx, Identity::from_claims(claims, &settings)),
-                Err(e) => {
-                    self.error(ctx, id, "invalid_token", &e.to_string());
-                    self.close(ctx, close::INVALID_TOKEN, "invalid_token");
-                }
-            }
-            return;
-        }
-        if matches!(action, Action::Ping) {
-            return self.send(ctx, protocol::pong(id));
-        }
-        if let Action::Unknown(name) = &action {
-            let msg = format!(
-                "no action `{name}`; actions: authorize, subscribe, unsubscribe, publish, ping"
-            );
-            return self.error(ctx, id, "not_implemented", &msg);
-        }
-        let Some(identity) = self.identity.clone() else {
-            return self.error(
-                ctx,
-                id,
-                "unauthorized",
-                "send {\"action\":\"authorize\",\"token\":…} first",
-            );
-        };
-        let id = id.map(|r| r.to_owned());
-        match action {
-            Action::Subscribe {
-                queue,
-                since,
-                epoch,
-            } => self.subscribe(ctx, &identity, id, queue, since, epoch),
-            Action::Unsubscribe(queue) => match self.native_sub(&queue) {
-                Some(sub_id) => {
-                    self.drop_sub(sub_id);
-                    self.send(ctx, protocol::unsubscribed(id.as_deref(), &queue));
-                }
-                None => self.error(
-                    ctx,
-                    id.as_deref(),
-                    "not_subscribed",
-                    "not subscribed to that queue",
-                ),
-            },
-            Action::Publish { queue, data } => self.publish(ctx, &identity, id, queue, data),
-            Action::Authorize(_) | Action::Ping | Action::Unknown(_) => {
-                unreachable!("handled above")
-            }
+            ),
         }
     }
 
-    fn subscribe(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        identity: &Identity,
-        id: Option<Box<RawValue>>,
-        queue: String,
-        since: Option<u64>,
-        epoch: Option<String>,
-    ) {
-        let id_ref = id.as_deref();
-        if !grants(&identity.read, &queue) {
-            return self.error(
-                ctx,
-                id_ref,
-                "not_granted",
-                &format!("not allowed to subscribe to `{queue}`"),
-            );
-        }
-        if self.native_sub(&queue).is_some() {
-            return self.error(
-                ctx,
-                id_ref,
-                "already_subscribed",
-                &format!("already subscribed to `{queue}`"),
-            );
-        }
-        if self.subs.len() >= self.ws.config.max_subscriptions {
-            let msg = format!(
-                "at most {} subscriptions per connection",
-                self.ws.config.max_subscriptions
-            );
-            return self.error(ctx, id_ref, "too_many_subscriptions", &msg);
-        }
-        let (subscriber, pending) = self.new_subscriber(ctx, next_subscription_id());
-        let sub_id = subscriber.id;
-        let broker = self.broker.clone();
-        let name = queue.clone();
-        let fut = async move { broker.subscribe(&name, subscriber, since, epoch).await };
-        // `wait`: no delivery is handled before the replay is written, so the seam
-        // between replay and live messages has no gap and no duplicate.
-        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-            let (handle, reply) = match res {
-                Ok(r) => r,
-                Err(e) => return act.error(ctx, id.as_deref(), e.code(), &e.to_string()),
-            };
-            if reply.unrecoverable {
-                act.send(
-                    ctx,
-                    protocol::refresh(&queue, "unrecoverable_position", reply.head, &reply.epoch),
-                );
-            }
-            act.send(
-                ctx,
-                protocol::subscribed(
-                    id.as_deref(),
-                    &queue,
-                    reply.head,
-                    &reply.epoch,
-                    reply.recovered,
-                ),
-            );
-            for m in &reply.replay {
-                act.send_message(ctx, sub_id, m);
-            }
-            act.subs.insert(
-                sub_id,
-                Sub {
-                    topic: queue,
-                    handle,
-                    exact: true,
-                    pending,
-                    last_offset: reply.head,
-                },
-            );
-        }));
-    }
-
-    fn publish(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        identity: &Identity,
-        id: Option<Box<RawValue>>,
-        queue: String,
-        data: String,
-    ) {
-        let msg = NewMessage {
-            audience: None,
-            body: Bytes::from(data),
-            content_type: Some(Arc::from("application/json")),
-            headers: Vec::new(),
-        };
-        let fut = self.publish_one(identity.publish.clone(), queue, msg);
-        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok((
-                queue,
-                PublishOutcome::Published {
-                    published: p,
-                    delivered,
-                },
-            )) => {
-                let frame =
-                    protocol::published(id.as_deref(), &queue, p.last_offset, &p.epoch, delivered);
-                act.send(ctx, frame);
-            }
-            Ok((_, PublishOutcome::Scheduled(_))) => {
-                act.error(ctx, id.as_deref(), "error", "unexpected delayed publish")
-            }
-            Err(e) => act.error(ctx, id.as_deref(), e.code(), &e.to_string()),
-        }));
-    }
-
-    /// Publishes one message through the broker's front door as this session (its
-    /// publish grants and address): the queue's name and the outcome. Both dialects
-    /// publish this way.
-    pub(crate) fn publish_one(
-        &self,
-        grants: Vec<String>,
-        queue: String,
-        msg: NewMessage,
-    ) -> impl std::future::Future<Output = Result<(String, PublishOutcome), broker_core::Error>>
-    {
-        let (broker, remote) = (self.broker.clone(), self.remote);
-        async move {
-            let out = broker
-                .publish(PublishRequest {
-                    queue: &queue,
-                    publisher: Publisher::Session {
-                        grants: &grants,
-                        client_ip: remote,
-                    },
-                    messages: vec![msg],
-                    deliver_at_ms: None,
-                })
-                .await?;
-            Ok((queue, out))
-        }
-    }
-
-    /// Ends subscription `id` (with its queue, or the Hub for a prefix one).
-    pub(crate) fn drop_sub(&mut self, id: u64) -> Option<Sub> {
-        let sub = self.subs.remove(&id)?;
-        sub.handle.cancel();
-        Some(sub)
-    }
-
-    fn send_message(&self, ctx: &mut ws::WebsocketContext<Self>, sub_id: u64, m: &Message) {
-        if m.audience
-            .as_ref()
-            .is_some_and(|a| !a.admits(self.session_id))
-        {
-            return;
-        }
-        let frame = if self.is_wamp() {
-            let tail = m.wamp_event.get_or_init(|| crate::wamp::event_tail(m));
-            crate::wamp::event(sub_id, tail)
-        } else {
-            m.ws_frame.get_or_init(|| protocol::message(m)).clone()
-        };
-        self.send(ctx, frame);
-        self.broker
-            .metrics()
-            .ws_delivery_latency
-            .observe(m.accepted.elapsed().as_secs_f64());
-    }
-
-    fn heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
-        let (interval, timeout) = (self.ws.config.ping_interval, self.ws.config.pong_timeout);
-        ctx.run_interval(interval, move |_, ctx| {
-            let sent = Instant::now();
-            ctx.ping(b"");
-            ctx.run_later(timeout, move |act, ctx| {
-                if act.last_heard < sent {
-                    act.close(ctx, close::NO_PONG, "no_pong");
-                }
-            });
-        });
-    }
-}
-
-impl Actor for WsSession {
-    type Context = ws::WebsocketContext<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.ws.config.max_pending_messages);
-        self.broker.metrics().ws_connections.inc();
-        self.heartbeat(ctx);
-        // Shutdown closes every connection, authenticated or not.
-        let mut shutdown = self.broker.shutdown_signal();
-        ctx.spawn(
-            async move {
-                if !*shutdown.borrow_and_update() {
-                    let _ = shutdown.changed().await;
-                }
-            }
-            .into_actor(self)
-            .map(|_, act, ctx| act.close(ctx, close::GOING_AWAY, "shutting_down")),
-        );
-        match self.identity.take() {
-            Some(identity) => self.authorized(ctx, identity),
-            None => {
-                ctx.run_later(self.ws.config.auth_timeout, |act, ctx| {
-                    if act.identity.is_none() {
-                        if act.is_wamp() {
-                            act.wamp_abort(
-                                ctx,
-                                crate::wamp::uri::AUTHENTICATION_FAILED,
-                                "no HELLO/AUTHENTICATE within ws.auth_timeout",
-                            );
-                        } else {
-                            act.error(
-                                ctx,
-                                None,
-                                "auth_timeout",
-                                "no authorize within ws.auth_timeout",
-                            );
-                        }
-                        act.close(ctx, close::AUTH_TIMEOUT, "auth_timeout");
-                    }
-                });
-            }
-        }
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
-        let ids: Vec<u64> = self.subs.keys().copied().collect();
-        for id in ids {
-            self.drop_sub(id);
+    /// The connection is gone: subscriptions end, the registry forgets it.
+    pub(crate) fn stopped(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            sub.handle.cancel();
         }
         if self.registered {
             self.broker.unregister_connection(self.id.clone());
@@ -606,91 +270,239 @@ impl Actor for WsSession {
             .with_label_values(&[self.close_reason])
             .inc();
     }
-}
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        self.last_heard = Instant::now();
-        let msg = match item {
-            Ok(m) => m,
-            Err(ws::ProtocolError::Overflow) => {
-                return self.close(ctx, close::TOO_BIG, "frame_too_large");
-            }
-            Err(_) => return self.close(ctx, close::PROTOCOL_ERROR, "protocol_error"),
-        };
-        let max = self.ws.config.max_frame_size;
-        match msg {
-            ws::Message::Text(text) => {
-                self.broker
-                    .metrics()
-                    .ws_frames
-                    .with_label_values(&["in"])
-                    .inc();
-                self.handle_text(ctx, &text);
-            }
-            ws::Message::Binary(_) => {
-                self.broker
-                    .metrics()
-                    .ws_frames
-                    .with_label_values(&["in"])
-                    .inc();
-                self.error(
-                    ctx,
-                    None,
-                    "unsupported_frame",
-                    "binary frames are not part of the protocol; send JSON text",
-                );
-            }
-            ws::Message::Continuation(item) => {
-                let (first, chunk, last) = match item {
-                    Item::FirstText(b) => (Some(true), b, false),
-                    Item::FirstBinary(b) => (Some(false), b, false),
-                    Item::Continue(b) => (None, b, false),
-                    Item::Last(b) => (None, b, true),
-                };
-                if let Some(is_text) = first {
-                    self.fragments = Some((is_text, BytesMut::new()));
-                }
-                let Some((_, buf)) = self.fragments.as_mut() else {
-                    return self.close(ctx, close::PROTOCOL_ERROR, "protocol_error");
-                };
-                if buf.len() + chunk.len() > max {
-                    return self.close(ctx, close::TOO_BIG, "frame_too_large");
-                }
-                buf.extend_from_slice(&chunk);
-                if last {
-                    let (is_text, buf) = self.fragments.take().expect("checked above");
-                    self.broker
-                        .metrics()
-                        .ws_frames
-                        .with_label_values(&["in"])
-                        .inc();
-                    match (is_text, std::str::from_utf8(&buf)) {
-                        (true, Ok(text)) => self.handle_text(ctx, text),
-                        (true, Err(_)) => self.close(ctx, close::PROTOCOL_ERROR, "protocol_error"),
-                        (false, _) => self.error(
-                            ctx,
-                            None,
-                            "unsupported_frame",
-                            "binary frames are not part of the protocol",
-                        ),
-                    }
-                }
-            }
-            ws::Message::Ping(p) => ctx.pong(&p),
-            ws::Message::Pong(_) | ws::Message::Nop => {}
-            ws::Message::Close(reason) => {
-                ctx.close(reason);
-                ctx.stop();
-            }
-        }
+    /// Writes a frame (counted).
+    pub(crate) fn send(&self, link: &mut dyn Link<D>, frame: ByteString) {
+        self.broker
+            .metrics()
+            .ws_frames
+            .with_label_values(&["out"])
+            .inc();
+        link.text(frame);
     }
-}
 
-impl Handler<Deliver> for WsSession {
-    type Result = ();
+    /// Counts a frame from the client.
+    pub(crate) fn heard_frame(&self) {
+        self.broker
+            .metrics()
+            .ws_frames
+            .with_label_values(&["in"])
+            .inc();
+    }
 
-    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+    /// Closes the connection with `code`, after the dialect's last words.
+    pub(crate) fn close(&mut self, link: &mut dyn Link<D>, code: u16, reason: &'static str) {
+        D::closing(self, link, code);
+        self.close_reason = reason;
+        link.close(code, reason);
+    }
+
+    /// Registers the now-authenticated session (connection caps) and has it greeted.
+    pub(crate) fn authorized(&mut self, link: &mut dyn Link<D>, identity: Identity) {
+        let user = identity.user.clone();
+        if let Some(at) = identity.expires_at_ms {
+            // Rights end with the token: closed at its expiry, whatever it is doing.
+            let now = broker_core::message::now_ms();
+            let left = Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0));
+            link.later(
+                left,
+                Box::new(|s, link| s.close(link, close::INVALID_TOKEN, "token_expired")),
+            );
+        }
+        self.identity = Some(identity);
+        let info = ConnectionInfo {
+            id: self.id.clone(),
+            user: user.clone(),
+            remote: self.remote.to_string(),
+            connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let cfg = &self.ws.config;
+        let max = if user.is_empty() {
+            cfg.max_anonymous_connections
+        } else {
+            cfg.max_connections_per_user
+        };
+        let e = link.endpoints();
+        let register = self
+            .broker
+            .register_connection(info, e.notify, e.control, e.regrant, max);
+        link.wait(Box::pin(async move {
+            let res = register.await;
+            Box::new(
+                move |s: &mut Session<D>, link: &mut dyn Link<D>| match res {
+                    Ok(()) => {
+                        s.registered = true;
+                        D::welcome(s, link);
+                    }
+                    Err(broker_core::Error::ShuttingDown) => {
+                        s.close(link, close::GOING_AWAY, "shutting_down")
+                    }
+                    Err(e) => {
+                        D::refused(s, link, &e);
+                        s.close(link, close::TOO_MANY_CONNECTIONS, "too_many_connections");
+                    }
+                },
+            ) as Then<D>
+        }));
+    }
+
+    /// Whether one more subscription fits (`ws.max_subscriptions`): the refusal's
+    /// message otherwise.
+    pub(crate) fn room_for_a_subscription(&self) -> Result<(), String> {
+        let max = self.ws.config.max_subscriptions;
+        if self.subs.len() >= max {
+            return Err(format!("at most {max} subscriptions per connection"));
+        }
+        Ok(())
+    }
+
+    /// A subscriber for subscription `id`, with a fresh pending-bytes counter.
+    fn subscriber(&self, link: &dyn Link<D>, id: u64) -> (Subscriber, Arc<AtomicUsize>) {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let max = self.ws.config.max_pending_bytes;
+        (link.subscriber(id, pending.clone(), max), pending)
+    }
+
+    /// Subscribes to queue `queue` (the caller has checked the grant), replaying after
+    /// `since`. Nothing else is handled until `then` has run with the outcome — the
+    /// subscription is in place by then, and `then` writes the reply and the replay
+    /// before any live message: no gap and no duplicate at the seam.
+    pub(crate) fn subscribe(
+        &mut self,
+        link: &mut dyn Link<D>,
+        queue: String,
+        since: Option<u64>,
+        epoch: Option<String>,
+        then: impl FnOnce(&mut Session<D>, &mut dyn Link<D>, Result<(u64, Subscribed), broker_core::Error>)
+            + 'static,
+    ) {
+        let (subscriber, pending) = self.subscriber(link, next_subscription_id());
+        let id = subscriber.id;
+        let broker = self.broker.clone();
+        link.wait(Box::pin(async move {
+            let res = broker.subscribe(&queue, subscriber, since, epoch).await;
+            Box::new(move |s: &mut Session<D>, link: &mut dyn Link<D>| {
+                let res = res.map(|(handle, reply)| {
+                    let sub = Sub {
+                        topic: queue,
+                        handle,
+                        exact: true,
+                        pending,
+                        last_offset: reply.head,
+                    };
+                    s.subs.insert(id, sub);
+                    (id, reply)
+                });
+                then(s, link, res);
+            }) as Then<D>
+        }));
+    }
+
+    /// Subscribes to every queue whose name starts with `prefix` that the session may
+    /// read, running now or later, live; its id.
+    pub(crate) fn subscribe_prefix(&mut self, link: &mut dyn Link<D>, prefix: String) -> u64 {
+        let read = self
+            .identity
+            .as_ref()
+            .map(|i| i.read.clone())
+            .unwrap_or_default();
+        let (subscriber, pending) = self.subscriber(link, next_subscription_id());
+        let id = subscriber.id;
+        let handle = self
+            .broker
+            .subscribe_prefix(prefix.clone(), read, subscriber);
+        let sub = Sub {
+            topic: prefix,
+            handle,
+            exact: false,
+            pending,
+            last_offset: 0,
+        };
+        self.subs.insert(id, sub);
+        id
+    }
+
+    /// Registers subscription `id` with `queue` again, live (after it lagged), keeping
+    /// its id and pending-bytes counter.
+    pub(crate) fn resubscribe_live(&mut self, link: &mut dyn Link<D>, id: u64, queue: Arc<str>) {
+        let Some(sub) = self.subs.get(&id) else {
+            return;
+        };
+        let max = self.ws.config.max_pending_bytes;
+        let subscriber = link.subscriber(id, sub.pending.clone(), max);
+        let broker = self.broker.clone();
+        link.spawn(Box::pin(async move {
+            // The session keeps its first handle: same queue, same subscription id.
+            let res = broker.subscribe(&queue, subscriber, None, None).await;
+            Box::new(move |_: &mut Session<D>, _: &mut dyn Link<D>| {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "resubscribe after lag failed");
+                }
+            }) as Then<D>
+        }));
+    }
+
+    /// The id of the exact subscription to `queue`.
+    pub(crate) fn exact_sub(&self, queue: &str) -> Option<u64> {
+        self.subs
+            .iter()
+            .find(|(_, s)| s.exact && s.topic == queue)
+            .map(|(id, _)| *id)
+    }
+
+    /// Ends subscription `id` (with its queue, or the Hub for a prefix one).
+    pub(crate) fn drop_sub(&mut self, id: u64) -> Option<Sub> {
+        let sub = self.subs.remove(&id)?;
+        sub.handle.cancel();
+        Some(sub)
+    }
+
+    /// Publishes one message through the broker's front door as this session (its
+    /// publish grants and address); `then` gets the queue's name and the outcome.
+    pub(crate) fn publish(
+        &mut self,
+        link: &mut dyn Link<D>,
+        queue: String,
+        msg: NewMessage,
+        then: impl FnOnce(
+                &mut Session<D>,
+                &mut dyn Link<D>,
+                &str,
+                Result<PublishOutcome, broker_core::Error>,
+            ) + 'static,
+    ) {
+        let grants = self
+            .identity
+            .as_ref()
+            .map(|i| i.publish.clone())
+            .unwrap_or_default();
+        let (broker, remote) = (self.broker.clone(), self.remote);
+        link.wait(Box::pin(async move {
+            let out = broker
+                .publish(PublishRequest {
+                    queue: &queue,
+                    publisher: Publisher::Session {
+                        grants: &grants,
+                        client_ip: remote,
+                    },
+                    messages: vec![msg],
+                    deliver_at_ms: None,
+                })
+                .await;
+            Box::new(move |s: &mut Session<D>, link: &mut dyn Link<D>| then(s, link, &queue, out))
+                as Then<D>
+        }));
+    }
+
+    /// Whether the session may read `queue`.
+    pub(crate) fn may_read(&self, queue: &str) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|i| grants(&i.read, queue))
+    }
+
+    /// Messages a queue delivered: written, minus what a replay wrote already.
+    pub(crate) fn deliver(&mut self, link: &mut dyn Link<D>, msg: Deliver) {
         let Some(sub) = self.subs.get_mut(&msg.subscription) else {
             return; // unsubscribed meanwhile
         };
@@ -701,63 +513,41 @@ impl Handler<Deliver> for WsSession {
             sub.last_offset = sub.last_offset.max(last.offset);
         }
         for m in msg.messages.iter().filter(|m| m.offset > from) {
-            self.send_message(ctx, msg.subscription, m);
+            self.write_event(link, msg.subscription, m);
         }
     }
-}
 
-impl Handler<Lagged> for WsSession {
-    type Result = ();
+    /// Writes one message for subscription `sub`, if it is meant for this session.
+    pub(crate) fn write_event(&self, link: &mut dyn Link<D>, sub: u64, m: &Message) {
+        if m.audience
+            .as_ref()
+            .is_some_and(|a| !a.admits(self.session_id))
+        {
+            return;
+        }
+        self.send(link, D::event(m, sub));
+        self.broker
+            .metrics()
+            .ws_delivery_latency
+            .observe(m.accepted.elapsed().as_secs_f64());
+    }
 
-    fn handle(&mut self, msg: Lagged, ctx: &mut Self::Context) {
-        if !self.subs.contains_key(&msg.subscription) {
-            return; // ended meanwhile
-        }
-        if self.is_wamp() {
-            return self.wamp_lagged(ctx, msg);
-        }
-        self.subs.remove(&msg.subscription);
-        match self.ws.config.slow_consumer {
-            SlowConsumer::Close => self.close(ctx, close::SLOW_CONSUMER, "slow_consumer"),
-            SlowConsumer::Refresh => {
-                self.send(
-                    ctx,
-                    protocol::refresh(&msg.queue, "slow_consumer", msg.offset, &msg.epoch),
-                );
-                // Skip forward: subscribe again, live from the newest message.
-                if let Some(identity) = self.identity.clone() {
-                    self.subscribe(ctx, &identity, None, msg.queue.to_string(), None, None);
-                }
-            }
+    /// A queue dropped a subscription of this session for falling behind.
+    pub(crate) fn lagged(&mut self, link: &mut dyn Link<D>, msg: Lagged) {
+        if self.subs.contains_key(&msg.subscription) {
+            D::lagged(self, link, msg);
         }
     }
-}
-
-impl Handler<Notify> for WsSession {
-    type Result = ();
-
-    fn handle(&mut self, msg: Notify, ctx: &mut Self::Context) {
-        if self.is_wamp() {
-            return; // notifications are part of the native protocol only
-        }
-        if let Some(frame) = protocol::notify(&msg.data) {
-            self.send(ctx, frame);
-        }
-    }
-}
-
-impl Handler<Regrant> for WsSession {
-    type Result = ();
 
     /// A reload: rights are re-derived; a session that lost its user, or the grant of a
     /// subscription it holds, is closed (4011) — the client reconnects and sees what it
     /// may now. Narrower publish grants apply to the next publish.
-    fn handle(&mut self, msg: Regrant, ctx: &mut Self::Context) {
+    pub(crate) fn regrant(&mut self, link: &mut dyn Link<D>, msg: Regrant) {
         let Some(current) = &self.identity else {
             return;
         };
         let Some(new) = current.under(&msg.settings) else {
-            return self.close(ctx, close::REVOKED, "user_removed");
+            return self.close(link, close::REVOKED, "user_removed");
         };
         let lost = self.subs.values().any(|s| {
             let granted = if s.exact {
@@ -769,27 +559,11 @@ impl Handler<Regrant> for WsSession {
             !granted
         });
         if lost {
-            return self.close(ctx, close::REVOKED, "grants_revoked");
+            return self.close(link, close::REVOKED, "grants_revoked");
         }
         self.identity = Some(Identity {
             expires_at_ms: current.expires_at_ms,
             ..new
         });
     }
-}
-
-impl Handler<Disconnect> for WsSession {
-    type Result = ();
-
-    fn handle(&mut self, msg: Disconnect, ctx: &mut Self::Context) {
-        self.close(ctx, msg.code, msg.reason);
-    }
-}
-
-fn new_connection_id() -> Arc<str> {
-    broker_core::message::random_id()
-}
-
-fn chrono_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
