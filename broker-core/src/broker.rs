@@ -25,8 +25,9 @@ use crate::notify::Route;
 use crate::settings::{QueueSpec, Runtime, Settings, UserSpec};
 use crate::store;
 
-use crate::ingress::{Ingress, SharedSettings};
-pub use crate::ingress::{PublishOutcome, PublishRequest, Publisher};
+use crate::actors::ingress::Ingress;
+pub use crate::actors::ingress::{PublishOutcome, PublishRequest, Publisher};
+use crate::settings::SharedSettings;
 
 /// webhook-queue's minimum password length for `/setPassword`.
 pub const MIN_PASSWORD_LEN: usize = 6;
@@ -131,14 +132,18 @@ impl Broker {
             leader: leader.clone(),
             client,
             arbiter: arbiter.handle(),
-            settings: shared.clone(),
-            registry: registry.clone(),
         };
-        let crate::actors::hub::Launched {
+        let crate::actors::Launched {
             hub,
             webhooks,
             ingress,
-        } = Hub::launch(settings.clone(), store.clone(), metrics.clone(), deliveries);
+        } = crate::actors::launch(
+            &shared,
+            store.clone(),
+            metrics.clone(),
+            registry.clone(),
+            deliveries,
+        );
         let cron = Cron::new(
             settings.crons.clone(),
             ingress.clone(),

@@ -57,7 +57,7 @@ pub fn publication_id(queue: &str, offset: u64) -> u64 {
 /// A random session id: 1 ..= 2^53.
 pub fn random_session_id() -> u64 {
     let mut b = [0u8; 8];
-    crate::auth::password::getrandom_fill(&mut b);
+    crate::random::fill(&mut b);
     u64::from_le_bytes(b) % MAX_ID + 1
 }
 

@@ -161,13 +161,6 @@ impl From<Bytes> for NewMessage {
     }
 }
 
-/// A random 16-hex-digit id (queue epochs, connection ids).
-pub fn random_id() -> Arc<str> {
-    let mut b = [0u8; 8];
-    crate::auth::password::getrandom_fill(&mut b);
-    hex::encode(b).into()
-}
-
 /// Current Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
 
@@ -15,6 +15,10 @@ use crate::config::{
 use crate::delivery::WebhookSpec;
 use crate::error::{Error, KeyError};
 use crate::schedule::CronSpec;
+
+/// The settings of the running broker, swapped whole by a reload; shared by the broker
+/// and its front door.
+pub(crate) type SharedSettings = Arc<RwLock<Arc<Settings>>>;
 
 /// Everything about one configured queue or queue pattern.
 #[derive(Debug)]

@@ -216,7 +216,7 @@ impl<D: Dialect> Session<D> {
     ) -> Self {
         let ws = broker.settings().ws.clone();
         Self {
-            id: broker_core::message::random_id(),
+            id: broker_core::random::id(),
             session_id: broker_core::crossbar::random_session_id(),
             broker,
             ws,

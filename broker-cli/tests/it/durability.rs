@@ -21,7 +21,7 @@ fn config(url: &str, queue: &str) -> String {
 }
 
 async fn crash_and_recover(url: &str) {
-    let queue = format!("crash.{}", broker_core::message::random_id());
+    let queue = format!("crash.{}", broker_core::random::id());
     let (_dir, path) = write_config("broker.toml", &config(url, &queue));
     let mut b = spawn_broker(&path);
 
@@ -321,7 +321,7 @@ async fn a_pending_retry_resumes_after_kill_9_at_its_time_and_count() {
 async fn a_failing_store_answers_503_flips_readyz_and_recovers_without_restart() {
     let Some(db) = fresh_postgres() else { return };
     let url = db.url.clone();
-    let queue = format!("fail.{}", broker_core::message::random_id());
+    let queue = format!("fail.{}", broker_core::random::id());
     let (_d, path) = write_config("broker.toml", &config(&url, &queue));
     let b = spawn_broker(&path);
     let publish = |body: &'static str| {

@@ -229,7 +229,7 @@ async fn a_second_broker_on_one_sqlite_file_refuses_to_start() {
 #[actix_web::test]
 async fn readiness_recovers_by_itself_after_a_rejected_commit() {
     let Some(db) = fresh_postgres() else { return };
-    let queue = format!("rej.{}", broker_core::message::random_id());
+    let queue = format!("rej.{}", broker_core::random::id());
     let (_d, path) = write_config("broker.toml", &config(&db.url, &queue));
     let b = spawn_broker(&path);
     let constraint = format!("block_{}", queue.replace('.', "_"));
@@ -472,6 +472,6 @@ async fn terminating_the_lock_session_never_loses_or_hides_an_acknowledged_messa
 
 /// A pseudo-random number below `n` (no rand dependency for one jitter).
 fn rand_ms(n: u64) -> u64 {
-    let id = broker_core::message::random_id();
+    let id = broker_core::random::id();
     u64::from_str_radix(&id[..8], 16).unwrap() % n
 }

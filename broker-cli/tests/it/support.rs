@@ -131,7 +131,7 @@ pub fn fresh_postgres() -> Option<PgDatabase> {
             local.to_owned()
         }
     };
-    let name = format!("broker_it_{}", broker_core::message::random_id());
+    let name = format!("broker_it_{}", broker_core::random::id());
     psql(&base, &format!("CREATE DATABASE {name}"));
     let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
     Some(PgDatabase {

@@ -12,8 +12,8 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::ingress::{Ingress, PublishRequest, Publisher};
 use super::leader::LeadershipChanged;
-use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::NewMessage;
 use crate::metrics::Metrics;
 use crate::schedule::CronSpec;
@@ -338,7 +338,6 @@ mod tests {
     use crate::actors::leader::testing::{elect, Manual};
     use crate::actors::leader::{Follow, Leader};
     use crate::actors::queue::Read;
-    use crate::actors::webhooks::Deliveries;
     use crate::config::parse;
     use crate::settings::Settings;
     use std::time::Duration;
@@ -394,10 +393,13 @@ mod tests {
             }
             let leader = Leader::new(election, metrics.clone()).start();
             let arbiter = Arbiter::new();
-            let deliveries =
-                Deliveries::for_tests(leader.clone(), arbiter.handle(), &settings, &metrics);
-            let launched =
-                Hub::launch(settings.clone(), store.clone(), metrics.clone(), deliveries);
+            let launched = crate::actors::launch_for_tests(
+                settings.clone(),
+                store.clone(),
+                metrics.clone(),
+                leader.clone(),
+                arbiter.handle(),
+            );
             let (hub, ingress) = (launched.hub, launched.ingress);
             Harness {
                 settings,

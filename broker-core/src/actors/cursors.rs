@@ -6,9 +6,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::queue::ConsumerKey;
 use super::window::Window;
 use crate::message::Message;
+
+/// Identifies a poll consumer: client names are unique per user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConsumerKey {
+    /// The user that owns it.
+    pub user: String,
+    /// The client name the user chose.
+    pub client: String,
+}
 
 /// webhook-queue's wording for a consumer whose unread messages rolled off.
 pub(crate) const ROLLED_OFF: &str = "It's been too long since you've read from the queue. As such, at least one message has been discarded. Please refresh your local state";

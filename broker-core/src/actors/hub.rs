@@ -22,9 +22,7 @@ use super::queue::{
     Unsubscribe,
 };
 use super::subscriber::Subscriber;
-use super::webhooks::{Deliveries, SyncTargets, Webhooks};
 use crate::error::{Error, Rejection};
-use crate::ingress::Ingress;
 use crate::metrics::Metrics;
 use crate::settings::{QueueSpec, Settings};
 use crate::store::Store;
@@ -110,6 +108,17 @@ impl PrefixSub {
     }
 }
 
+/// Sent to the webhook supervisor: make the targets of a queue match its spec (`None`:
+/// the queue is gone, stop them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncTargets {
+    /// The queue.
+    pub queue: QueueHandle,
+    /// Its spec now.
+    pub spec: Option<Arc<QueueSpec>>,
+}
+
 /// Swaps in reloaded settings.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -137,7 +146,7 @@ pub struct Hub {
     /// Leadership, which queues follow (delayed releases) through the hub.
     leader: Addr<super::Leader>,
     /// The webhook supervisor, told when a queue with targets starts or changes.
-    webhooks: Addr<Webhooks>,
+    webhooks: Recipient<SyncTargets>,
     /// Prefix subscriptions by subscriber id.
     prefix_subs: HashMap<u64, PrefixSub>,
     /// Pattern queues found idle, since when.
@@ -147,7 +156,7 @@ pub struct Hub {
 }
 
 /// The running queues by name, shared by the `Hub` (which writes it) and the front door.
-type Running = Arc<RwLock<HashMap<Arc<str>, QueueHandle>>>;
+pub(crate) type Running = Arc<RwLock<HashMap<Arc<str>, QueueHandle>>>;
 
 /// The queues as the front door reaches them (cloneable): a running queue is looked up
 /// here, so a publish to it is one mailbox round trip (to the queue); the `Hub` is asked
@@ -172,66 +181,38 @@ impl Queues {
     }
 }
 
-/// The core's registry and what hangs off it, as `Hub::launch` starts them.
-pub(crate) struct Launched {
-    /// The queue registry.
-    pub hub: Addr<Hub>,
-    /// The webhook supervisor.
-    pub webhooks: Addr<Webhooks>,
-    /// The front door over the hub's queues.
-    pub ingress: Ingress,
+impl Queues {
+    /// The queues of the hub at `hub`, as it publishes them in `running`.
+    pub(crate) fn new(running: Running, hub: Addr<Hub>) -> Self {
+        Self { running, hub }
+    }
 }
 
 impl Hub {
-    /// Starts the hub over `store` with the initial `settings`, the webhook supervisor
-    /// and the front door (which the supervisor's dead letters go through).
-    pub(crate) fn launch(
+    /// A hub over `store` with the initial `settings`: it publishes its running queues
+    /// in `running`, follows `leader` (and passes leadership on to its queues), and tells
+    /// `webhooks` of each queue with targets that it starts or that a reload changes.
+    pub(crate) fn new(
         settings: Arc<Settings>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        deliveries: Deliveries,
-    ) -> Launched {
-        let running = Running::default();
-        let mut parts = None;
-        let hub = Hub::create(|ctx| {
-            let queues = Queues {
-                running: running.clone(),
-                hub: ctx.address(),
-            };
-            let ingress = Ingress::new(
-                deliveries.settings.clone(),
-                queues,
-                deliveries.registry.clone(),
-                metrics.clone(),
-            );
-            let webhooks = Webhooks::new(
-                deliveries.clone(),
-                ingress.clone(),
-                store.clone(),
-                metrics.clone(),
-            )
-            .start();
-            parts = Some((ingress, webhooks.clone()));
-            Self {
-                settings,
-                logs: Arc::new(crate::log::StoreLogs(store.clone())),
-                store,
-                metrics,
-                queues: HashMap::new(),
-                running,
-                consumers: HashMap::new(),
-                leader: deliveries.leader.clone(),
-                webhooks,
-                prefix_subs: HashMap::new(),
-                idle_since: HashMap::new(),
-                leading: false,
-            }
-        });
-        let (ingress, webhooks) = parts.expect("created above");
-        Launched {
-            hub,
+        running: Running,
+        leader: Addr<super::Leader>,
+        webhooks: Recipient<SyncTargets>,
+    ) -> Self {
+        Self {
+            settings,
+            logs: Arc::new(crate::log::StoreLogs(store.clone())),
+            store,
+            metrics,
+            queues: HashMap::new(),
+            running,
+            consumers: HashMap::new(),
+            leader,
             webhooks,
-            ingress,
+            prefix_subs: HashMap::new(),
+            idle_since: HashMap::new(),
+            leading: false,
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 
+pub use super::cursors::ConsumerKey;
 use super::cursors::{ConsumerRead as CursorRead, Cursors};
 use super::delayed::DelayedSet;
 use super::leader::LeadershipChanged;
@@ -34,15 +35,6 @@ const DELAYED_RETRY_MS: i64 = 1000;
 /// Mailbox capacity: publishers and readers `send` (never `do_send`), so a busy queue
 /// pushes back on them instead of growing without bound.
 const MAILBOX_CAPACITY: usize = 4096;
-
-/// Identifies a poll consumer: client names are unique per user.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ConsumerKey {
-    /// The user that owns it.
-    pub user: String,
-    /// The client name the user chose.
-    pub client: String,
-}
 
 /// What callers hold to talk to one queue.
 #[derive(Clone)]

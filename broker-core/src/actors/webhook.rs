@@ -16,11 +16,11 @@ use actix::prelude::*;
 use base64::Engine;
 use serde::Serialize;
 
+use super::ingress::{Ingress, PublishRequest, Publisher};
 use super::leader::LeadershipChanged;
 use super::queue::{Head, QueueHandle, Read};
 use crate::delivery::{shown_url, WebhookSpec, MAX_RETRY_AFTER};
 use crate::error::Error;
-use crate::ingress::{Ingress, PublishRequest, Publisher};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredAttempt};
@@ -616,7 +616,7 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 
 fn random_unit() -> f64 {
     let mut b = [0u8; 8];
-    crate::auth::password::getrandom_fill(&mut b);
+    crate::random::fill(&mut b);
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -702,10 +702,9 @@ impl Handler<GetStatus> for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::hub::{GetQueue, Hub};
+    use crate::actors::hub::GetQueue;
     use crate::actors::leader::{Leader, SingleNode};
     use crate::actors::queue::Publish;
-    use crate::actors::webhooks::Deliveries;
     use crate::config::parse;
     use crate::settings::Settings;
 
@@ -721,7 +720,6 @@ mod tests {
             .unwrap();
         let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
         let arbiter = Arbiter::new();
-        let deliveries = Deliveries::for_tests(leader, arbiter.handle(), &settings, &metrics);
         // A hub without the webhook (its own actor is started by hand below).
         let (cfg0, src0) = parse(
             None,
@@ -729,11 +727,12 @@ mod tests {
             Vec::<(String, String)>::new(),
         )
         .unwrap();
-        let launched = Hub::launch(
+        let launched = crate::actors::launch_for_tests(
             Arc::new(Settings::compile(cfg0, src0).unwrap()),
             store.clone(),
             metrics.clone(),
-            deliveries,
+            leader,
+            arbiter.handle(),
         );
         let hub = launched.hub;
         let handle = hub

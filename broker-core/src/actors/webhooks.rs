@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::hub::SyncTargets;
+use super::ingress::Ingress;
 use super::leader::{Follow, Leader};
 use super::queue::QueueHandle;
 use super::webhook::{GetStatus, Retarget, StopWebhook, Webhook, WebhookStatus};
 use crate::delivery::WebhookSpec;
-use crate::ingress::Ingress;
 use crate::metrics::Metrics;
-use crate::settings::QueueSpec;
 use crate::store::Store;
 
 /// What webhook deliveries need from the broker.
@@ -27,39 +27,18 @@ pub struct Deliveries {
     pub client: reqwest::Client,
     /// The arbiter webhook actors run on, away from the HTTP workers.
     pub arbiter: ArbiterHandle,
-    /// The broker's settings (webhooks dead-letter through the front door).
-    pub settings: crate::ingress::SharedSettings,
-    /// The connection registry (the front door routes notifications there).
-    pub registry: Addr<super::ConnectionRegistry>,
 }
 
 #[cfg(test)]
 impl Deliveries {
-    /// Deliveries for a test: a fresh registry and the given settings.
-    pub(crate) fn for_tests(
-        leader: Addr<Leader>,
-        arbiter: ArbiterHandle,
-        settings: &Arc<crate::settings::Settings>,
-        metrics: &Arc<Metrics>,
-    ) -> Self {
+    /// Deliveries for a test.
+    pub(crate) fn for_tests(leader: Addr<Leader>, arbiter: ArbiterHandle) -> Self {
         Deliveries {
             leader,
             client: reqwest::Client::new(),
             arbiter,
-            settings: Arc::new(std::sync::RwLock::new(settings.clone())),
-            registry: super::ConnectionRegistry::new(metrics.clone()).start(),
         }
     }
-}
-
-/// Makes the targets of a queue match its spec (`None`: the queue is gone, stop them).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SyncTargets {
-    /// The queue.
-    pub queue: QueueHandle,
-    /// Its spec now.
-    pub spec: Option<Arc<QueueSpec>>,
 }
 
 /// The targets of a queue.

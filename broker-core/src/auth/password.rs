@@ -125,7 +125,7 @@ pub struct CredentialCache {
 impl Default for CredentialCache {
     fn default() -> Self {
         let mut key = [0u8; 32];
-        getrandom_fill(&mut key);
+        crate::random::fill(&mut key);
         Self {
             key,
             entries: Mutex::new(HashMap::new()),
@@ -163,14 +163,6 @@ impl CredentialCache {
     /// Forgets everything (after a reload or a password change).
     pub fn clear(&self) {
         self.entries.lock().expect("cache lock").clear();
-    }
-}
-
-/// Fills `buf` from the OS RNG (through the argon2 salt generator's source).
-pub(crate) fn getrandom_fill(buf: &mut [u8]) {
-    for chunk in buf.chunks_mut(16) {
-        let salt = argon2::password_hash::generate_salt();
-        chunk.copy_from_slice(&salt[..chunk.len()]);
     }
 }
 

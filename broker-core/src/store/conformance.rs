@@ -29,7 +29,7 @@ async fn suite(url: &str, durable: bool) {
     let metrics = Arc::new(Metrics::new());
     let s: Arc<dyn Store> = open(url, metrics.clone()).await.unwrap();
     // Unique names: the PostgreSQL database is shared by concurrent test runs.
-    let q = format!("conf.{}", crate::message::random_id());
+    let q = format!("conf.{}", crate::random::id());
 
     let fresh = s.open(&q).await.unwrap();
     assert_eq!(

@@ -37,6 +37,9 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::str::FromStr;
+
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 use crate::error::Error;
@@ -115,6 +118,26 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest a check may take before the lock counts as lost.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Session settings of every PostgreSQL connection the broker opens. When a broker's
+/// node vanishes, the database must end its sessions soon — the lock's (so a standby
+/// can take over) and the writer's (whose row locks would otherwise block the new
+/// active broker for as long as the kernel's default keepalive, hours): server-side TCP
+/// keepalives end a silent session after about 5 + 2 × 3 = 11 s, and a session idle
+/// inside a transaction (the writer's take milliseconds) is ended after a minute.
+const PG_SESSION: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "2"),
+    ("tcp_keepalives_count", "3"),
+    ("idle_in_transaction_session_timeout", "60000"),
+];
+
+/// Connect options for a `postgres://` URL, with [`PG_SESSION`].
+pub(super) fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| Error::Store(e.to_string()))?
+        .options(PG_SESSION))
+}
+
 /// The advisory lock, held by a session of its own for as long as this value lives.
 pub struct ActiveLock {
     conn: PgConnection,
@@ -126,7 +149,7 @@ fn lock_err(e: impl std::fmt::Display) -> Error {
 }
 
 async fn session(url: &str) -> Result<PgConnection, Error> {
-    PgConnection::connect_with(&super::sql::pg_options(url)?)
+    PgConnection::connect_with(&pg_options(url)?)
         .await
         .map_err(lock_err)
 }
@@ -138,7 +161,7 @@ impl ActiveLock {
     /// an unreachable database is retried with backoff (logged each time), since in
     /// an orchestrated deployment the database may simply not be up yet.
     pub async fn acquire(url: &str, key: i64, waiting: impl FnOnce()) -> Result<Self, Error> {
-        super::sql::pg_options(url)?;
+        pg_options(url)?;
         let mut conn: Option<PgConnection> = None;
         let mut waiting = Some(waiting);
         let mut backoff = CONNECT_BACKOFF;
@@ -287,7 +310,7 @@ mod tests {
 
     /// A key no other test (or broker) uses.
     fn key() -> i64 {
-        i64::from_str_radix(&crate::message::random_id()[..15], 16).unwrap()
+        i64::from_str_radix(&crate::random::id()[..15], 16).unwrap()
     }
 
     #[actix::test]
@@ -354,7 +377,7 @@ mod tests {
 
     impl FreshDb {
         async fn new(base: &str) -> FreshDb {
-            let name = format!("broker_fence_{}", crate::message::random_id());
+            let name = format!("broker_fence_{}", crate::random::id());
             let mut admin = PgConnection::connect(base).await.unwrap();
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&mut admin)

@@ -179,7 +179,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// A fresh random epoch: 16 hex digits.
 pub fn random_epoch() -> Arc<str> {
-    crate::message::random_id()
+    crate::random::id()
 }
 
 /// Opens the store named by `storage.url`: `memory://`, `sqlite://PATH`, `postgres://…`.

@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::lock::{Fence, FileLock, FENCE_CHECK};
+use super::lock::{pg_options, Fence, FileLock, FENCE_CHECK};
 use super::{
     random_epoch, Store, StoredAttempt, StoredConsumer, StoredDelayed, StoredQueue, StoredTail,
 };
@@ -158,26 +158,6 @@ pub struct SqlStore {
 
 fn store_err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())
-}
-
-/// Session settings of every PostgreSQL connection the broker opens. When a broker's
-/// node vanishes, the database must end its sessions soon — the lock's (so a standby
-/// can take over) and the writer's (whose row locks would otherwise block the new
-/// active broker for as long as the kernel's default keepalive, hours): server-side TCP
-/// keepalives end a silent session after about 5 + 2 × 3 = 11 s, and a session idle
-/// inside a transaction (the writer's take milliseconds) is ended after a minute.
-const PG_SESSION: [(&str, &str); 4] = [
-    ("tcp_keepalives_idle", "5"),
-    ("tcp_keepalives_interval", "2"),
-    ("tcp_keepalives_count", "3"),
-    ("idle_in_transaction_session_timeout", "60000"),
-];
-
-/// Connect options for a `postgres://` URL, with [`PG_SESSION`].
-pub(super) fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
-    Ok(PgConnectOptions::from_str(url)
-        .map_err(store_err)?
-        .options(PG_SESSION))
 }
 
 impl SqlStore {

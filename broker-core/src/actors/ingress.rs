@@ -9,26 +9,21 @@
 //! only to start a queue).
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::actors::hub::Queues;
-use crate::actors::registry::{NotifyConnection, NotifyUser};
-use crate::actors::{
-    ConnectionRegistry, Notify, Publish, PublishAt, Published, QueueHandle, Scheduled,
-};
+use super::hub::Queues;
+use super::queue::{Publish, PublishAt, Published, QueueHandle, Scheduled};
+use super::registry::{ConnectionRegistry, NotifyConnection, NotifyUser};
+use super::subscriber::Notify;
 use crate::auth::crossbar::{NonceCache, SignatureError};
 use crate::config::QueueKind;
 use crate::error::{Error, Rejection};
 use crate::message::NewMessage;
 use crate::metrics::{Metrics, UNKNOWN_QUEUE_LABEL};
 use crate::notify::{self, Route};
-use crate::settings::{QueueSpec, Settings};
-
-/// The settings of the running broker, swapped whole by a reload; shared by the broker
-/// and every [`Ingress`].
-pub(crate) type SharedSettings = Arc<RwLock<Arc<Settings>>>;
+use crate::settings::{QueueSpec, Settings, SharedSettings};
 
 /// The front door (cloneable).
 #[derive(Clone)]
