@@ -14,6 +14,7 @@ pub mod leader;
 pub mod queue;
 pub mod registry;
 pub mod subscriber;
+mod subscribers;
 pub mod webhook;
 pub mod webhooks;
 mod window;

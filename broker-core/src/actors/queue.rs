@@ -8,7 +8,7 @@
 //! are one step. Readers that wait (long-poll) watch the `changes` channel, which is
 //! bumped whenever something a reader could see changes: no per-waiter bookkeeping here.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -20,7 +20,8 @@ pub use super::cursors::ConsumerKey;
 use super::cursors::{ConsumerRead as CursorRead, Cursors};
 use super::delayed::DelayedSet;
 use super::leader::LeadershipChanged;
-use super::subscriber::{Lagged, Offer, Subscriber};
+use super::subscriber::{Lagged, Subscriber};
+use super::subscribers::Subscribers;
 use super::window::{DropReason, Window};
 use crate::error::{Error, Rejection};
 use crate::log::QueueLog;
@@ -236,7 +237,8 @@ pub struct Queue {
     early: BTreeMap<u64, Arc<Message>>,
     /// The named poll consumers and their refresh rules.
     consumers: Cursors,
-    subscribers: HashMap<u64, Subscriber>,
+    /// The live subscribers.
+    subscribers: Subscribers,
     /// Delayed messages: one heap and one timer for the earliest, not a timer each.
     delayed: DelayedSet,
     /// The one timer, for the earliest delayed message (its due time and handle).
@@ -285,7 +287,7 @@ impl Queue {
             next_seq: 0,
             early: BTreeMap::new(),
             consumers: Cursors::default(),
-            subscribers: HashMap::new(),
+            subscribers: Subscribers::default(),
             delayed: DelayedSet::default(),
             delayed_timer: None,
             leading,
@@ -445,34 +447,17 @@ impl Queue {
         self.notify();
     }
 
-    /// Offers new messages to every live subscriber; never waits on one.
+    /// Offers new messages to every live subscriber; never waits on one. One dropped
+    /// for lagging gets one notice (bounded even though `do_send` is not).
     fn fan_out(&mut self, messages: &[Arc<Message>], bytes: usize) {
-        if self.subscribers.is_empty() {
-            return;
-        }
-        let batch: Arc<[Arc<Message>]> = messages.into();
-        let mut dropped = Vec::new();
-        for (id, sub) in &self.subscribers {
-            match sub.offer(&self.name, &batch, bytes) {
-                Offer::Sent => {}
-                Offer::Lagging => dropped.push((*id, true)),
-                Offer::Closed => dropped.push((*id, false)),
-            }
-        }
-        for (id, lagging) in dropped {
-            let Some(sub) = self.subscribers.remove(&id) else {
-                continue;
-            };
-            if lagging {
-                self.metrics.ws_slow_consumers.inc();
-                // One notice per dropped subscription: bounded even though do_send is not.
-                sub.lagged.do_send(Lagged {
-                    subscription: id,
-                    queue: self.name.clone(),
-                    offset: self.window.head(),
-                    epoch: self.epoch.clone(),
-                });
-            }
+        for (id, sub) in self.subscribers.offer(&self.name, messages, bytes) {
+            self.metrics.ws_slow_consumers.inc();
+            sub.lagged.do_send(Lagged {
+                subscription: id,
+                queue: self.name.clone(),
+                offset: self.window.head(),
+                epoch: self.epoch.clone(),
+            });
         }
     }
 
@@ -851,7 +836,7 @@ impl Handler<Unsubscribe> for Queue {
     type Result = ();
 
     fn handle(&mut self, msg: Unsubscribe, _: &mut Self::Context) {
-        self.subscribers.remove(&msg.id);
+        self.subscribers.remove(msg.id);
     }
 }
 
