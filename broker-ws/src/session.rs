@@ -202,6 +202,9 @@ pub(crate) struct Session<D> {
     pub(crate) subs: HashMap<u64, Sub>,
     /// The `broker_ws_disconnects_total` reason.
     close_reason: &'static str,
+    /// `broker_ws_frames_total{direction}`, looked up once.
+    frames_in: prometheus::IntCounter,
+    frames_out: prometheus::IntCounter,
     /// The protocol's own state.
     pub(crate) dialect: D,
 }
@@ -215,7 +218,14 @@ impl<D: Dialect> Session<D> {
         dialect: D,
     ) -> Self {
         let ws = broker.settings().ws.clone();
+        let frames = &broker.metrics().ws_frames;
+        let (frames_in, frames_out) = (
+            frames.with_label_values(&["in"]),
+            frames.with_label_values(&["out"]),
+        );
         Self {
+            frames_in,
+            frames_out,
             id: broker_core::random::id(),
             session_id: broker_core::crossbar::random_session_id(),
             broker,
@@ -273,21 +283,13 @@ impl<D: Dialect> Session<D> {
 
     /// Writes a frame (counted).
     pub(crate) fn send(&self, link: &mut dyn Link<D>, frame: ByteString) {
-        self.broker
-            .metrics()
-            .ws_frames
-            .with_label_values(&["out"])
-            .inc();
+        self.frames_out.inc();
         link.text(frame);
     }
 
     /// Counts a frame from the client.
     pub(crate) fn heard_frame(&self) {
-        self.broker
-            .metrics()
-            .ws_frames
-            .with_label_values(&["in"])
-            .inc();
+        self.frames_in.inc();
     }
 
     /// Closes the connection with `code`, after the dialect's last words.
