@@ -53,6 +53,8 @@ pub struct Broker {
     ingress: Ingress,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
+    /// Bounds on password checks (rate per address and user, concurrency).
+    logins: RwLock<Arc<crate::auth::login::LoginGuard>>,
     /// Nonces of signed pusher requests within their window.
     pusher_nonces: crate::auth::crossbar::NonceCache,
     started_at: i64,
@@ -169,6 +171,9 @@ impl Broker {
             ingress,
             metrics,
             credentials: CredentialCache::default(),
+            logins: RwLock::new(Arc::new(crate::auth::login::LoginGuard::new(
+                settings.config.limits.login_attempts_per_minute,
+            ))),
             pusher_nonces: Default::default(),
             started_at: chrono::Utc::now().timestamp(),
             shutdown,
@@ -471,26 +476,45 @@ impl Broker {
             .do_send(crate::actors::registry::Unregister { id });
     }
 
-    /// Checks a login. Argon2 runs on the blocking pool; successes are cached briefly.
-    pub async fn authenticate(&self, user: &str, password: &str) -> Result<Arc<UserSpec>, Error> {
-        let spec = self
-            .settings()
-            .users
-            .get(user)
-            .cloned()
-            .ok_or(Error::BadLogin)?;
-        if self.credentials.contains(user, password) {
-            return Ok(spec);
+    /// Checks a login from `client`. Recent successes are cached; a check is rate
+    /// limited per address and per user name, bounded in concurrency, runs argon2 on the
+    /// blocking pool, and costs the same for an unknown user (`auth::login`).
+    pub async fn authenticate(
+        &self,
+        user: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Arc<UserSpec>, Error> {
+        let spec = self.settings().users.get(user).cloned();
+        if let Some(spec) = &spec {
+            if self.credentials.contains(user, password) {
+                return Ok(spec.clone());
+            }
         }
-        let (check, pw) = (spec.clone(), password.to_owned());
-        let ok = tokio::task::spawn_blocking(move || check.password.verify(&pw))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        if !ok {
-            return Err(Error::BadLogin);
+        let guard = self.logins.read().expect("logins lock").clone();
+        let known = spec.as_ref().map(|s| s.name.as_str());
+        let admitted = guard.admit(client, known).inspect_err(|_| {
+            self.metrics.login_refusals.inc();
+        })?;
+        let pw = password.to_owned();
+        let check = spec.clone();
+        let ok = admitted
+            .verify(move || match &check {
+                Some(s) => s.password.verify(&pw),
+                None => {
+                    // The same work as for a known user, whatever the outcome.
+                    let _ = crate::auth::login::decoy().verify(&pw);
+                    false
+                }
+            })
+            .await?;
+        match spec {
+            Some(spec) if ok => {
+                self.credentials.insert(user, password);
+                Ok(spec)
+            }
+            _ => Err(Error::BadLogin),
         }
-        self.credentials.insert(user, password);
-        Ok(spec)
     }
 
     /// Re-reads the config from where it came from; on any error the old one stays.
@@ -579,6 +603,11 @@ impl Broker {
         warn_weak_passwords(&new);
         *self.settings.write().expect("settings lock") = new.clone();
         self.credentials.clear();
+        let rate = new.config.limits.login_attempts_per_minute;
+        if self.logins.read().expect("logins lock").per_minute() != rate {
+            *self.logins.write().expect("logins lock") =
+                Arc::new(crate::auth::login::LoginGuard::new(rate));
+        }
         self.cron.do_send(SetCrons {
             crons: new.crons.clone(),
         });

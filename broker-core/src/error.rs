@@ -181,6 +181,12 @@ pub enum Error {
     /// Unknown user or wrong password.
     #[error("Unrecognized login")]
     BadLogin,
+    /// Too many logins to check from this address or for this user name, or in all.
+    #[error("too many login attempts; retry in {retry_after_secs} s")]
+    TooManyLogins {
+        /// When to try again, in whole seconds (`Retry-After`).
+        retry_after_secs: u64,
+    },
     /// The user may not read that queue.
     #[error("user may not read queue `{queue}`")]
     NotGranted {
@@ -253,6 +259,7 @@ impl Error {
             Error::ClientExists { .. } => "client_exists",
             Error::ClientDisconnected { .. } => "client_disconnected",
             Error::BadLogin => "bad_login",
+            Error::TooManyLogins { .. } => "too_many_logins",
             Error::NotGranted { .. } => "not_granted",
             Error::ReloadNotAllowed => "reload_not_allowed",
             Error::PasswordTooShort { .. } => "password_too_short",

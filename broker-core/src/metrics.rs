@@ -45,6 +45,8 @@ pub struct Metrics {
     pub ws_disconnects: IntCounterVec,
     /// `broker_ws_slow_consumers_total`: subscriptions dropped for falling behind.
     pub ws_slow_consumers: prometheus::IntCounter,
+    /// `broker_login_refusals_total`: logins refused unchecked (rate or concurrency).
+    pub login_refusals: prometheus::IntCounter,
     /// `broker_ws_delivery_latency_seconds`: from accepting a message to writing it to a session.
     pub ws_delivery_latency: prometheus::Histogram,
     /// `broker_notifications_total{target}`: notifications delivered to connections.
@@ -217,6 +219,13 @@ impl Metrics {
             &registry,
             prometheus::IntGauge::new("broker_leader", "1 while this node is the leader."),
         );
+        let login_refusals = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "broker_login_refusals_total",
+                "Logins refused without a check: over the rate of their address or user name, or too many checks at once.",
+            ),
+        );
         let leader_changes = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -362,6 +371,7 @@ impl Metrics {
             ws_frames,
             ws_disconnects,
             ws_slow_consumers,
+            login_refusals,
             ws_delivery_latency,
             notifications,
             leader,

@@ -262,10 +262,7 @@ impl Settings {
                 max_message_count: q.max_message_count.unwrap_or(cfg.limits.max_message_count),
                 max_message_size: q.max_message_size.unwrap_or(cfg.limits.max_message_size),
                 max_queue_size: q.max_queue_size.unwrap_or(cfg.limits.max_queue_size),
-                max_delayed_messages: cfg.limits.max_delayed_messages,
-                max_delay: cfg.limits.max_delay,
-                max_queues: cfg.limits.max_queues,
-                idle_queue_timeout: cfg.limits.idle_queue_timeout,
+                ..cfg.limits
             };
             check_limits(&key, &limits, cfg.server.max_body_size, &mut err);
             let allow_ips = parse_nets(&q.allow_ips).unwrap_or_else(|(j, m)| {

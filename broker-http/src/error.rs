@@ -90,7 +90,9 @@ fn status_of(code: &str) -> StatusCode {
         "invalid_body" | "password_too_short" | "delay_too_long" | "invalid_header" => {
             S::BAD_REQUEST
         }
-        "too_many_delayed" | "too_many_connections" | "too_many_queues" => S::TOO_MANY_REQUESTS,
+        "too_many_delayed" | "too_many_connections" | "too_many_queues" | "too_many_logins" => {
+            S::TOO_MANY_REQUESTS
+        }
         // webhook-queue answers 410 without `refresh` for a disconnected client.
         "unrecoverable_position" | "refresh" | "client_disconnected" => S::GONE,
         "client_exists" | "config_not_writable" | "defined_in_config" | "exists" | "replayed" => {
@@ -121,6 +123,9 @@ impl ResponseError for ApiError {
         }
         if matches!(self, ApiError::Standby) {
             res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        if let ApiError::Core(Error::TooManyLogins { retry_after_secs }) = self {
+            res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
         res.json(ErrorBody {
             code: code.to_owned(),

@@ -54,7 +54,8 @@ pub fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
 pub async fn require_user(req: &HttpRequest, broker: &Broker) -> Result<Arc<UserSpec>, ApiError> {
     let (user, pass) =
         basic_credentials(req).ok_or(ApiError::MissingLogin("Authorization: Basic"))?;
-    Ok(broker.authenticate(&user, &pass).await?)
+    let client = client_ip(req, &broker.settings())?;
+    Ok(broker.authenticate(&user, &pass, client).await?)
 }
 
 /// The token of `Authorization: Bearer <token>`.

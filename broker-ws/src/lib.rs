@@ -69,7 +69,7 @@ pub async fn connect(
             Some(Identity::from_claims(claims, &settings))
         }
         Credentials::Basic(user, password) => {
-            let u = broker.authenticate(&user, &password).await?;
+            let u = broker.authenticate(&user, &password, remote).await?;
             Some(Identity::of_user(&u))
         }
         Credentials::None if settings.ws.config.allow_anonymous => {

@@ -86,9 +86,9 @@ impl Dialect for Wamp {
             ) => hello(s, link, realm, authmethods, authid),
             (Phase::Challenged(authid), ClientMsg::Authenticate { ticket }) => {
                 s.dialect.phase = Phase::Joining;
-                let broker = s.broker.clone();
+                let (broker, remote) = (s.broker.clone(), s.remote);
                 link.wait(Box::pin(async move {
-                    let res = broker.authenticate(&authid, &ticket).await;
+                    let res = broker.authenticate(&authid, &ticket, remote).await;
                     Box::new(move |s: &mut S, link: &mut dyn Link<Wamp>| match res {
                         Ok(u) => join(s, link, Identity::of_user(&u), "ticket"),
                         Err(e) => {

@@ -44,6 +44,25 @@ pub(crate) struct DelayedSet {
     last_id: u64,
     /// Messages being saved (they count against the limit already).
     saving: usize,
+    /// Body bytes held.
+    bytes: usize,
+    /// Body bytes being saved.
+    saving_bytes: usize,
+}
+
+/// Which limit a delayed publish would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// `max_delayed_messages`.
+    Count,
+    /// `max_delayed_bytes`.
+    Bytes,
+}
+
+fn body_bytes<'a>(messages: impl IntoIterator<Item = &'a NewMessage>) -> usize {
+    messages
+        .into_iter()
+        .fold(0usize, |n, m| n.saturating_add(m.body.len()))
 }
 
 impl DelayedSet {
@@ -52,10 +71,17 @@ impl DelayedSet {
         self.heap.len()
     }
 
+    /// Body bytes held (not counting those being saved).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Takes back what the store kept.
     pub(crate) fn restore(&mut self, stored: Vec<StoredDelayed>) {
         for d in stored {
             self.last_id = self.last_id.max(d.id);
+            self.bytes = self.bytes.saturating_add(d.message.body.len());
             self.heap.push(Reverse(Delayed {
                 at_ms: d.at_ms,
                 id: d.id,
@@ -65,13 +91,15 @@ impl DelayedSet {
     }
 
     /// Gives ids to `messages` due at `at_ms` and counts them as being saved, if they
-    /// fit under `max` together with what is held and being saved; `None` otherwise.
+    /// fit under `max` messages and `max_bytes` body bytes together with what is held
+    /// and being saved; which limit they would pass otherwise.
     pub(crate) fn reserve(
         &mut self,
         messages: Vec<NewMessage>,
         at_ms: i64,
         max: usize,
-    ) -> Option<Vec<StoredDelayed>> {
+        max_bytes: usize,
+    ) -> Result<Vec<StoredDelayed>, Full> {
         let fits = self
             .heap
             .len()
@@ -79,29 +107,40 @@ impl DelayedSet {
             .and_then(|n| n.checked_add(messages.len()))
             .is_some_and(|n| n <= max);
         if !fits {
-            return None;
+            return Err(Full::Count);
+        }
+        let size = body_bytes(&messages);
+        let fits = self
+            .bytes
+            .checked_add(self.saving_bytes)
+            .and_then(|n| n.checked_add(size))
+            .is_some_and(|n| n <= max_bytes);
+        if !fits {
+            return Err(Full::Bytes);
         }
         self.saving += messages.len();
-        Some(
-            messages
-                .into_iter()
-                .map(|message| {
-                    self.last_id += 1;
-                    StoredDelayed {
-                        id: self.last_id,
-                        at_ms,
-                        message,
-                    }
-                })
-                .collect(),
-        )
+        self.saving_bytes += size;
+        Ok(messages
+            .into_iter()
+            .map(|message| {
+                self.last_id += 1;
+                StoredDelayed {
+                    id: self.last_id,
+                    at_ms,
+                    message,
+                }
+            })
+            .collect())
     }
 
-    /// The store answered for `count` reserved messages; `saved` are held from now on
-    /// (empty when the store refused).
-    pub(crate) fn settle(&mut self, count: usize, saved: Vec<StoredDelayed>) {
-        self.saving -= count;
-        self.restore(saved);
+    /// The store answered for `reserved` (what [`DelayedSet::reserve`] gave); they are
+    /// held from now on if `saved` (not when the store refused).
+    pub(crate) fn settle(&mut self, reserved: Vec<StoredDelayed>, saved: bool) {
+        self.saving -= reserved.len();
+        self.saving_bytes -= body_bytes(reserved.iter().map(|d| &d.message));
+        if saved {
+            self.restore(reserved);
+        }
     }
 
     /// When the earliest held message is due.
@@ -113,7 +152,9 @@ impl DelayedSet {
     pub(crate) fn take_due(&mut self, now: i64) -> Vec<Delayed> {
         let mut due = Vec::new();
         while self.heap.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
-            due.push(self.heap.pop().expect("peeked").0);
+            let d = self.heap.pop().expect("peeked").0;
+            self.bytes -= d.message.body.len();
+            due.push(d);
         }
         due
     }
@@ -121,6 +162,7 @@ impl DelayedSet {
     /// Holds messages again (a release the store refused), due at `at_ms`.
     pub(crate) fn retry(&mut self, due: Vec<Delayed>, at_ms: i64) {
         for d in due {
+            self.bytes = self.bytes.saturating_add(d.message.body.len());
             self.heap.push(Reverse(Delayed { at_ms, ..d }));
         }
     }
@@ -144,14 +186,20 @@ mod tests {
         d.iter().map(|d| &d.message.body[..]).collect()
     }
 
+    const NO_BYTE_LIMIT: usize = usize::MAX;
+
     #[test]
     fn releases_in_due_order_then_arrival_order() {
         let mut set = DelayedSet::default();
-        let late = set.reserve(vec![m("late")], 300, 10).unwrap();
-        let early = set.reserve(vec![m("a"), m("b")], 100, 10).unwrap();
+        let late = set
+            .reserve(vec![m("late")], 300, 10, NO_BYTE_LIMIT)
+            .unwrap();
+        let early = set
+            .reserve(vec![m("a"), m("b")], 100, 10, NO_BYTE_LIMIT)
+            .unwrap();
         assert_eq!(early.iter().map(|d| d.id).collect::<Vec<_>>(), [2, 3]);
-        set.settle(1, late);
-        set.settle(2, early);
+        set.settle(late, true);
+        set.settle(early, true);
         assert_eq!((set.len(), set.earliest()), (3, Some(100)));
         assert!(set.take_due(99).is_empty());
         assert_eq!(bodies(&set.take_due(100)), [b"a", b"b"]);
@@ -165,15 +213,46 @@ mod tests {
     #[test]
     fn the_limit_counts_what_is_being_saved() {
         let mut set = DelayedSet::default();
-        let two = set.reserve(vec![m("1"), m("2")], 5, 3).unwrap();
-        assert!(
-            set.reserve(vec![m("3"), m("4")], 5, 3).is_none(),
+        let two = set
+            .reserve(vec![m("1"), m("2")], 5, 3, NO_BYTE_LIMIT)
+            .unwrap();
+        assert_eq!(
+            set.reserve(vec![m("3"), m("4")], 5, 3, NO_BYTE_LIMIT).err(),
+            Some(Full::Count),
             "2 saving + 2 > 3"
         );
-        set.settle(2, Vec::new()); // the store refused them
-        assert_eq!(set.len(), 0);
-        assert!(set.reserve(vec![m("3"), m("4"), m("5")], 5, 3).is_some());
         assert!(two.iter().all(|d| d.at_ms == 5));
+        set.settle(two, false); // the store refused them
+        assert_eq!(set.len(), 0);
+        assert!(set
+            .reserve(vec![m("3"), m("4"), m("5")], 5, 3, NO_BYTE_LIMIT)
+            .is_ok());
+    }
+
+    /// Body bytes count as well as messages: held, being saved, and released again.
+    #[test]
+    fn the_byte_limit_counts_bodies_held_and_being_saved() {
+        let mut set = DelayedSet::default();
+        let first = set.reserve(vec![m("12345")], 5, 100, 8).unwrap();
+        assert_eq!(
+            set.reserve(vec![m("1234")], 5, 100, 8).err(),
+            Some(Full::Bytes),
+            "5 saving + 4 > 8"
+        );
+        set.settle(first, true);
+        assert_eq!(set.bytes(), 5);
+        assert_eq!(
+            set.reserve(vec![m("1234")], 5, 100, 8).err(),
+            Some(Full::Bytes),
+            "5 held + 4 > 8"
+        );
+        let three = set.reserve(vec![m("123")], 6, 100, 8).unwrap();
+        set.settle(three, true);
+        assert_eq!(set.bytes(), 8);
+        let due = set.take_due(5);
+        assert_eq!(set.bytes(), 3, "released bodies no longer count");
+        set.retry(due, 7);
+        assert_eq!(set.bytes(), 8, "retried ones count again");
     }
 
     #[test]
@@ -184,7 +263,7 @@ mod tests {
             at_ms: 1,
             message: m("kept"),
         }]);
-        let next = set.reserve(vec![m("new")], 2, 10).unwrap();
+        let next = set.reserve(vec![m("new")], 2, 10, NO_BYTE_LIMIT).unwrap();
         assert_eq!(next[0].id, 42);
     }
 }

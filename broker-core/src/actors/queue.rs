@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 pub use super::cursors::ConsumerKey;
 use super::cursors::{ConsumerRead as CursorRead, Cursors};
-use super::delayed::DelayedSet;
+use super::delayed::{DelayedSet, Full};
 use super::leader::LeadershipChanged;
 use super::subscriber::{Lagged, Subscriber};
 use super::subscribers::Subscribers;
@@ -651,24 +651,34 @@ impl Handler<PublishAt> for Queue {
         if let Err(e) = self.check_sizes(&msg.messages) {
             return Box::pin(fut::ready(Err(e)));
         }
-        let max = self.spec.limits.max_delayed_messages;
+        let limits = &self.spec.limits;
+        let (max, max_bytes) = (limits.max_delayed_messages, limits.max_delayed_bytes);
         let count = msg.messages.len();
         let at_ms = msg.deliver_at_ms;
-        let Some(items) = self.delayed.reserve(msg.messages, at_ms, max) else {
-            let e = Error::rejected(
-                Rejection::TooManyDelayed,
-                format!("queue `{}` holds {max} delayed messages already", self.name),
-            );
-            return Box::pin(fut::ready(Err(e)));
+        let items = match self.delayed.reserve(msg.messages, at_ms, max, max_bytes) {
+            Ok(items) => items,
+            Err(full) => {
+                let held = match full {
+                    Full::Count => format!("{max} delayed messages (max_delayed_messages)"),
+                    Full::Bytes => {
+                        format!("{max_bytes} bytes of delayed messages (max_delayed_bytes)")
+                    }
+                };
+                let e = Error::rejected(
+                    Rejection::TooManyDelayed,
+                    format!("queue `{}` would hold more than {held}", self.name),
+                );
+                return Box::pin(fut::ready(Err(e)));
+            }
         };
         // Acknowledged once the store has them, like any publish.
         let save = self.store.schedule(&self.name, items.clone());
         Box::pin(save.into_actor(self).map(move |res, act, ctx| {
             if let Err(e) = res {
-                act.delayed.settle(count, Vec::new());
+                act.delayed.settle(items, false);
                 return Err(e);
             }
-            act.delayed.settle(count, items);
+            act.delayed.settle(items, true);
             act.m.delayed.add(count as i64);
             act.arm_delayed_timer(ctx);
             Ok(Scheduled {

@@ -4,6 +4,7 @@
 pub mod client_ip;
 pub mod crossbar;
 pub mod ingest;
+pub mod login;
 pub mod password;
 pub mod secrets;
 pub mod token;

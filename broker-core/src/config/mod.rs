@@ -299,6 +299,8 @@ pub struct LimitsConfig {
     pub max_queue_size: usize,
     /// Most delayed messages a queue holds before they are due.
     pub max_delayed_messages: usize,
+    /// Most body bytes of delayed messages a queue holds before they are due.
+    pub max_delayed_bytes: usize,
     /// Longest a publish may be delayed (`delay=`, `at=`, pg-hooks `when`); later is a 400.
     #[serde(with = "humantime_serde")]
     pub max_delay: std::time::Duration,
@@ -309,6 +311,9 @@ pub struct LimitsConfig {
     /// subscriber or consumer) for this long is stopped and forgotten; `0s`: never.
     #[serde(with = "humantime_serde")]
     pub idle_queue_timeout: std::time::Duration,
+    /// Password checks per minute for one client address, and for one user name (a
+    /// recently verified login is not checked again); past it 429 `too_many_logins`.
+    pub login_attempts_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -319,9 +324,11 @@ impl Default for LimitsConfig {
             max_message_size: 20_000,
             max_queue_size: 1_000_000,
             max_delayed_messages: 100_000,
+            max_delayed_bytes: 64 * 1024 * 1024,
             max_delay: std::time::Duration::from_secs(30 * 24 * 3600),
             max_queues: 10_000,
             idle_queue_timeout: std::time::Duration::from_secs(600),
+            login_attempts_per_minute: 30,
         }
     }
 }

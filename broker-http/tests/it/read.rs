@@ -217,3 +217,44 @@ async fn argon2_logins_work_and_are_cached() {
         .unwrap();
     assert_eq!(res.status(), 403);
 }
+
+/// Password checks are rate limited per client address and per user name: past the
+/// rate a login is refused unchecked with 429 `too_many_logins` and `Retry-After`,
+/// an unknown user's attempts count like a known one's, and a recently verified login
+/// is not checked again (it keeps working).
+#[actix_web::test]
+async fn logins_are_rate_limited_per_address_and_user() {
+    let b = spawn_broker(&format!(
+        "{USER}\n[limits]\nlogin_attempts_per_minute = 3\n[[queues]]\nname = \"q\"\n"
+    ))
+    .await;
+    // A verified login, cached: it is not checked (nor counted) again.
+    let (s, _) = send(b.read("/v1/queues/q/messages")).await;
+    assert_eq!(s, 200);
+    let wrong = |user: &str| {
+        b.get("/v1/queues/q/messages")
+            .basic_auth(user, Some("wrong-password"))
+    };
+    let (s, v) = send(wrong("u")).await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("bad_login")));
+    let (s, v) = send(wrong("nobody")).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (403, Some("bad_login")),
+        "an unknown user is checked (and counted) like a known one"
+    );
+    let res = wrong("u").send().await.unwrap();
+    assert_eq!(res.status(), 429, "the address's three checks are used");
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After: {retry}");
+    let (_, v) = json(res).await;
+    assert_eq!(v["code"], "too_many_logins");
+    let refused = metric(&b.metrics().await, "broker_login_refusals_total");
+    assert!(refused >= Some(1.0), "{refused:?}");
+    let (s, _) = send(b.read("/v1/queues/q/messages")).await;
+    assert_eq!(s, 200, "the cached login still works");
+}
