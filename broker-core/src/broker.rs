@@ -29,6 +29,39 @@ use crate::actors::ingress::Ingress;
 pub use crate::actors::ingress::{PublishOutcome, PublishRequest, Publisher};
 use crate::settings::SharedSettings;
 
+/// Checks runtime definitions about to replace `current.runtime`: the quotas
+/// (`limits.max_runtime_*`), and that every webhook target new to them reaches no
+/// internal address (`webhooks.allow_targets`). Config-file definitions are trusted.
+async fn check_runtime(current: &Settings, runtime: &Runtime) -> Result<(), Error> {
+    let limits = &current.config.limits;
+    let targets: Vec<&str> = runtime
+        .queues
+        .iter()
+        .flat_map(|q| q.webhooks.iter().map(|w| w.url.as_str()))
+        .collect();
+    for (what, n, max) in [
+        ("queues", runtime.queues.len(), limits.max_runtime_queues),
+        ("targets", targets.len(), limits.max_runtime_targets),
+        ("crons", runtime.crons.len(), limits.max_runtime_crons),
+    ] {
+        if n > max {
+            return Err(Error::TooManyDefinitions { what, max });
+        }
+    }
+    let known: std::collections::HashSet<&str> = current
+        .runtime
+        .queues
+        .iter()
+        .flat_map(|q| q.webhooks.iter().map(|w| w.url.as_str()))
+        .collect();
+    for url in targets.into_iter().filter(|u| !known.contains(u)) {
+        crate::delivery::check_runtime_target(url, &current.allow_targets)
+            .await
+            .map_err(Error::TargetNotAllowed)?;
+    }
+    Ok(())
+}
+
 /// webhook-queue's minimum password length for `/setPassword`.
 pub const MIN_PASSWORD_LEN: usize = 6;
 
@@ -53,6 +86,8 @@ pub struct Broker {
     ingress: Ingress,
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
+    /// `webhooks.allow_targets`, as the guarded client's resolver reads it.
+    allowed_targets: crate::delivery::AllowedTargets,
     /// Bounds on password checks (rate per address and user, concurrency).
     logins: RwLock<Arc<crate::auth::login::LoginGuard>>,
     /// Nonces of signed pusher requests within their window.
@@ -122,17 +157,32 @@ impl Broker {
         let leader = Leader::new(election, metrics.clone());
         let leadership = leader.watch();
         let leader = leader.start();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
+        // No delivery follows a redirect (a target could send it anywhere); targets
+        // defined at runtime also never reach internal addresses.
+        let allowed_targets: crate::delivery::AllowedTargets =
+            Arc::new(RwLock::new(settings.allow_targets.clone()));
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(std::time::Duration::from_secs(60))
+                .redirect(reqwest::redirect::Policy::none())
+        };
+        let client_err =
+            |e: reqwest::Error| Error::Startup(format!("cannot build the HTTP client: {e}"));
+        let client = builder().build().map_err(client_err)?;
+        let guarded = builder()
+            .dns_resolver(Arc::new(crate::delivery::GuardedResolver {
+                allow: allowed_targets.clone(),
+            }))
             .build()
-            .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(client_err)?;
         let arbiter = Arbiter::new();
         let shared: SharedSettings = Arc::new(RwLock::new(settings.clone()));
         let registry = ConnectionRegistry::new(metrics.clone()).start();
         let deliveries = Deliveries {
             leader: leader.clone(),
             client,
+            guarded,
             arbiter: arbiter.handle(),
         };
         let crate::actors::Launched {
@@ -171,6 +221,7 @@ impl Broker {
             ingress,
             metrics,
             credentials: CredentialCache::default(),
+            allowed_targets,
             logins: RwLock::new(Arc::new(crate::auth::login::LoginGuard::new(
                 settings.config.limits.login_attempts_per_minute,
             ))),
@@ -543,6 +594,7 @@ impl Broker {
         let current = self.settings();
         let mut runtime = current.runtime.clone();
         change(&mut runtime)?;
+        check_runtime(&current, &runtime).await?;
         let compiled =
             Settings::compile_with(current.config.clone(), current.source.clone(), runtime);
         self.finish_reload(compiled).await?;
@@ -603,6 +655,8 @@ impl Broker {
         warn_weak_passwords(&new);
         *self.settings.write().expect("settings lock") = new.clone();
         self.credentials.clear();
+        new.allow_targets
+            .clone_into(&mut self.allowed_targets.write().expect("allowed targets lock"));
         let rate = new.config.limits.login_attempts_per_minute;
         if self.logins.read().expect("logins lock").per_minute() != rate {
             *self.logins.write().expect("logins lock") =

@@ -194,3 +194,182 @@ mod tests {
         assert_eq!(exp.delay(1, 0.2, 0.5), Duration::from_millis(100));
     }
 }
+
+/// Why an address is internal (no target created at runtime may reach it unless
+/// `webhooks.allow_targets` lets it): `None` for a public address.
+pub fn internal_address(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local (cloud metadata)")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("shared (carrier-grade NAT)")
+            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal_address(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if (first & 0xfe00) == 0xfc00 {
+                Some("unique local (private)")
+            } else if (first & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Whether a target created at runtime may connect to `ip`: a public address, or one
+/// `allow` (`webhooks.allow_targets`) lets through; else why not.
+pub fn target_address_allowed(
+    ip: std::net::IpAddr,
+    allow: &[ipnet::IpNet],
+) -> Result<(), &'static str> {
+    match internal_address(ip) {
+        Some(why) if !allow.iter().any(|n| n.contains(&ip)) => Err(why),
+        _ => Ok(()),
+    }
+}
+
+/// The networks runtime targets may reach although internal; swapped by a reload.
+pub type AllowedTargets = std::sync::Arc<std::sync::RwLock<Vec<ipnet::IpNet>>>;
+
+/// The DNS resolver of the client that delivers to targets created at runtime: names
+/// resolve as usual, minus internal addresses (see [`target_address_allowed`]), so a
+/// name that was public when the target was defined cannot later point it inward.
+pub struct GuardedResolver {
+    /// What may be reached although internal.
+    pub allow: AllowedTargets,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allow = allow.read().expect("allowed targets lock").clone();
+            let mut refused = None;
+            let ok: Vec<std::net::SocketAddr> = found
+                .filter(|a| match target_address_allowed(a.ip(), &allow) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused = Some(why);
+                        false
+                    }
+                })
+                .collect();
+            if ok.is_empty() {
+                let why = refused.unwrap_or("no address");
+                let msg = format!("`{host}` resolves to a {why} address, which targets defined at runtime may not reach (webhooks.allow_targets)");
+                return Err(msg.into());
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Checks a target being defined at runtime: its host, a literal address or a name
+/// resolved now, must not be internal (see [`target_address_allowed`]). A name that does
+/// not resolve yet is accepted; every connection is checked again ([`GuardedResolver`]).
+pub async fn check_runtime_target(url: &str, allow: &[ipnet::IpNet]) -> Result<(), String> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(()); // compiling the definition reports it
+    };
+    let shown = shown_url(&parsed);
+    let refuse = |why: &str| {
+        format!("target {shown} is a {why} address, which targets defined at runtime may not reach unless webhooks.allow_targets lets it")
+    };
+    let Some(host) = parsed.host_str() else {
+        return Ok(());
+    };
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+        return target_address_allowed(ip, allow).map_err(refuse);
+    }
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let Ok(found) = tokio::net::lookup_host((host, port)).await else {
+        return Ok(());
+    };
+    for a in found {
+        target_address_allowed(a.ip(), allow).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+    use reqwest::dns::Resolve;
+
+    #[test]
+    fn internal_addresses_are_named_and_public_ones_pass() {
+        for (ip, internal) in [
+            ("127.0.0.1", true),
+            ("10.0.0.1", true),
+            ("172.16.0.1", true),
+            ("192.168.1.1", true),
+            ("169.254.169.254", true),
+            ("100.64.0.1", true),
+            ("0.0.0.0", true),
+            ("224.0.0.1", true),
+            ("::1", true),
+            ("::ffff:10.0.0.1", true),
+            ("fd00:ec2::254", true),
+            ("fe80::1", true),
+            ("192.0.2.10", false),
+            ("8.8.8.8", false),
+            ("2001:4860:4860::8888", false),
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(internal_address(ip).is_some(), internal, "{ip}");
+        }
+        let allow = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(target_address_allowed("10.1.1.1".parse().unwrap(), &allow).is_ok());
+        assert!(target_address_allowed("10.1.1.1".parse().unwrap(), &[]).is_err());
+    }
+
+    /// At connection time a name is resolved without its internal addresses: a name
+    /// that points inward cannot be reached, whatever it resolved to when defined.
+    #[tokio::test]
+    async fn the_guarded_resolver_drops_internal_addresses() {
+        let guarded = GuardedResolver {
+            allow: Default::default(),
+        };
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let err = match guarded.resolve(name).await {
+            Ok(addrs) => panic!("resolved to {:?}", addrs.collect::<Vec<_>>()),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("loopback"), "{err}");
+        let open = GuardedResolver {
+            allow: std::sync::Arc::new(std::sync::RwLock::new(vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap(),
+            ])),
+        };
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        assert!(open.resolve(name).await.is_ok());
+    }
+}

@@ -178,6 +178,17 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A runtime definition would pass a quota (`limits.max_runtime_*`).
+    #[error("at most {max} {what} may be defined at runtime (limits.max_runtime_{what})")]
+    TooManyDefinitions {
+        /// `queues`, `targets` or `crons`.
+        what: &'static str,
+        /// The quota.
+        max: usize,
+    },
+    /// A webhook target defined at runtime points at an internal address.
+    #[error("{0}")]
+    TargetNotAllowed(String),
     /// Unknown user or wrong password.
     #[error("Unrecognized login")]
     BadLogin,
@@ -259,6 +270,8 @@ impl Error {
             Error::ClientExists { .. } => "client_exists",
             Error::ClientDisconnected { .. } => "client_disconnected",
             Error::BadLogin => "bad_login",
+            Error::TooManyDefinitions { .. } => "too_many_definitions",
+            Error::TargetNotAllowed(_) => "target_not_allowed",
             Error::TooManyLogins { .. } => "too_many_logins",
             Error::NotGranted { .. } => "not_granted",
             Error::ReloadNotAllowed => "reload_not_allowed",

@@ -131,6 +131,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// `webhooks.allow_targets`: internal networks runtime targets may reach.
+    pub allow_targets: Vec<IpNet>,
     /// Admin bearer token.
     pub admin_token: Option<Secret>,
     /// Exact queue names.
@@ -191,6 +193,10 @@ impl Settings {
                 ),
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let allow_targets = parse_nets(&cfg.webhooks.allow_targets).unwrap_or_else(|(i, m)| {
+            err(format!("webhooks.allow_targets[{i}]"), m);
+            Vec::new()
         });
         let trusted_proxies = parse_nets(&cfg.server.trusted_proxies).unwrap_or_else(|(i, m)| {
             err(format!("server.trusted_proxies[{i}]"), m);
@@ -463,6 +469,7 @@ impl Settings {
             source,
             listen,
             trusted_proxies,
+            allow_targets,
             admin_token,
             queues,
             patterns,

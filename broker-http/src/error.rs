@@ -87,12 +87,13 @@ fn status_of(code: &str) -> StatusCode {
         "ip_not_allowed" | "invalid_signature" | "stale_timestamp" | "bad_login"
         | "not_granted" | "reload_not_allowed" => S::FORBIDDEN,
         "body_too_large" | "message_too_large" => S::PAYLOAD_TOO_LARGE,
-        "invalid_body" | "password_too_short" | "delay_too_long" | "invalid_header" => {
-            S::BAD_REQUEST
-        }
-        "too_many_delayed" | "too_many_connections" | "too_many_queues" | "too_many_logins" => {
-            S::TOO_MANY_REQUESTS
-        }
+        "invalid_body" | "password_too_short" | "delay_too_long" | "invalid_header"
+        | "target_not_allowed" => S::BAD_REQUEST,
+        "too_many_delayed"
+        | "too_many_connections"
+        | "too_many_queues"
+        | "too_many_logins"
+        | "too_many_definitions" => S::TOO_MANY_REQUESTS,
         // webhook-queue answers 410 without `refresh` for a disconnected client.
         "unrecoverable_position" | "refresh" | "client_disconnected" => S::GONE,
         "client_exists" | "config_not_writable" | "defined_in_config" | "exists" | "replayed" => {

@@ -394,7 +394,8 @@ async fn unloadable_runtime_definitions_are_kept_aside_not_overwritten() {
     let db = dir.path().join("broker.db");
     let url = format!("sqlite://{}", db.display());
     let with_dlq = format!(
-        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues]]\nname = \"dlq\"\n",
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n\
+         [[queues]]\nname = \"dlq\"\n",
         config(&url, "base")
     );
     let (_d, path) = write_config("broker.toml", &with_dlq);

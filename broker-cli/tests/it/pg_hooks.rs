@@ -89,7 +89,9 @@ async fn the_readme_tutorial_works_unchanged() {
 
     let (_d, path) = write_config(
         "broker.toml",
-        "[admin]\ntoken = \"tutorial-admin-token\"\n[pg_hooks]\nallow_anonymous = true\n",
+        // The tutorial's target runs on this machine: loopback must be let through.
+        "[admin]\ntoken = \"tutorial-admin-token\"\n[pg_hooks]\nallow_anonymous = true\n\
+         [webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n",
     );
     let b = spawn_broker_with(&path, &[("BROKER__SERVER__LISTEN", "127.0.0.1:3042")]);
 

@@ -23,8 +23,11 @@ use crate::store::Store;
 pub struct Deliveries {
     /// Leadership, which webhooks follow.
     pub leader: Addr<Leader>,
-    /// The outbound HTTP client (pooled, rustls).
+    /// The outbound HTTP client (pooled, rustls, no redirects) of config-file targets.
     pub client: reqwest::Client,
+    /// The client of targets defined at runtime: it also refuses internal addresses
+    /// (`delivery::GuardedResolver`).
+    pub guarded: reqwest::Client,
     /// The arbiter webhook actors run on, away from the HTTP workers.
     pub arbiter: ArbiterHandle,
 }
@@ -36,6 +39,7 @@ impl Deliveries {
         Deliveries {
             leader,
             client: reqwest::Client::new(),
+            guarded: reqwest::Client::new(),
             arbiter,
         }
     }
@@ -84,14 +88,20 @@ impl Webhooks {
         label: &str,
         index: usize,
         spec: Arc<WebhookSpec>,
+        runtime: bool,
     ) -> Addr<Webhook> {
+        let client = if runtime {
+            &self.deliveries.guarded
+        } else {
+            &self.deliveries.client
+        };
         let w = Webhook::new(
             queue.clone(),
             label.to_owned(),
             index,
             spec,
             self.ingress.clone(),
-            self.deliveries.client.clone(),
+            client.clone(),
             self.metrics.clone(),
             self.store.clone(),
         );
@@ -118,6 +128,7 @@ impl Handler<SyncTargets> for Webhooks {
             .map(|s| s.webhooks.clone())
             .unwrap_or_default();
         let label = msg.spec.as_ref().map_or(&*name, |s| s.label()).to_owned();
+        let runtime = msg.spec.as_ref().is_some_and(|s| s.runtime);
         let mut old = self.targets.remove(&name).unwrap_or_default();
         let mut now = Vec::new();
         for (i, w) in wanted.into_iter().enumerate() {
@@ -130,7 +141,7 @@ impl Handler<SyncTargets> for Webhooks {
                     now.push((w, addr));
                 }
                 None => {
-                    let addr = self.start_target(&msg.queue, &label, i, w.clone());
+                    let addr = self.start_target(&msg.queue, &label, i, w.clone(), runtime);
                     now.push((w, addr));
                 }
             }

@@ -61,6 +61,19 @@ pub struct Config {
     /// Crossbar's HTTP pusher (`POST /push`) and the WAMP realm; absent: no pusher route.
     #[serde(default)]
     pub pusher: Option<PusherConfig>,
+    /// Outbound webhook deliveries.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: rules for outbound deliveries.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Networks (CIDRs) that targets created at runtime (admin API, pg-hooks routes) may
+    /// reach although they are loopback, private, link-local or otherwise internal.
+    /// Targets in the config file are trusted and not checked.
+    pub allow_targets: Vec<String>,
 }
 
 /// `[pusher]`: Crossbar.io's HTTP Publisher bridge, with Crossbar's option names.
@@ -314,6 +327,13 @@ pub struct LimitsConfig {
     /// Password checks per minute for one client address, and for one user name (a
     /// recently verified login is not checked again); past it 429 `too_many_logins`.
     pub login_attempts_per_minute: u32,
+    /// Most queues defined at runtime (admin API, pg-hooks routes); past it 429
+    /// `too_many_definitions`.
+    pub max_runtime_queues: usize,
+    /// Most webhook targets of runtime queues, in all.
+    pub max_runtime_targets: usize,
+    /// Most crons defined at runtime.
+    pub max_runtime_crons: usize,
 }
 
 impl Default for LimitsConfig {
@@ -329,6 +349,9 @@ impl Default for LimitsConfig {
             max_queues: 10_000,
             idle_queue_timeout: std::time::Duration::from_secs(600),
             login_attempts_per_minute: 30,
+            max_runtime_queues: 1000,
+            max_runtime_targets: 1000,
+            max_runtime_crons: 1000,
         }
     }
 }

@@ -151,6 +151,8 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<&'static str>,
     pub delay: std::time::Duration,
+    /// A `Location` header (with a 3xx status: a redirect).
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -159,6 +161,15 @@ impl Reply {
             status,
             retry_after: None,
             delay: std::time::Duration::ZERO,
+            location: None,
+        }
+    }
+
+    /// A 307 to `to`.
+    pub fn redirect(to: &str) -> Self {
+        Reply {
+            location: Some(to.to_owned()),
+            ..Reply::status(307)
         }
     }
 }
@@ -210,6 +221,9 @@ pub async fn spawn_sink(plan: impl Fn(usize, &Hit) -> Reply + Send + Sync + 'sta
                 );
                 if let Some(ra) = reply.retry_after {
                     res.insert_header(("Retry-After", ra));
+                }
+                if let Some(to) = reply.location {
+                    res.insert_header(("Location", to));
                 }
                 res.body("ok")
             }

@@ -79,11 +79,13 @@ async fn retry_after_is_honoured_and_timeouts_are_failures() {
             status: 503,
             retry_after: Some("1"),
             delay: Duration::ZERO,
+            location: None,
         },
         1 => Reply {
             status: 200,
             retry_after: None,
             delay: Duration::from_secs(3),
+            location: None,
         },
         _ => Reply::status(200),
     })
@@ -246,7 +248,8 @@ async fn admin_api_runtime_queues_crons_status_and_redrive() {
     })
     .await;
     let b = spawn_broker(&format!(
-        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues]]\nname = \"q\"\n[[queues]]\nname = \"dlq\"\n"
+        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n\
+         [[queues]]\nname = \"q\"\n[[queues]]\nname = \"dlq\"\n"
     ))
     .await;
     let def = serde_json::json!({
@@ -506,4 +509,109 @@ name = "q2"
         .as_str()
         .unwrap();
     assert!(target.ends_with("/in/***"), "{target}");
+}
+
+/// Targets defined at runtime (admin API, pg-hooks routes) cannot reach internal
+/// addresses — loopback, private, link-local (cloud metadata), also through a name that
+/// resolves there — unless `webhooks.allow_targets` lets them; config-file targets are
+/// trusted; runtime definitions have quotas; no delivery follows a redirect.
+#[actix_web::test]
+async fn runtime_targets_cannot_reach_internal_addresses_and_redirects_are_not_followed() {
+    const ADMIN: &str = "ssrf-admin-token-0123";
+    let mut elsewhere = spawn_sink(|_, _| Reply::status(200)).await;
+    let to = elsewhere.url.clone();
+    let mut sink = spawn_sink(move |n, _| match n {
+        0 => Reply::redirect(&to),
+        _ => Reply::status(200),
+    })
+    .await;
+    // The config-file target on loopback is trusted.
+    let b = spawn_broker(&format!(
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[limits]\nmax_runtime_queues = 2\n",
+        queue_with_webhook(
+            &sink.url,
+            "max_retries = 3\nbackoff = { schedule = [\"10ms\"], jitter = 0.0 }"
+        )
+    ))
+    .await;
+    for (url, why) in [
+        ("http://127.0.0.1:9/hook", "loopback"),
+        ("http://localhost:9/hook", "loopback"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]:9/hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]:9/hook", "loopback"),
+    ] {
+        let def = serde_json::json!({"webhooks": [{"url": url}]});
+        let (s, v) = send(b.put("/v1/queues/rt").bearer_auth(ADMIN).json(&def)).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("target_not_allowed")),
+            "{url}: {v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains(why), "{url}: {v}");
+    }
+    // A public address is accepted (nothing listens there; nothing is sent in this test).
+    let def = serde_json::json!({"webhooks": [{"url": "http://192.0.2.10/hook"}]});
+    let (s, v) = send(b.put("/v1/queues/rt").bearer_auth(ADMIN).json(&def)).await;
+    assert_eq!(s, 200, "{v}");
+    // Quotas: two runtime queues at most.
+    let (s, _) = send(
+        b.put("/v1/queues/rt2")
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = send(
+        b.put("/v1/queues/rt3")
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (429, Some("too_many_definitions")),
+        "{v}"
+    );
+
+    // The redirect is a failed attempt, retried at the same target, never followed.
+    b.post("/v1/queues/q/messages")
+        .body("m")
+        .send()
+        .await
+        .unwrap();
+    let hits = sink.wait_hits(2).await;
+    assert_eq!(&hits[1].body[..], b"m");
+    b.wait_for_metric(
+        r#"broker_webhook_deliveries_total{outcome="success",queue="q"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(elsewhere.len(), 0, "the redirect was not followed");
+    let _ = &mut elsewhere;
+}
+
+/// With `webhooks.allow_targets`, a runtime target may reach that internal network,
+/// and its deliveries arrive (through the resolver that guards runtime targets).
+#[actix_web::test]
+async fn allowed_internal_networks_are_reachable_by_runtime_targets() {
+    const ADMIN: &str = "ssrf-admin-token-4567";
+    let mut sink = spawn_sink(|_, _| Reply::status(200)).await;
+    let b = spawn_broker(&format!(
+        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[webhooks]\nallow_targets = [\"127.0.0.0/8\", \"::1/128\"]\n"
+    ))
+    .await;
+    // By name: the guarded resolver lets the allowed loopback address through.
+    let url = sink.url.replace("127.0.0.1", "localhost");
+    let def = serde_json::json!({"webhooks": [{"url": url}]});
+    let (s, v) = send(b.put("/v1/queues/rt").bearer_auth(ADMIN).json(&def)).await;
+    assert_eq!(s, 200, "{v}");
+    b.post("/v1/queues/rt/messages")
+        .body("in")
+        .send()
+        .await
+        .unwrap();
+    let hits = sink.wait_hits(1).await;
+    assert_eq!(&hits[0].body[..], b"in");
 }
