@@ -142,7 +142,8 @@ async fn runtime_definitions_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/broker.db", dir.path().display());
     let toml = format!(
-        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[pg_hooks]\nallow_anonymous = true\n",
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n[pg_hooks]\nallow_anonymous = true\n\
+         [webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n",
         config(&url, "base")
     );
     let (_d, path) = write_config("broker.toml", &toml);

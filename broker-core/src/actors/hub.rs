@@ -117,6 +117,9 @@ pub struct SyncTargets {
     pub queue: QueueHandle,
     /// Its spec now.
     pub spec: Option<Arc<QueueSpec>>,
+    /// The queue has just started: its new targets deliver everything published since
+    /// (not only what comes after they are running).
+    pub started: bool,
 }
 
 /// Swaps in reloaded settings.
@@ -225,11 +228,12 @@ impl Hub {
     }
 
     /// Tells the webhook supervisor the spec of a running queue (`None`: removed).
-    fn sync_webhooks(&self, handle: &QueueHandle, spec: Option<Arc<QueueSpec>>) {
+    fn sync_webhooks(&self, handle: &QueueHandle, spec: Option<Arc<QueueSpec>>, started: bool) {
         // One message per queue started or reload: bounded by `limits.max_queues`.
         self.webhooks.do_send(SyncTargets {
             queue: handle.clone(),
             spec,
+            started,
         });
     }
 
@@ -359,7 +363,7 @@ impl Hub {
         let h = self.queue(name)?;
         if !existed {
             if let Some(spec) = self.settings.queue(name).filter(|s| !s.webhooks.is_empty()) {
-                self.sync_webhooks(&h, Some(spec.clone()));
+                self.sync_webhooks(&h, Some(spec.clone()), true);
             }
         }
         Ok(h)
@@ -593,13 +597,13 @@ impl Handler<ApplySettings> for Hub {
         }
         for name in &removed {
             if let Some(h) = self.queues.get(name) {
-                self.sync_webhooks(h, None);
+                self.sync_webhooks(h, None, false);
             }
             self.forget_queue(name);
             self.store.remove(name);
         }
         for (name, h) in &self.queues {
-            self.sync_webhooks(h, self.settings.queue(name).cloned());
+            self.sync_webhooks(h, self.settings.queue(name).cloned(), false);
         }
         self.start_named_queues();
         let settings = self.settings.clone();

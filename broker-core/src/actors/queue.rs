@@ -112,6 +112,10 @@ pub struct HeadInfo {
     pub head: u64,
     /// Oldest retained offset (`head + 1` when empty).
     pub first: u64,
+    /// The head when the queue started (loaded its stored state): where a webhook
+    /// target that started with the queue begins, so that nothing published since the
+    /// queue took publishes is missed.
+    pub opened: u64,
 }
 
 /// Reads the messages after `since` (the last offset the reader has seen).
@@ -245,6 +249,8 @@ pub struct Queue {
     delayed_timer: Option<(i64, SpawnHandle)>,
     /// Whether this node leads: only the leader releases delayed messages.
     leading: bool,
+    /// The head when the stored state was loaded.
+    opened: u64,
     /// An append failed: nothing more is appended until every append in flight has
     /// settled and the stored tail has been re-read (a commit reported as failed may
     /// still have happened; offsets continue from what the store holds).
@@ -291,6 +297,7 @@ impl Queue {
             delayed: DelayedSet::default(),
             delayed_timer: None,
             leading,
+            opened: 0,
             resync: Resync::No,
         }
     }
@@ -307,6 +314,7 @@ impl Queue {
         self.log.continue_at(state.next_offset);
         let (n, size) = self.window.append(state.messages);
         self.window.raise_head(state.next_offset - 1);
+        self.opened = self.window.head();
         self.m.depth.add(n as i64);
         self.m.bytes.add(size as i64);
         self.set_limit_gauges();
@@ -697,6 +705,7 @@ impl Handler<Head> for Queue {
             epoch: self.epoch.clone(),
             head: self.window.head(),
             first: self.window.first_retained(),
+            opened: self.opened,
         }
     }
 }

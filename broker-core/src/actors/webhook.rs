@@ -111,6 +111,8 @@ pub struct Webhook {
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     leader: bool,
+    /// Started together with its queue (see [`Webhook::new`]).
+    from_queue_start: bool,
     cursor: Option<u64>,
     /// Last value saved to the store: everything up to it is settled.
     settled: u64,
@@ -133,8 +135,13 @@ pub struct Webhook {
 impl Webhook {
     /// Delivery of `handle`'s messages to target number `index` of its queue.
     #[allow(clippy::too_many_arguments)]
+    /// A target of the queue at `handle`. `from_queue_start`: it started together with
+    /// its queue, so a new target delivers everything published since the queue started
+    /// (a target added to a running queue: what is published from now on).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         handle: QueueHandle,
+        from_queue_start: bool,
         label: String,
         index: usize,
         spec: Arc<WebhookSpec>,
@@ -161,6 +168,7 @@ impl Webhook {
             metrics,
             store,
             leader: false,
+            from_queue_start,
             cursor: None,
             settled: 0,
             resume: Default::default(),
@@ -213,8 +221,9 @@ impl Webhook {
         // Seen before reading: a publish between the read and the wait still wakes us.
         changes.borrow_and_update();
         let Some(since) = self.cursor else {
-            // First start: resume after the settled cursor kept in the store, or, for a
-            // new target, deliver what is published from now on.
+            // First start: resume after the settled cursor kept in the store; a new
+            // target delivers what is published from the queue's start if it started
+            // with its queue, else from now on.
             let (queue, url) = (&self.handle.name, self.spec.url.as_str());
             let saved = self.store.delivery_cursor(queue, url);
             let pending = self.store.pending_attempts(queue, url);
@@ -224,7 +233,12 @@ impl Webhook {
                 match res {
                     (Ok(saved), Ok(pending), Ok(h)) => {
                         act.resume = pending.into_iter().map(|a| (a.offset, a)).collect();
-                        let start = saved.unwrap_or(h.head).min(h.head);
+                        let new = if act.from_queue_start {
+                            h.opened
+                        } else {
+                            h.head
+                        };
+                        let start = saved.unwrap_or(new).min(h.head);
                         act.cursor = Some(start);
                         act.settled = start;
                         act.head = h.head;
@@ -708,8 +722,13 @@ mod tests {
     use crate::config::parse;
     use crate::settings::Settings;
 
-    #[actix::test]
-    async fn resumes_after_the_settled_cursor_in_the_store() {
+    /// Starts a target (to a port that refuses, no retries) of queue `q` after five
+    /// messages were published, with `saved` as its stored settled cursor; waits until
+    /// it has settled everything and returns its status, with the store and its URL.
+    async fn target_after_five(
+        saved: Option<u64>,
+        from_queue_start: bool,
+    ) -> (Addr<Webhook>, WebhookStatus, Arc<dyn Store>) {
         // Port 9 on loopback refuses connections: every attempt fails at once.
         const CONFIG: &str = "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\nmax_retries = 0\n";
         let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
@@ -755,11 +774,14 @@ mod tests {
             .unwrap()
             .unwrap();
         let url = "http://127.0.0.1:9/";
-        store.set_delivery_cursor("q", url, 2).await.unwrap();
+        if let Some(c) = saved {
+            store.set_delivery_cursor("q", url, c).await.unwrap();
+        }
 
         let spec = settings.queue("q").unwrap().webhooks[0].clone();
         let w = Webhook::new(
             handle,
+            from_queue_start,
             "q".into(),
             0,
             spec,
@@ -772,12 +794,19 @@ mod tests {
         w.send(LeadershipChanged { leader: true }).await.unwrap();
         let mut status = w.send(GetStatus).await.unwrap();
         for _ in 0..500 {
-            if status.failed == 3 {
+            if status.cursor == 5 && status.in_flight == 0 {
                 break;
             }
             actix::clock::sleep(Duration::from_millis(10)).await;
             status = w.send(GetStatus).await.unwrap();
         }
+        (w, status, store)
+    }
+
+    #[actix::test]
+    async fn resumes_after_the_settled_cursor_in_the_store() {
+        let url = "http://127.0.0.1:9/";
+        let (w, status, store) = target_after_five(Some(2), false).await;
         assert_eq!(
             (status.failed, status.cursor, status.in_flight),
             (3, 5, 0),
@@ -794,6 +823,17 @@ mod tests {
             None,
             "a removed target starts afresh"
         );
+    }
+
+    /// A new target that started with its queue delivers what was published since the
+    /// queue started, even before the target was running; one added to a running queue
+    /// starts from the newest message.
+    #[actix::test]
+    async fn a_new_target_started_with_its_queue_misses_nothing() {
+        let (_, status, _) = target_after_five(None, true).await;
+        assert_eq!((status.failed, status.cursor), (5, 5), "offsets 1 to 5");
+        let (_, status, _) = target_after_five(None, false).await;
+        assert_eq!((status.failed, status.cursor), (0, 5), "from now on");
     }
 
     #[test]

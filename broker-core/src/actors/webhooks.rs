@@ -89,6 +89,7 @@ impl Webhooks {
         index: usize,
         spec: Arc<WebhookSpec>,
         runtime: bool,
+        from_queue_start: bool,
     ) -> Addr<Webhook> {
         let client = if runtime {
             &self.deliveries.guarded
@@ -97,6 +98,7 @@ impl Webhooks {
         };
         let w = Webhook::new(
             queue.clone(),
+            from_queue_start,
             label.to_owned(),
             index,
             spec,
@@ -141,7 +143,8 @@ impl Handler<SyncTargets> for Webhooks {
                     now.push((w, addr));
                 }
                 None => {
-                    let addr = self.start_target(&msg.queue, &label, i, w.clone(), runtime);
+                    let addr =
+                        self.start_target(&msg.queue, &label, i, w.clone(), runtime, msg.started);
                     now.push((w, addr));
                 }
             }
