@@ -685,6 +685,15 @@ impl Broker {
     ) -> Result<(usize, u64), Error> {
         use crate::actors::webhook::dlq_headers;
         let handle = self.queue(dlq).await?;
+        // Where earlier redrives of this dead-letter queue got to (same epoch only):
+        // what they republished is not republished again.
+        let key = format!("redrive.{dlq}");
+        let epoch = handle.addr.send(crate::actors::Head).await?.epoch;
+        let done = self.store.state(&key).await?.and_then(|v| {
+            let (e, o) = v.split_once(':')?;
+            (e == &*epoch).then(|| o.parse::<u64>().ok()).flatten()
+        });
+        let since = since.max(done.unwrap_or(0));
         let batch = handle
             .addr
             .send(crate::actors::Read {
@@ -695,25 +704,34 @@ impl Broker {
             .await??;
         let mut last = since;
         let mut n = 0;
+        let stopped = |n, last, e| Error::RedriveStopped {
+            redriven: n,
+            offset: last,
+            cause: Box::new(e),
+        };
         for m in &batch.messages {
+            if let Some((_, origin)) = m.headers.iter().find(|(k, _)| k == dlq_headers::QUEUE) {
+                let message = NewMessage {
+                    content_type: m.content_type.clone(),
+                    headers: crate::message::without_broker_headers(&m.headers),
+                    ..NewMessage::from(m.body.clone())
+                };
+                let published = self.publish(PublishRequest {
+                    queue: origin,
+                    publisher: Publisher::Broker,
+                    messages: vec![message],
+                    deliver_at_ms: None,
+                });
+                published.await.map_err(|e| stopped(n, last, e))?;
+                n += 1;
+            }
             last = m.offset;
-            let Some((_, origin)) = m.headers.iter().find(|(k, _)| k == dlq_headers::QUEUE) else {
-                continue; // not a dead letter
-            };
-            let message = NewMessage {
-                audience: None,
-                body: m.body.clone(),
-                content_type: m.content_type.clone(),
-                headers: crate::message::without_broker_headers(&m.headers),
-            };
-            self.publish(PublishRequest {
-                queue: origin,
-                publisher: Publisher::Broker,
-                messages: vec![message],
-                deliver_at_ms: None,
-            })
-            .await?;
-            n += 1;
+            // Kept before the next one is republished: a repeated redrive goes on
+            // after it (a crash between the two can only republish this one again).
+            self.store
+                .set_state(&key, format!("{epoch}:{last}"))
+                .await
+                .map_err(|e| stopped(n, last, e))?;
         }
         Ok((n, last))
     }

@@ -178,6 +178,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A redrive stopped at an error: what it did before, and why it stopped.
+    #[error(
+        "redrive stopped after {redriven} message(s), at dead-letter offset {offset}: {cause}"
+    )]
+    RedriveStopped {
+        /// Dead letters republished before the error.
+        redriven: usize,
+        /// The last dead-letter offset handled (pass it as `since` to go on).
+        offset: u64,
+        /// What stopped it.
+        cause: Box<Error>,
+    },
     /// A runtime definition would pass a quota (`limits.max_runtime_*`).
     #[error("at most {max} {what} may be defined at runtime (limits.max_runtime_{what})")]
     TooManyDefinitions {
@@ -263,6 +275,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Rejected { reason, .. } => reason.as_str(),
+            Error::RedriveStopped { cause, .. } => cause.code(),
             Error::UnknownQueue { .. } => "unknown_queue",
             Error::UnrecoverablePosition { .. } => "unrecoverable_position",
             Error::Refresh { .. } => "refresh",

@@ -111,12 +111,15 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let (status, code, refresh) = self.parts();
-        let (offset, epoch) = match self {
+        let (offset, epoch, redriven) = match self {
             ApiError::Core(
                 Error::UnrecoverablePosition { offset, epoch, .. }
                 | Error::Refresh { offset, epoch, .. },
-            ) => (Some(*offset), Some(epoch.clone())),
-            _ => (None, None),
+            ) => (Some(*offset), Some(epoch.clone()), None),
+            ApiError::Core(Error::RedriveStopped {
+                redriven, offset, ..
+            }) => (Some(*offset), None, Some(*redriven)),
+            _ => (None, None, None),
         };
         let mut res = HttpResponse::build(status);
         if matches!(self, ApiError::MissingLogin(_)) {
@@ -134,6 +137,7 @@ impl ResponseError for ApiError {
             refresh,
             offset,
             epoch,
+            redriven,
         })
     }
 }

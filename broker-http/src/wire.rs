@@ -273,6 +273,10 @@ pub struct ErrorBody {
     /// The queue's epoch (410 only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub epoch: Option<String>,
+    /// Dead letters republished before a redrive stopped (with `offset`: the last
+    /// dead-letter offset handled).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub redriven: Option<usize>,
 }
 
 #[cfg(test)]
@@ -364,6 +368,7 @@ mod tests {
             refresh: true,
             offset: Some(3),
             epoch: Some("e".into()),
+            redriven: None,
         };
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<ErrorBody>(&s).unwrap(), e);

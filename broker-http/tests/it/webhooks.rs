@@ -615,3 +615,96 @@ async fn allowed_internal_networks_are_reachable_by_runtime_targets() {
     let hits = sink.wait_hits(1).await;
     assert_eq!(&hits[0].body[..], b"in");
 }
+
+/// A redrive that meets an error says how far it got (`redriven`, `offset`) with the
+/// error, and a repeated redrive does not republish what an earlier one did.
+#[actix_web::test]
+async fn redrive_reports_progress_on_error_and_is_safe_to_repeat() {
+    const ADMIN: &str = "redrive-admin-token-89";
+    let b = spawn_broker(&format!(
+        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n\
+         [[queues]]\nname = \"dlq\"\n"
+    ))
+    .await;
+    // Two runtime queues whose target refuses every connection: each message is
+    // dead-lettered at once.
+    let def = serde_json::json!({
+        "webhooks": [{"url": "http://127.0.0.1:9/", "max_retries": 0, "dead_letter_queue": "dlq"}]
+    });
+    for q in ["p.a", "p.b"] {
+        let (s, v) = send(
+            b.put(&format!("/v1/queues/{q}"))
+                .bearer_auth(ADMIN)
+                .json(&def),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    // Dead letters at dlq offsets 1 (p.a), 2 (p.b), 3 (p.a), in that order.
+    for (n, q) in ["p.a", "p.b", "p.a"].iter().enumerate() {
+        b.post(&format!("/v1/queues/{q}/messages"))
+            .body(format!("m{n}"))
+            .send()
+            .await
+            .unwrap();
+        let total = |t: String| {
+            ["p.a", "p.b"]
+                .iter()
+                .filter_map(|q| metric(&t, &format!("broker_dead_lettered_total{{queue=\"{q}\"}}")))
+                .sum::<f64>()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while total(b.metrics().await) < (n + 1) as f64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dead letter {n} missing"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let head = |v: &serde_json::Value| v["offset"].as_u64();
+    // p.b goes away: redriving its dead letter fails.
+    let (s, _) = send(b.delete("/v1/queues/p.b").bearer_auth(ADMIN)).await;
+    assert_eq!(s, 200);
+    let (_, a) = send(b.get("/v1/queues/p.a").bearer_auth(ADMIN)).await;
+    assert_eq!(head(&a), Some(2));
+
+    let (s, v) = send(b.post("/v1/queues/dlq/redrive").bearer_auth(ADMIN)).await;
+    assert_eq!(
+        (
+            s,
+            v["code"].as_str(),
+            v["redriven"].as_u64(),
+            v["offset"].as_u64()
+        ),
+        (404, Some("unknown_queue"), Some(1), Some(1)),
+        "stopped at dead letter 2 after redriving 1: {v}"
+    );
+    let (_, a) = send(b.get("/v1/queues/p.a").bearer_auth(ADMIN)).await;
+    assert_eq!(head(&a), Some(3), "m0 republished into p.a");
+
+    // Repeated as is: m0 is not republished again.
+    let (s, v) = send(b.post("/v1/queues/dlq/redrive").bearer_auth(ADMIN)).await;
+    assert_eq!(
+        (s, v["redriven"].as_u64(), v["offset"].as_u64()),
+        (404, Some(0), Some(1))
+    );
+    let (_, a) = send(b.get("/v1/queues/p.a").bearer_auth(ADMIN)).await;
+    assert_eq!(head(&a), Some(3), "a repeat republishes nothing twice");
+
+    // Past the one that cannot go anywhere: m2 is republished.
+    let body = serde_json::json!({"since": 2, "limit": 1});
+    let (s, v) = send(
+        b.post("/v1/queues/dlq/redrive")
+            .bearer_auth(ADMIN)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(
+        (s, v["redriven"].as_u64(), v["offset"].as_u64()),
+        (200, Some(1), Some(3)),
+        "{v}"
+    );
+    let (_, a) = send(b.get("/v1/queues/p.a").bearer_auth(ADMIN)).await;
+    assert_eq!(head(&a), Some(4));
+}
