@@ -78,6 +78,10 @@ pub struct Metrics {
     pub store_batch: prometheus::Histogram,
     /// `broker_store_errors_total`: failed store transactions.
     pub store_errors: prometheus::IntCounter,
+    /// `broker_store_dropped_ops_total`: operations nobody awaits (cursor moves, trims,
+    /// retry records, removals) that were dropped: the write queue was full, or they
+    /// failed on their own.
+    pub store_dropped_ops: prometheus::IntCounter,
     /// `broker_ready`: 1 while `/readyz` answers 200 (as of the last probe or scrape).
     pub ready: prometheus::IntGauge,
     /// `broker_readiness_changes_total`: times readiness turned, as probes and scrapes saw it.
@@ -310,6 +314,13 @@ impl Metrics {
                 ]),
             ),
         );
+        let store_dropped_ops = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "broker_store_dropped_ops_total",
+                "Store operations nobody awaits that were dropped (write queue full, or failed on their own).",
+            ),
+        );
         let store_errors = registered(
             &registry,
             prometheus::IntCounter::new("broker_store_errors_total", "Failed store transactions."),
@@ -387,6 +398,7 @@ impl Metrics {
             store_commit,
             store_batch,
             store_errors,
+            store_dropped_ops,
             ready,
             readiness_changes,
             ready_state: std::sync::atomic::AtomicI64::new(1),

@@ -116,6 +116,12 @@ async fn suite(url: &str, durable: bool) {
         vec![2]
     );
     assert_eq!(after.messages.last().map(|m| m.offset), Some(70));
+    // Released again (a duplicate release): refused, and nothing is appended.
+    let again = s.release(&q, vec![msg(&q, 71, "later-1")], vec![1]).await;
+    assert!(again.is_err(), "a delayed message is released once");
+    let after = s.open(&q).await.unwrap();
+    assert_eq!(after.messages.last().map(|m| m.offset), Some(70));
+    assert_eq!(after.next_offset, 71);
 
     // Poll consumers: created, moved, removed; writes are ordered with later commits.
     let consumer = |client: &str, last_seen: u64| super::StoredConsumer {
@@ -198,6 +204,60 @@ async fn suite(url: &str, durable: bool) {
         let lost = s2.open(&q).await.unwrap();
         assert_ne!(lost.epoch, fresh.epoch);
         assert_eq!(lost.next_offset, 1);
+    }
+}
+
+/// One operation the database refuses fails alone, not the others committed with it
+/// (SQL backends commit whatever waits as one transaction): honest appends to other
+/// queues, issued together with a bad one, are all stored. An operation nobody awaits
+/// that fails is counted, not lost without a word.
+async fn one_bad_operation_fails_alone(url: &str) {
+    let metrics = Arc::new(Metrics::new());
+    let s: Arc<dyn Store> = open(url, metrics.clone()).await.unwrap();
+    let (good, bad) = (
+        format!("conf.good.{}", crate::random::id()),
+        format!("conf.bad.{}", crate::random::id()),
+    );
+    s.open(&good).await.unwrap();
+    s.open(&bad).await.unwrap();
+    // Issued back to back (queued at call time), so the writer takes them together.
+    let mut honest = Vec::new();
+    let mut culprit = None;
+    for o in 1..=200u64 {
+        honest.push(s.append(&good, vec![msg(&good, o, "ok")]));
+        if o == 100 {
+            // Offset 7 does not continue the bad queue's (empty) history.
+            culprit = Some(s.append(&bad, vec![msg(&bad, 7, "bad")]));
+        }
+    }
+    assert!(culprit.unwrap().await.is_err(), "the culprit fails");
+    for (i, h) in honest.into_iter().enumerate() {
+        h.await
+            .unwrap_or_else(|e| panic!("honest append {} failed: {e}", i + 1));
+    }
+    let stored = s.open(&good).await.unwrap();
+    assert_eq!((stored.messages.len(), stored.next_offset), (200, 201));
+    // Nobody waits for an epoch change; one for a queue that is not stored fails, and
+    // is counted.
+    s.set_epoch(&format!("conf.none.{}", crate::random::id()), "e");
+    s.append(&good, vec![msg(&good, 201, "after")])
+        .await
+        .unwrap();
+    if url != "memory://" {
+        assert_eq!(metrics.store_dropped_ops.get(), 1);
+    }
+}
+
+#[actix::test]
+async fn one_bad_operation_fails_alone_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    one_bad_operation_fails_alone(&format!("sqlite://{}/b.db", dir.path().display())).await;
+}
+
+#[actix::test]
+async fn one_bad_operation_fails_alone_on_postgres() {
+    if let Some(url) = super::test_postgres_url().await {
+        one_bad_operation_fails_alone(&url).await;
     }
 }
 

@@ -125,6 +125,16 @@ impl Store for MemoryStore {
         messages: Vec<Arc<Message>>,
         ids: Vec<u64>,
     ) -> BoxFuture<'static, Result<(), Error>> {
+        // Released twice would publish it twice: refused, nothing changed.
+        let missing = self.with(queue, |q| {
+            ids.iter().find(|id| !q.delayed.contains_key(id)).copied()
+        });
+        if let Some(id) = missing {
+            let e = Error::Store(format!(
+                "queue `{queue}`: delayed message {id} is not stored (released already?)"
+            ));
+            return future::ready(Err(e)).boxed();
+        }
         self.with(queue, |q| {
             for id in &ids {
                 q.delayed.remove(id);

@@ -15,7 +15,7 @@
 //! proc macros and the list is the same for both backends.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,13 @@ use crate::metrics::Metrics;
 pub const MAX_BATCH: usize = 1024;
 /// Depth of the writer's queue; awaited operations beyond it are refused (overload).
 const WRITER_QUEUE: usize = 8192;
+/// Depth beyond which even operations nobody awaits (cursor moves, trims, retry
+/// records, removals) are dropped — logged and counted, never silently.
+const WRITER_QUEUE_UNAWAITED: usize = 4 * WRITER_QUEUE;
+/// After a batch failed, its operations are retried one by one so that only the
+/// culprit fails; this many failing in a row means the store itself is failing and
+/// the rest of the batch fails with them.
+const FAILURES_BEFORE_GIVING_UP: usize = 3;
 
 /// The schema, version by version; `{BLOB}` and `{INT}` are filled per backend.
 const MIGRATIONS: &[&str] = &[
@@ -149,7 +156,13 @@ where
 /// A SQL-backed store.
 pub struct SqlStore {
     pool: Pool,
-    writer: mpsc::Sender<Op>,
+    /// The writer's queue: one FIFO for every operation, so they are applied in call
+    /// order; bounded by `queued` (the channel itself is not, so that an operation
+    /// nobody awaits is never reordered by waiting for room).
+    writer: mpsc::UnboundedSender<Op>,
+    /// Operations in the writer's queue.
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     /// SQLite: the OS lock that keeps a second broker off the file, held while this
     /// store lives.
@@ -227,9 +240,17 @@ impl SqlStore {
     ) -> Result<Self, Error> {
         {}
         migrate(&pool).await?;
-        let (writer, rx) = mpsc::channel(WRITER_QUEUE);
+        let (writer, rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer_loop = write_loop(pool.clone(), rx, healthy.clone(), metrics, fence);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer_loop = write_loop(
+            pool.clone(),
+            rx,
+            queued.clone(),
+            healthy.clone(),
+            metrics.clone(),
+            fence,
+        );
         match &pool {
             // SQLite's connections do their I/O on their own threads: the writer gets
             // a thread of its own too, so a busy actor thread never delays a commit.
@@ -253,6 +274,8 @@ impl SqlStore {
         Ok(SqlStore {
             pool,
             writer,
+            queued,
+            metrics,
             healthy,
             _file_lock: file_lock,
         })
@@ -269,29 +292,45 @@ impl SqlStore {
         op: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Op,
     ) -> BoxFuture<'static, Result<(), Error>> {
         let (done, wait) = oneshot::channel();
-        let queued = self.writer.try_send(op(done));
+        let queued = self.enqueue(op(done), WRITER_QUEUE);
         async move {
             match queued {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Some(_)) => {
                     return Err(Error::Store(format!(
                         "the store's write queue is full ({WRITER_QUEUE} operations waiting); try again"
                     )))
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ShuttingDown),
+                Err(None) => return Err(Error::ShuttingDown),
             }
             wait.await.map_err(|_| Error::ShuttingDown)?
         }
         .boxed()
     }
 
-    /// Queues an operation nobody waits for, in order when the writer has room.
+    /// Queues `op` behind everything queued before it, if fewer than `bound` wait;
+    /// gives it back when there is no room (`Some`), `None` when the writer is gone.
+    fn enqueue(&self, op: Op, bound: usize) -> Result<(), Option<Op>> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= bound {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Some(op));
+        }
+        self.writer.send(op).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            None
+        })
+    }
+
+    /// Queues an operation nobody waits for, in call order with every other one. Past
+    /// [`WRITER_QUEUE_UNAWAITED`] waiting operations it is dropped, logged and counted
+    /// (`broker_store_dropped_ops_total`).
     fn send(&self, op: Op) {
-        if let Err(mpsc::error::TrySendError::Full(op)) = self.writer.try_send(op) {
-            let writer = self.writer.clone();
-            tokio::spawn(async move {
-                let _ = writer.send(op).await;
-            });
+        if let Err(Some(op)) = self.enqueue(op, WRITER_QUEUE_UNAWAITED) {
+            self.metrics.store_dropped_ops.inc();
+            tracing::error!(
+                op = op.kind(),
+                "the store's write queue is full; an operation nobody waits for was dropped"
+            );
         }
     }
 }
@@ -374,7 +413,8 @@ const PROBE_IDLE: Duration = Duration::from_secs(5);
 /// a transaction, so a connection not back in autocommit is never written through.
 async fn write_loop(
     pool: Pool,
-    mut rx: mpsc::Receiver<Op>,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    queued: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     fence: Option<Fence>,
@@ -390,6 +430,7 @@ async fn write_loop(
                 if n == 0 {
                     break;
                 }
+                queued.fetch_sub(n, Ordering::AcqRel);
                 false
             }
             _ = tokio::time::sleep_until(next_probe) => {
@@ -399,14 +440,14 @@ async fn write_loop(
         };
         let started = Instant::now();
         macro_rules! apply {
-            ($conn:ident, $p:expr, $apply:path) => {{
+            ($conn:ident, $p:expr, $apply:path, $ops:expr) => {{
                 let conn = match $conn.take() {
                     Some(c) => Ok(c),
                     None => $p.acquire().await,
                 };
                 match conn {
                     Ok(mut c) => {
-                        let r = $apply(&mut c, &batch, fence).await;
+                        let r = $apply(&mut c, $ops, fence).await;
                         if r.is_ok() {
                             $conn = Some(c);
                         } else {
@@ -420,8 +461,8 @@ async fn write_loop(
             }};
         }
         let result = match &pool {
-            Pool::Sqlite(p) => apply!(sqlite, p, apply_sqlite),
-            Pool::Postgres(p) => apply!(pg, p, apply_pg),
+            Pool::Sqlite(p) => apply!(sqlite, p, apply_sqlite, &batch),
+            Pool::Postgres(p) => apply!(pg, p, apply_pg, &batch),
         };
         if !probe {
             metrics
@@ -429,7 +470,6 @@ async fn write_loop(
                 .observe(started.elapsed().as_secs_f64());
             metrics.store_batch.observe(batch.len() as f64);
         }
-        let ok = result.is_ok();
         if let Err(e) = &result {
             metrics.store_errors.inc();
             if probe {
@@ -438,42 +478,97 @@ async fn write_loop(
                 tracing::error!(error = %e, ops = batch.len(), "store commit failed");
             }
         }
-        if healthy.swap(ok, Ordering::AcqRel) != ok {
-            if ok {
+        // One failed batch: each operation again on its own, so that one bad operation
+        // (a value the database refuses) fails alone, not everyone's writes with it.
+        let outcomes: Vec<Result<(), String>> = match &result {
+            Ok(()) => vec![Ok(()); batch.len()],
+            Err(e) if probe || batch.len() == 1 => vec![Err(e.to_string()); batch.len()],
+            Err(e) => {
+                let mut outcomes = Vec::with_capacity(batch.len());
+                let mut failing = 0;
+                let mut last = e.to_string();
+                for op in &batch {
+                    if failing >= FAILURES_BEFORE_GIVING_UP {
+                        // The store itself is failing, not one operation.
+                        outcomes.push(Err(last.clone()));
+                        continue;
+                    }
+                    let one = std::slice::from_ref(op);
+                    let r = match &pool {
+                        Pool::Sqlite(p) => apply!(sqlite, p, apply_sqlite, one),
+                        Pool::Postgres(p) => apply!(pg, p, apply_pg, one),
+                    };
+                    match r {
+                        Ok(()) => {
+                            failing = 0;
+                            outcomes.push(Ok(()));
+                        }
+                        Err(e) => {
+                            failing += 1;
+                            last = e.to_string();
+                            outcomes.push(Err(last.clone()));
+                        }
+                    }
+                }
+                outcomes
+            }
+        };
+        let ok = outcomes.iter().all(Result::is_ok);
+        // Readiness follows the store, not one refused value: healthy if anything of a
+        // failed batch went through on its own.
+        let healthy_now = ok || (!probe && outcomes.iter().any(Result::is_ok));
+        if healthy.swap(healthy_now, Ordering::AcqRel) != healthy_now {
+            if healthy_now {
                 tracing::info!("store healthy again");
             } else {
                 tracing::warn!("store unhealthy: publishes are refused until a write succeeds");
             }
         }
         next_probe = tokio::time::Instant::now()
-            + match (ok, probe) {
+            + match (healthy_now, probe) {
                 (true, _) => PROBE_IDLE,
                 (false, false) => PROBE_AFTER_FAILURE,
                 (false, true) => PROBE_UNHEALTHY,
             };
-        for op in batch.drain(..) {
-            let reply = || {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(Error::Store(
-                        result
-                            .as_ref()
-                            .err()
-                            .map(ToString::to_string)
-                            .unwrap_or_default(),
-                    ))
-                }
-            };
+        for (op, outcome) in batch.drain(..).zip(outcomes) {
+            let reply = outcome.clone().map_err(Error::Store);
             match op {
                 Op::Append { done, .. }
                 | Op::Schedule { done, .. }
                 | Op::SetCursor { done, .. }
                 | Op::SetState { done, .. } => {
-                    let _ = done.send(reply());
+                    let _ = done.send(reply);
                 }
-                _ => {}
+                Op::Probe => {}
+                other => {
+                    if let Err(e) = outcome {
+                        // Nobody waits for it: never lost without a word.
+                        metrics.store_dropped_ops.inc();
+                        tracing::error!(op = other.kind(), error = %e, "a store operation nobody waits for failed and was dropped");
+                    }
+                }
             }
+        }
+    }
+}
+
+impl Op {
+    /// What it is, for logs.
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Append { .. } => "append",
+            Op::Schedule { .. } => "schedule",
+            Op::Trim { .. } => "trim",
+            Op::SaveConsumer(_) => "save_consumer",
+            Op::SaveAttempt { .. } => "save_attempt",
+            Op::ClearAttempt { .. } => "clear_attempt",
+            Op::RemoveConsumer { .. } => "remove_consumer",
+            Op::SetState { .. } => "set_state",
+            Op::SetCursor { .. } => "set_cursor",
+            Op::RemoveCursor { .. } => "remove_cursor",
+            Op::Remove { .. } => "remove_queue",
+            Op::Probe => "probe",
+            Op::SetEpoch { .. } => "set_epoch",
         }
     }
 }
@@ -574,11 +669,18 @@ macro_rules! apply_ops {
                             None => pending.push((queue.as_str(), messages.iter().collect())),
                         }
                         for id in released {
-                            sqlx::query("DELETE FROM delayed WHERE queue = $1 AND id = $2")
+                            let gone = sqlx::query("DELETE FROM delayed WHERE queue = $1 AND id = $2")
                                 .bind(queue.as_str())
                                 .bind(*id as i64)
                                 .execute(&mut *tx)
-                                .await?;
+                                .await?
+                                .rows_affected();
+                            // Released twice would publish it twice: refused.
+                            if gone != 1 {
+                                return Err(sqlx::Error::InvalidArgument(format!(
+                                    "queue `{queue}`: delayed message {id} is not stored (released already?)"
+                                )));
+                            }
                         }
                     }
                     Op::Schedule { queue, delayed, .. } => {
@@ -647,11 +749,17 @@ macro_rules! apply_ops {
                             .await?;
                     }
                     Op::SetEpoch { queue, epoch } => {
-                        sqlx::query("UPDATE queues SET epoch = $2 WHERE name = $1")
+                        let changed = sqlx::query("UPDATE queues SET epoch = $2 WHERE name = $1")
                             .bind(queue.as_str())
                             .bind(epoch.as_str())
                             .execute(&mut *tx)
-                            .await?;
+                            .await?
+                            .rows_affected();
+                        if changed != 1 {
+                            return Err(sqlx::Error::InvalidArgument(format!(
+                                "queue `{queue}` is not stored: its epoch cannot change"
+                            )));
+                        }
                     }
                     Op::Probe => {
                         sqlx::query(UPSERT_STATE)
