@@ -210,3 +210,41 @@ mod tests {
         assert_eq!(basic_credentials(&req), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any `wait=`/`delay=` text: a duration or a 400 naming the parameter.
+        #[test]
+        fn durations_parse_or_are_refused(v in prop_oneof![".{0,30}", "-?[0-9]{1,30}[a-z]{0,5}"]) {
+            if let Err(e) = parse_duration("delay", &v, "invalid_query") {
+                prop_assert!(e.to_string().contains("delay"));
+            }
+            let _ = parse_wait(Some(&v), Duration::from_secs(30));
+        }
+
+        /// Any `Authorization` header: Basic credentials or none, never a panic; real
+        /// Basic credentials come back as sent.
+        #[test]
+        fn basic_headers_parse_or_are_ignored(
+            raw in proptest::collection::vec(any::<u8>(), 0..60),
+            user in "[a-z0-9]{1,10}",
+            pass in "[ -~]{0,16}",
+        ) {
+            if let Ok(v) = actix_web::http::header::HeaderValue::from_bytes(&raw) {
+                let req = actix_web::test::TestRequest::default()
+                    .insert_header((actix_web::http::header::AUTHORIZATION, v))
+                    .to_http_request();
+                let _ = basic_credentials(&req);
+            }
+            let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            let req = actix_web::test::TestRequest::default()
+                .insert_header(("Authorization", format!("Basic {encoded}")))
+                .to_http_request();
+            prop_assert_eq!(basic_credentials(&req), Some((user, pass)));
+        }
+    }
+}

@@ -380,3 +380,74 @@ mod tests {
         assert!(!serde_json::to_string(&plain).unwrap().contains("offset"));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![".{0,24}", "[\\x00-\\x1f\\x7f a-z:/;=-]{0,24}"]
+    }
+
+    fn element() -> impl Strategy<Value = serde_json::Value> {
+        (
+            proptest::option::of(prop_oneof![
+                Just(serde_json::json!({"a": 1})),
+                any::<i64>().prop_map(serde_json::Value::from),
+                text().prop_map(serde_json::Value::from),
+            ]),
+            proptest::option::of(text()),
+            proptest::option::of("[A-Za-z0-9+/=!]{0,16}"),
+            proptest::option::of(text()),
+            proptest::collection::btree_map(text(), text(), 0..3),
+        )
+            .prop_map(|(data, body, b64, ct, headers)| {
+                let mut o = serde_json::Map::new();
+                if let Some(d) = data {
+                    o.insert("data".into(), d);
+                }
+                if let Some(b) = body {
+                    o.insert("body".into(), b.into());
+                }
+                if let Some(b) = b64 {
+                    o.insert("body_base64".into(), b.into());
+                }
+                if let Some(c) = ct {
+                    o.insert("content_type".into(), c.into());
+                }
+                o.insert("headers".into(), serde_json::json!(headers));
+                serde_json::Value::Object(o)
+            })
+    }
+
+    proptest! {
+        /// Any batch element: a message whose headers and content type a store can hold
+        /// (or a reason it is refused), never a panic; with exactly one body field.
+        #[test]
+        fn batch_elements_become_messages_or_reasons(v in element()) {
+            let Ok(e) = serde_json::from_value::<BatchElement>(v.clone()) else {
+                return Ok(());
+            };
+            let bodies = ["data", "body", "body_base64"].iter().filter(|k| v.get(**k).is_some()).count();
+            match e.into_message() {
+                Ok(m) => {
+                    prop_assert_eq!(bodies, 1);
+                    if broker_core::message::header_problem(&m.headers, m.content_type.as_deref()).is_none() {
+                        for (k, val) in &m.headers {
+                            prop_assert!(!k.is_empty() && !k.to_ascii_lowercase().starts_with("x-broker-"));
+                            prop_assert!(!val.chars().any(|c| c.is_control() && c != '\t'));
+                        }
+                    }
+                }
+                Err(reason) => prop_assert!(!reason.is_empty()),
+            }
+        }
+
+        /// Any text as a batch body: parsed or refused, never a panic.
+        #[test]
+        fn any_batch_body_parses_or_is_refused(t in ".{0,200}") {
+            let _ = serde_json::from_str::<Vec<BatchElement>>(&t);
+        }
+    }
+}

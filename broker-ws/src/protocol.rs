@@ -468,3 +468,78 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field_value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            ".{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!([1, "x"])),
+            Just(serde_json::json!({"k": 1})),
+        ]
+    }
+
+    fn action() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::json!("subscribe")),
+            Just(serde_json::json!("unsubscribe")),
+            Just(serde_json::json!("publish")),
+            Just(serde_json::json!("authorize")),
+            Just(serde_json::json!("ping")),
+            field_value(),
+        ]
+    }
+
+    proptest! {
+        /// Any text: parsed or a typed error, never a panic.
+        #[test]
+        fn any_text_is_parsed_or_refused(t in ".{0,200}") {
+            let _ = parse(&t);
+        }
+
+        /// Any object with an `id`: the id comes back with the action or the error,
+        /// whatever the other fields hold (a mistyped field is `invalid_frame`).
+        #[test]
+        fn every_reply_echoes_the_id(
+            id in any::<u32>(),
+            act in action(),
+            fields in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("queue".to_owned()),
+                    Just("since".to_owned()),
+                    Just("epoch".to_owned()),
+                    Just("data".to_owned()),
+                    Just("token".to_owned()),
+                    "[a-z]{1,6}",
+                ],
+                field_value(),
+                0..4,
+            ),
+        ) {
+            let mut o = serde_json::Map::new();
+            o.insert("action".into(), act);
+            for (k, v) in fields {
+                o.insert(k, v);
+            }
+            o.insert("id".into(), id.into());
+            let text = serde_json::Value::Object(o).to_string();
+            let got = match parse(&text) {
+                Ok((got, _)) => got,
+                Err((got, (code, msg))) => {
+                    prop_assert!(!msg.is_empty());
+                    prop_assert!(code == "invalid_frame" || code == "invalid_json", "{code}");
+                    got
+                }
+            };
+            prop_assert_eq!(got.map(|r| r.get().to_owned()), Some(id.to_string()));
+        }
+    }
+}

@@ -453,3 +453,39 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn item() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,10}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!({})),
+            Just(
+                serde_json::json!({"match": "prefix", "acknowledge": true, "exclude": [1], "eligible": "x"})
+            ),
+            Just(serde_json::json!([1, 2])),
+            Just(serde_json::Value::Null),
+        ]
+    }
+
+    proptest! {
+        /// Any text, and any array led by a WAMP message code: a message or a typed
+        /// error, never a panic.
+        #[test]
+        fn any_frame_is_parsed_or_refused(
+            t in ".{0,120}",
+            code in prop_oneof![Just(1u64), Just(5), Just(6), Just(16), Just(32), Just(34), any::<u64>()],
+            rest in proptest::collection::vec(item(), 0..7),
+        ) {
+            let _ = parse(&t);
+            let mut frame = vec![serde_json::Value::from(code)];
+            frame.extend(rest);
+            let _ = parse(&serde_json::Value::Array(frame).to_string());
+        }
+    }
+}

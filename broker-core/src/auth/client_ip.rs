@@ -129,3 +129,73 @@ mod tests {
         assert_eq!(parse_nets(&["nope".into()]).unwrap_err().0, 0);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u16; 8]>().prop_map(IpAddr::from),
+        ]
+    }
+
+    /// An entry as a proxy may write it: bare, or with a port (IPv6 in brackets then).
+    fn written(ip: IpAddr, port: Option<u16>) -> String {
+        match (ip, port) {
+            (_, None) => ip.to_string(),
+            (IpAddr::V4(v4), Some(p)) => format!("{v4}:{p}"),
+            (IpAddr::V6(v6), Some(p)) => format!("[{v6}]:{p}"),
+        }
+    }
+
+    proptest! {
+        /// Whatever the header says: no panic; an untrusted peer is the client, and
+        /// a trusted one yields an address or a typed refusal.
+        #[test]
+        fn any_header_is_handled(lines in proptest::collection::vec(".{0,80}", 0..4), peer in any_ip()) {
+            let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+            let got = client_ip(peer, lines.iter().map(String::as_str), &trusted);
+            if !trusted[0].contains(&peer) {
+                prop_assert_eq!(got, Ok(peer));
+            }
+        }
+
+        /// Behind trusted proxies the client is the rightmost untrusted entry, however
+        /// the chain is split into header lines and whatever ports are written.
+        #[test]
+        fn the_client_is_the_rightmost_untrusted_hop(
+            chain in proptest::collection::vec((any_ip(), proptest::option::of(any::<u16>())), 1..6),
+            proxies in proptest::collection::vec((0u8..=255, proptest::option::of(any::<u16>())), 0..3),
+            split in 0usize..8,
+        ) {
+            let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+            let is_trusted = |ip: &IpAddr| trusted[0].contains(ip);
+            let mut hops: Vec<String> = chain.iter().map(|(ip, p)| written(*ip, *p)).collect();
+            hops.extend(proxies.iter().map(|(b, p)| written(IpAddr::from([10, 0, 0, *b]), *p)));
+            let at = split.min(hops.len());
+            let lines = [hops[..at].join(", "), hops[at..].join(",")];
+            let peer = IpAddr::from([10, 9, 9, 9]);
+            let expected = chain
+                .iter()
+                .rev()
+                .map(|(ip, _)| *ip)
+                .find(|ip| !is_trusted(ip))
+                .unwrap_or(chain[0].0);
+            let lines = lines.iter().filter(|l| !l.is_empty()).map(String::as_str);
+            prop_assert_eq!(client_ip(peer, lines, &trusted), Ok(expected));
+        }
+
+        /// An entry that is no address, where the walk reaches it, is a refusal —
+        /// never the proxy's own address.
+        #[test]
+        fn garbage_where_the_walk_reaches_is_refused(junk in "[a-z_ ]{1,12}") {
+            let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+            let peer = IpAddr::from([10, 0, 0, 1]);
+            let line = format!("203.0.113.9, {junk}, 10.0.0.2");
+            prop_assert!(client_ip(peer, [line.as_str()], &trusted).is_err());
+        }
+    }
+}

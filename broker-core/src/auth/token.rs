@@ -189,3 +189,42 @@ mod tests {
         assert_eq!(verify(&t, &[s]), Err(TokenError::Invalid));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn secret() -> Secret {
+        Secret::new("a-jwt-secret-of-enough-length-0123")
+    }
+
+    proptest! {
+        /// Any text as a token: a typed refusal, never a panic.
+        #[test]
+        fn any_text_is_refused_cleanly(t in ".{0,300}", now in any::<i64>()) {
+            prop_assert!(verify_at(&t, &[secret()], now).is_err());
+        }
+
+        /// A minted token verifies until its expiry, to the millisecond, and not after;
+        /// any change to it is refused.
+        #[test]
+        fn minted_tokens_verify_until_expiry_and_not_when_altered(
+            sub in "[a-z]{1,12}",
+            exp in 1i64..4_000_000_000,
+            before in 1i64..1_000_000,
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let claims = Claims { sub, exp, iat: None, queues: None, publish: None };
+            let token = mint(&claims, &secret());
+            let exp_ms = exp * 1000;
+            prop_assert!(verify_at(&token, &[secret()], exp_ms - before).is_ok());
+            prop_assert!(verify_at(&token, &[secret()], exp_ms).is_err());
+            let mut bytes = token.into_bytes();
+            let i = flip.index(bytes.len());
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let altered = String::from_utf8(bytes).unwrap();
+            prop_assert!(verify_at(&altered, &[secret()], exp_ms - before).is_err());
+        }
+    }
+}

@@ -227,3 +227,76 @@ fn pusher_section_is_validated() {
     let s = compile("b.toml", "", no_env()).unwrap();
     assert!(s.pusher.is_none());
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A value for a key: what a careless or hostile config may hold.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "-?[0-9]{1,30}".prop_map(|s| s),
+            "\"[^\"\\\\]{0,24}\"".prop_map(|s| s),
+            "\"-?[0-9]{1,22}(ms|s|m|h|days|y)?\"".prop_map(|s| s),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("[\"::/0\", \"x\"]".to_owned()),
+            Just("{}".to_owned()),
+        ]
+    }
+
+    const KEYS: &[&str] = &[
+        "server.listen",
+        "server.max_body_size",
+        "server.trusted_proxies",
+        "limits.max_message_count",
+        "limits.max_message_size",
+        "limits.max_queue_size",
+        "limits.max_delay",
+        "limits.max_delayed_bytes",
+        "limits.idle_queue_timeout",
+        "limits.login_attempts_per_minute",
+        "ws.ping_interval",
+        "ws.max_frame_size",
+        "ws.auth_timeout",
+        "webhooks.allow_targets",
+        "storage.url",
+    ];
+
+    proptest! {
+        /// Any text as a config file, in either format: loaded and compiled, or a
+        /// typed error — never a panic.
+        #[test]
+        fn any_text_loads_or_is_refused(text in ".{0,200}", json in any::<bool>()) {
+            let path = if json { "b.json" } else { "b.toml" };
+            let _ = compile(path, &text, no_env());
+        }
+
+        /// Any value for the keys that take numbers, durations, addresses and lists:
+        /// compiled or refused with the key named, never a panic.
+        #[test]
+        fn any_value_of_a_known_key_is_compiled_or_refused(
+            picks in proptest::collection::vec((0..KEYS.len(), value()), 1..4),
+        ) {
+            let mut text = String::new();
+            for (k, v) in picks {
+                let (section, key) = KEYS[k].split_once('.').unwrap();
+                text.push_str(&format!("[{section}]\n{key} = {v}\n"));
+            }
+            let _ = compile("b.toml", &text, no_env());
+        }
+
+        /// The same through environment overrides (`BROKER__SECTION__KEY`).
+        #[test]
+        fn any_environment_override_is_compiled_or_refused(
+            k in 0..KEYS.len(),
+            v in ".{0,30}",
+        ) {
+            let (section, key) = KEYS[k].split_once('.').unwrap();
+            let name = format!("BROKER__{}__{}", section.to_uppercase(), key.to_uppercase());
+            let _ = compile("b.toml", "", vec![(name, v)]);
+        }
+    }
+}

@@ -224,3 +224,29 @@ pub async fn webhook_queue_enqueue(
     publish(&req, &broker, &path, &admitted, messages, None).await?;
     Ok(HttpResponse::Ok().finish())
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any `delay=`/`at=`: a due time that is never in the past for a delay (no
+        /// wrap), or a 400; never a panic. (How far ahead is bounded by the front
+        /// door's `limits.max_delay`.)
+        #[test]
+        fn delivery_times_are_computed_without_wrapping(
+            delay in proptest::option::of(prop_oneof![".{0,24}", "[0-9]{1,25}(s|ms|m|h|d|y)?"]),
+            at in proptest::option::of(prop_oneof![
+                ".{0,30}",
+                "[+-]?[0-9]{4,6}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})",
+            ]),
+        ) {
+            let q = PublishQuery { delay: delay.clone(), at };
+            let before = broker_core::message::now_ms();
+            if let (Ok(Some(t)), Some(_)) = (q.deliver_at_ms(), delay) {
+                prop_assert!(t >= before, "a delay wrapped into the past: {t}");
+            }
+        }
+    }
+}
