@@ -23,6 +23,7 @@
 //! [`error::ApiError`], mapped in one place.
 
 pub mod error;
+pub mod openapi;
 mod request;
 mod routes;
 mod standby;
@@ -178,6 +179,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/messages/").route(web::post().to(pg_hooks::create_message)))
     .service(resource("/cron").route(web::post().to(pg_hooks::create_cron)))
     .service(resource("/cron/").route(web::post().to(pg_hooks::create_cron)))
+    .service(resource("/v1/openapi.json").route(web::get().to(openapi::openapi_json)))
     .service(resource("/metrics").route(web::get().to(ops::metrics)))
     .service(resource("/healthz").route(web::get().to(ops::healthz)))
     .service(resource("/readyz").route(web::get().to(ops::readyz)));

@@ -13,9 +13,10 @@ use bytes::Bytes;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 /// `200` of a single publish.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Published {
     /// Always true.
     pub success: bool,
@@ -31,7 +32,7 @@ pub struct Published {
 }
 
 /// `200` of a batch publish.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct BatchPublished {
     /// Always true.
     pub success: bool,
@@ -51,7 +52,7 @@ pub struct BatchPublished {
 }
 
 /// `200` of a delayed publish (`delay=` or `at=`): offsets are given when due.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Scheduled {
     /// Always true.
     pub success: bool,
@@ -65,8 +66,28 @@ pub struct Scheduled {
     pub deliver_at: String,
 }
 
+/// What a single publish answers.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishReply {
+    /// Stored.
+    Published(Published),
+    /// Scheduled (`delay=`, `at=`).
+    Scheduled(Scheduled),
+}
+
+/// What a batch publish answers.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchReply {
+    /// Stored.
+    Published(BatchPublished),
+    /// Scheduled (`delay=`, `at=`).
+    Scheduled(Scheduled),
+}
+
 /// `POST /v1/queues/{q}/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// The messages, in order.
@@ -74,11 +95,12 @@ pub struct BatchRequest {
 }
 
 /// One message of a batch: exactly one of `data`, `body`, `body_base64`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchElement {
     /// A JSON value (stored as its JSON text, content type `application/json`).
     #[serde(default)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub data: Option<Box<RawValue>>,
     /// A UTF-8 body.
     #[serde(default)]
@@ -127,8 +149,9 @@ impl BatchElement {
     }
 }
 
-/// A message as readers get it.
-#[derive(Serialize)]
+/// A message as readers get it: its body as exactly one of `data` (JSON), `body`
+/// (UTF-8 text) or `body_base64` (anything else).
+#[derive(Serialize, ToSchema)]
 pub struct WireMessage<'a> {
     /// Its offset.
     pub offset: u64,
@@ -139,10 +162,24 @@ pub struct WireMessage<'a> {
     pub content_type: Option<&'a str>,
     /// Its headers, if any.
     #[serde(skip_serializing_if = "Headers::is_empty")]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     pub headers: Headers<'a>,
     /// The body.
     #[serde(flatten)]
+    #[schema(value_type = BodyForms)]
     pub body: BodyRepr<'a>,
+}
+
+/// How a body is written (one of the three).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BodyForms {
+    /// A JSON body (declared JSON by its content type, and valid), as is.
+    data: Option<serde_json::Value>,
+    /// A UTF-8 body.
+    body: Option<String>,
+    /// Any other body, base64.
+    body_base64: Option<String>,
 }
 
 /// Headers as a JSON object.
@@ -181,7 +218,7 @@ impl<'a> WireMessage<'a> {
 }
 
 /// A native read's reply.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ReadReply<'a> {
     /// The queue.
     pub queue: &'a str,
@@ -244,10 +281,11 @@ impl MessageList {
 }
 
 /// `PUT /v1/consumers/{client}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerRequest {
     /// The queue to read.
+    #[schema(example = "q")]
     pub queue: String,
 }
 
@@ -259,7 +297,7 @@ pub struct SetPassword {
 }
 
 /// The error body: `{"code","message","refresh"}` plus the queue position on 410.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable, snake_case.
     pub code: String,

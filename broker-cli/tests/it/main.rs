@@ -7,6 +7,7 @@ mod durability;
 mod faults;
 mod ha;
 mod observability;
+mod openapi;
 mod pg_hooks;
 mod publish_paths;
 mod standard_webhooks;

@@ -79,6 +79,24 @@ async fn describe(broker: &Broker, spec: &QueueSpec) -> serde_json::Value {
 }
 
 /// `GET /v1/queues`
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "admin",
+    description = "Every queue and pattern, with position and webhook status",
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "The queues", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn list_queues(
     req: HttpRequest,
     broker: web::Data<Broker>,
@@ -93,6 +111,25 @@ pub async fn list_queues(
 }
 
 /// `GET /v1/queues/{q}`: definition, position and delivery status per webhook target.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}",
+    tag = "admin",
+    description = "One queue",
+    params(("queue" = String, Path, description = "Queue name", example = "q")),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Definition, position and targets", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn get_queue(
     req: HttpRequest,
     path: web::Path<String>,
@@ -108,6 +145,26 @@ pub async fn get_queue(
 }
 
 /// `PUT /v1/queues/{q}` with a queue definition (the `[[queues]]` keys but `name`).
+#[utoipa::path(
+    put,
+    path = "/v1/queues/{queue}",
+    tag = "admin",
+    description = "Create or replace a runtime queue",
+    params(("queue" = String, Path, description = "Queue name", example = "q")),
+    request_body(content = serde_json::Value, content_type = "application/json"),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "The queue as defined", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn put_queue(
     req: HttpRequest,
     path: web::Path<String>,
@@ -157,6 +214,25 @@ pub async fn define_queue(broker: &Broker, cfg: QueueConfig) -> Result<(), ApiEr
 }
 
 /// `DELETE /v1/queues/{q}`: runtime queues only.
+#[utoipa::path(
+    delete,
+    path = "/v1/queues/{queue}",
+    tag = "admin",
+    description = "Delete a runtime queue",
+    params(("queue" = String, Path, description = "Queue name", example = "q")),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Deleted", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn delete_queue(
     req: HttpRequest,
     path: web::Path<String>,
@@ -202,6 +278,24 @@ async fn delete_runtime(
 }
 
 /// `GET /v1/crons`
+#[utoipa::path(
+    get,
+    path = "/v1/crons",
+    tag = "admin",
+    description = "Every cron",
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "The crons", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn list_crons(
     req: HttpRequest,
     broker: web::Data<Broker>,
@@ -212,6 +306,25 @@ pub async fn list_crons(
 }
 
 /// `POST /v1/crons` with `{name, queue, schedule, timezone?, body?, headers?}`.
+#[utoipa::path(
+    post,
+    path = "/v1/crons",
+    tag = "admin",
+    description = "Define a runtime cron",
+    request_body(content = serde_json::Value, content_type = "application/json"),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 201, description = "Defined", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn create_cron(
     req: HttpRequest,
     body: web::Json<CronConfig>,
@@ -246,6 +359,25 @@ pub async fn define_cron(broker: &Broker, cfg: CronConfig) -> Result<(), ApiErro
 }
 
 /// `DELETE /v1/crons/{name}`: runtime crons only.
+#[utoipa::path(
+    delete,
+    path = "/v1/crons/{name}",
+    tag = "admin",
+    description = "Delete a runtime cron",
+    params(("name" = String, Path, description = "Cron name")),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Deleted", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn delete_cron(
     req: HttpRequest,
     path: web::Path<String>,
@@ -264,7 +396,7 @@ pub async fn delete_cron(
 }
 
 /// Body of a redrive.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveRequest {
     /// Start after this offset of the dead-letter queue (default 0: from the oldest).
@@ -275,6 +407,27 @@ pub struct RedriveRequest {
 }
 
 /// `POST /v1/queues/{dlq}/redrive`: republishes dead letters to their original queues.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/redrive",
+    tag = "admin",
+    description = "Republish dead letters to their original queues",
+    params(("queue" = String, Path, description = "The dead-letter queue", example = "dlq")),
+    request_body(content = RedriveRequest, content_type = "application/json"),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "How many, and the last dead-letter offset handled", body = serde_json::Value),
+        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
+        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
+        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
+        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
+        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
+        (status = 410, description = "`since` is beyond the dead-letter queue's history", body = crate::wire::ErrorBody),
+        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn redrive(
     req: HttpRequest,
     path: web::Path<String>,

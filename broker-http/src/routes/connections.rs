@@ -58,6 +58,24 @@ async fn notify(
 }
 
 /// `POST /v1/users/{user}/notify`: the JSON body to every connection of the user.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user}/notify",
+    tag = "connections",
+    description = "Push JSON to every connection of a user",
+    params(("user" = String, Path, description = "User name", example = "u")),
+    request_body(content = serde_json::Value, content_type = "application/json"),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Connections reached", body = serde_json::Value),
+        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
+        (status = 401, description = "no token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
+        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn notify_user(
     req: HttpRequest,
     path: web::Path<String>,
@@ -68,6 +86,24 @@ pub async fn notify_user(
 }
 
 /// `POST /v1/connections/{id}/notify`: the JSON body to one connection (404 if unknown).
+#[utoipa::path(
+    post,
+    path = "/v1/connections/{id}/notify",
+    tag = "connections",
+    description = "Push JSON to one connection",
+    params(("id" = String, Path, description = "Connection id")),
+    request_body(content = serde_json::Value, content_type = "application/json"),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Connections reached", body = serde_json::Value),
+        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
+        (status = 401, description = "no token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
+        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn notify_connection(
     req: HttpRequest,
     path: web::Path<String>,
@@ -78,6 +114,22 @@ pub async fn notify_connection(
 }
 
 /// `GET /v1/connections` (admin)
+#[utoipa::path(
+    get,
+    path = "/v1/connections",
+    tag = "connections",
+    description = "Live WebSocket connections",
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "The connections", body = serde_json::Value),
+        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
+        (status = 401, description = "no token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
+        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn list(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &broker.settings())?;
     let connections = broker.connections().await?;
@@ -85,6 +137,23 @@ pub async fn list(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpRes
 }
 
 /// `DELETE /v1/connections/{id}` (admin): closes it with code 4010.
+#[utoipa::path(
+    delete,
+    path = "/v1/connections/{id}",
+    tag = "connections",
+    description = "Close a connection (code 4010)",
+    params(("id" = String, Path, description = "Connection id")),
+    security(("BearerAuth" = [])),
+    responses(
+        (status = 200, description = "Closed", body = serde_json::Value),
+        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
+        (status = 401, description = "no token", body = crate::wire::ErrorBody),
+        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
+        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn close(
     req: HttpRequest,
     path: web::Path<String>,

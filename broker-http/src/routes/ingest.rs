@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::error::ApiError;
 use crate::request::{client_ip, header_str, parse_duration, read_body};
-use crate::wire::{BatchPublished, BatchRequest, Published, Scheduled};
+use crate::wire::{BatchPublished, BatchReply, BatchRequest, PublishReply, Published, Scheduled};
 
 /// A request that passed every check that does not depend on the message itself.
 struct Admitted {
@@ -84,8 +84,9 @@ fn single(a: &Admitted) -> Vec<NewMessage> {
 }
 
 /// Query parameters of a publish; unknown ones are refused rather than ignored.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PublishQuery {
     /// Deliver after this long (`30s`, `5m`, or seconds).
     delay: Option<String>,
@@ -126,7 +127,7 @@ impl PublishQuery {
 fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpResponse {
     let (p, delivered) = match out {
         PublishOutcome::Scheduled(s) => {
-            return HttpResponse::Ok().json(Scheduled {
+            let scheduled = Scheduled {
                 success: true,
                 queue,
                 scheduled: true,
@@ -134,7 +135,12 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
                 deliver_at: chrono::DateTime::from_timestamp_millis(s.deliver_at_ms)
                     .unwrap_or_default()
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            })
+            };
+            return if batch {
+                HttpResponse::Ok().json(BatchReply::Scheduled(scheduled))
+            } else {
+                HttpResponse::Ok().json(PublishReply::Scheduled(scheduled))
+            };
         }
         PublishOutcome::Published {
             published,
@@ -142,15 +148,15 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
         } => (published, delivered),
     };
     if !batch {
-        HttpResponse::Ok().json(Published {
+        HttpResponse::Ok().json(PublishReply::Published(Published {
             success: true,
             offset: p.last_offset,
             epoch: p.epoch.to_string(),
             queue,
             delivered,
-        })
+        }))
     } else {
-        HttpResponse::Ok().json(BatchPublished {
+        HttpResponse::Ok().json(BatchReply::Published(BatchPublished {
             success: true,
             first_offset: p.first_offset,
             offset: p.last_offset,
@@ -158,11 +164,32 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
             epoch: p.epoch.to_string(),
             queue,
             delivered,
-        })
+        }))
     }
 }
 
 /// `POST /v1/queues/{q}/messages`
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/messages",
+    tag = "publish",
+    params(("queue" = String, Path, description = "Queue name (or a name a pattern covers)", example = "q"), PublishQuery),
+    request_body(
+        description = "The message body, kept as is (any content type)",
+        content((String = "text/plain"), (serde_json::Value = "application/json"))
+    ),
+    responses(
+        (status = 200, description = "Stored (or scheduled)", body = PublishReply),
+        (status = 400, description = "invalid query, header, body or forwarded address; delay too long", body = crate::wire::ErrorBody),
+        (status = 401, description = "missing credentials (the queue's ingest auth)", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad signature, stale timestamp or address not allowed", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue", body = crate::wire::ErrorBody),
+        (status = 409, description = "a signed request received already", body = crate::wire::ErrorBody),
+        (status = 413, description = "body or message too large", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many queues or delayed messages", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn publish_message(
     req: HttpRequest,
     path: web::Path<String>,
@@ -179,6 +206,24 @@ pub async fn publish_message(
 }
 
 /// `POST /v1/queues/{q}/batch`: all messages or none.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/batch",
+    tag = "publish",
+    params(("queue" = String, Path, description = "Queue name", example = "q"), PublishQuery),
+    request_body(content = crate::wire::BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "All stored (or scheduled), or none", body = BatchReply),
+        (status = 400, description = "invalid query, header, body or forwarded address; delay too long", body = crate::wire::ErrorBody),
+        (status = 401, description = "missing credentials (the queue's ingest auth)", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad signature, stale timestamp or address not allowed", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue", body = crate::wire::ErrorBody),
+        (status = 409, description = "a signed request received already", body = crate::wire::ErrorBody),
+        (status = 413, description = "body or message too large", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many queues or delayed messages", body = crate::wire::ErrorBody),
+        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn publish_batch(
     req: HttpRequest,
     path: web::Path<String>,

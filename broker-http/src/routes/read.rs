@@ -14,8 +14,9 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
 /// Query of a native read.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReadQuery {
     /// Last offset the reader has seen (0: from the oldest retained).
     #[serde(default)]
@@ -29,8 +30,9 @@ pub struct ReadQuery {
 }
 
 /// Query of a consumer read.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ConsumerQuery {
     /// Most messages (default 100, at most 1000).
     limit: Option<usize>,
@@ -49,6 +51,23 @@ fn limit(l: Option<usize>) -> Result<usize, ApiError> {
 }
 
 /// `GET /v1/queues/{q}/messages`
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/messages",
+    tag = "read",
+    params(("queue" = String, Path, description = "Queue name", example = "q"), ReadQuery),
+    security(("BasicAuth" = [])),
+    responses(
+        (status = 200, description = "The messages after `since`", body = crate::wire::ReadReply),
+        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
+        (status = 401, description = "no login", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
+        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn read_queue(
     req: HttpRequest,
     path: web::Path<String>,
@@ -69,6 +88,25 @@ pub async fn read_queue(
 
 /// `PUT /v1/consumers/{client}` with `{"queue"}`: creates the cursor, positioned after
 /// the newest message. Idempotent for the same queue; another queue is a 409.
+#[utoipa::path(
+    put,
+    path = "/v1/consumers/{client}",
+    tag = "read",
+    params(("client" = String, Path, description = "The consumer's name (per user)", example = "c1")),
+    request_body(content = crate::wire::ConsumerRequest, content_type = "application/json"),
+    security(("BasicAuth" = [])),
+    responses(
+        (status = 200, description = "Created, positioned after the newest message", body = serde_json::Value),
+        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
+        (status = 401, description = "no login", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
+        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody),
+        (status = 409, description = "the client reads another queue", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn put_consumer(
     req: HttpRequest,
     path: web::Path<String>,
@@ -90,6 +128,23 @@ pub async fn put_consumer(
 }
 
 /// `DELETE /v1/consumers/{client}`
+#[utoipa::path(
+    delete,
+    path = "/v1/consumers/{client}",
+    tag = "read",
+    params(("client" = String, Path, description = "The consumer's name", example = "c1")),
+    security(("BasicAuth" = [])),
+    responses(
+        (status = 200, description = "Deleted", body = serde_json::Value),
+        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
+        (status = 401, description = "no login", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
+        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn delete_consumer(
     req: HttpRequest,
     path: web::Path<String>,
@@ -107,6 +162,23 @@ pub async fn delete_consumer(
 }
 
 /// `GET /v1/consumers/{client}/messages`: the unread messages; the cursor moves past them.
+#[utoipa::path(
+    get,
+    path = "/v1/consumers/{client}/messages",
+    tag = "read",
+    params(("client" = String, Path, description = "The consumer's name", example = "c1"), ConsumerQuery),
+    security(("BasicAuth" = [])),
+    responses(
+        (status = 200, description = "The unread messages; the cursor moves past them", body = crate::wire::ReadReply),
+        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
+        (status = 401, description = "no login", body = crate::wire::ErrorBody),
+        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
+        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
+        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
+        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+    )
+)]
 pub async fn read_consumer(
     req: HttpRequest,
     path: web::Path<String>,
