@@ -10,6 +10,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{admin, connections, ingest, ops, read};
+use crate::wire::ErrorBody;
 
 /// The document.
 #[derive(OpenApi)]
@@ -68,6 +69,123 @@ use crate::routes::{admin, connections, ingest, ops, read};
     )
 )]
 pub struct ApiDoc;
+
+/// The errors of some routes, each with the one error body.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum PublishErrors {
+    /// Invalid query, header, body or forwarded address; delay too long.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// Missing credentials (the queue's ingest auth).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Bad signature, stale timestamp or address not allowed.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such queue.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// A signed request received already.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Body or message too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Too many queues or delayed messages.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+    /// The store does not take writes, or shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of some routes, each with the one error body.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum ReadErrors {
+    /// Invalid query.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No login.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Bad login or queue not granted.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such queue or client.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The client reads another queue.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Position gone: refresh.
+    #[response(status = 410)]
+    Gone(ErrorBody),
+    /// Too many login attempts.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+    /// Shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of some routes, each with the one error body.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum AdminErrors {
+    /// Invalid definition or target not allowed.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No admin token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Wrong admin token.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Unknown queue, cron or connection.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Defined in the config file, or exists.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// A redrive's `since` is beyond the dead-letter queue's history.
+    #[response(status = 410)]
+    Gone(ErrorBody),
+    /// Runtime quota reached.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+    /// The configuration file no longer loads.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// The store does not take writes, or shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of some routes, each with the one error body.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum NotifyErrors {
+    /// The body is not JSON.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Wrong token.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such connection.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Body too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
 
 /// The two ways of logging in.
 struct Security;

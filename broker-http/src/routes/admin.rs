@@ -87,14 +87,7 @@ async fn describe(broker: &Broker, spec: &QueueSpec) -> serde_json::Value {
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "The queues", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn list_queues(
@@ -120,14 +113,7 @@ pub async fn list_queues(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Definition, position and targets", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn get_queue(
@@ -155,14 +141,7 @@ pub async fn get_queue(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "The queue as defined", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn put_queue(
@@ -223,14 +202,7 @@ pub async fn define_queue(broker: &Broker, cfg: QueueConfig) -> Result<(), ApiEr
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Deleted", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn delete_queue(
@@ -286,14 +258,7 @@ async fn delete_runtime(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "The crons", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn list_crons(
@@ -315,14 +280,7 @@ pub async fn list_crons(
     security(("BearerAuth" = [])),
     responses(
         (status = 201, description = "Defined", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn create_cron(
@@ -368,14 +326,7 @@ pub async fn define_cron(broker: &Broker, cfg: CronConfig) -> Result<(), ApiErro
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Deleted", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn delete_cron(
@@ -417,15 +368,7 @@ pub struct RedriveRequest {
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "How many, and the last dead-letter offset handled", body = serde_json::Value),
-        (status = 400, description = "invalid definition or target not allowed", body = crate::wire::ErrorBody),
-        (status = 401, description = "no admin token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong admin token", body = crate::wire::ErrorBody),
-        (status = 404, description = "unknown queue, cron or connection", body = crate::wire::ErrorBody),
-        (status = 409, description = "defined in the config file, or exists", body = crate::wire::ErrorBody),
-        (status = 429, description = "runtime quota reached", body = crate::wire::ErrorBody),
-        (status = 410, description = "`since` is beyond the dead-letter queue's history", body = crate::wire::ErrorBody),
-        (status = 500, description = "the configuration file no longer loads", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::AdminErrors
     )
 )]
 pub async fn redrive(

@@ -68,12 +68,7 @@ async fn notify(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Connections reached", body = serde_json::Value),
-        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
-        (status = 401, description = "no token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
-        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::NotifyErrors
     )
 )]
 pub async fn notify_user(
@@ -96,12 +91,7 @@ pub async fn notify_user(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Connections reached", body = serde_json::Value),
-        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
-        (status = 401, description = "no token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
-        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::NotifyErrors
     )
 )]
 pub async fn notify_connection(
@@ -122,12 +112,7 @@ pub async fn notify_connection(
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "The connections", body = serde_json::Value),
-        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
-        (status = 401, description = "no token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
-        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::NotifyErrors
     )
 )]
 pub async fn list(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
@@ -146,12 +131,7 @@ pub async fn list(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpRes
     security(("BearerAuth" = [])),
     responses(
         (status = 200, description = "Closed", body = serde_json::Value),
-        (status = 400, description = "the body is not JSON", body = crate::wire::ErrorBody),
-        (status = 401, description = "no token", body = crate::wire::ErrorBody),
-        (status = 403, description = "wrong token", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such connection", body = crate::wire::ErrorBody),
-        (status = 413, description = "body too large", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::NotifyErrors
     )
 )]
 pub async fn close(

@@ -180,14 +180,7 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
     ),
     responses(
         (status = 200, description = "Stored (or scheduled)", body = PublishReply),
-        (status = 400, description = "invalid query, header, body or forwarded address; delay too long", body = crate::wire::ErrorBody),
-        (status = 401, description = "missing credentials (the queue's ingest auth)", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad signature, stale timestamp or address not allowed", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue", body = crate::wire::ErrorBody),
-        (status = 409, description = "a signed request received already", body = crate::wire::ErrorBody),
-        (status = 413, description = "body or message too large", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many queues or delayed messages", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::PublishErrors
     )
 )]
 pub async fn publish_message(
@@ -214,14 +207,7 @@ pub async fn publish_message(
     request_body(content = crate::wire::BatchRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "All stored (or scheduled), or none", body = BatchReply),
-        (status = 400, description = "invalid query, header, body or forwarded address; delay too long", body = crate::wire::ErrorBody),
-        (status = 401, description = "missing credentials (the queue's ingest auth)", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad signature, stale timestamp or address not allowed", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue", body = crate::wire::ErrorBody),
-        (status = 409, description = "a signed request received already", body = crate::wire::ErrorBody),
-        (status = 413, description = "body or message too large", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many queues or delayed messages", body = crate::wire::ErrorBody),
-        (status = 503, description = "the store does not take writes, or shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::PublishErrors
     )
 )]
 pub async fn publish_batch(

@@ -59,13 +59,7 @@ fn limit(l: Option<usize>) -> Result<usize, ApiError> {
     security(("BasicAuth" = [])),
     responses(
         (status = 200, description = "The messages after `since`", body = crate::wire::ReadReply),
-        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
-        (status = 401, description = "no login", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
-        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::ReadErrors
     )
 )]
 pub async fn read_queue(
@@ -97,14 +91,7 @@ pub async fn read_queue(
     security(("BasicAuth" = [])),
     responses(
         (status = 200, description = "Created, positioned after the newest message", body = serde_json::Value),
-        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
-        (status = 401, description = "no login", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
-        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody),
-        (status = 409, description = "the client reads another queue", body = crate::wire::ErrorBody)
+        crate::openapi::ReadErrors
     )
 )]
 pub async fn put_consumer(
@@ -136,13 +123,7 @@ pub async fn put_consumer(
     security(("BasicAuth" = [])),
     responses(
         (status = 200, description = "Deleted", body = serde_json::Value),
-        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
-        (status = 401, description = "no login", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
-        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::ReadErrors
     )
 )]
 pub async fn delete_consumer(
@@ -170,13 +151,7 @@ pub async fn delete_consumer(
     security(("BasicAuth" = [])),
     responses(
         (status = 200, description = "The unread messages; the cursor moves past them", body = crate::wire::ReadReply),
-        (status = 400, description = "invalid query", body = crate::wire::ErrorBody),
-        (status = 401, description = "no login", body = crate::wire::ErrorBody),
-        (status = 403, description = "bad login or queue not granted", body = crate::wire::ErrorBody),
-        (status = 404, description = "no such queue or client", body = crate::wire::ErrorBody),
-        (status = 410, description = "position gone: refresh", body = crate::wire::ErrorBody),
-        (status = 429, description = "too many login attempts", body = crate::wire::ErrorBody),
-        (status = 503, description = "shutting down", body = crate::wire::ErrorBody)
+        crate::openapi::ReadErrors
     )
 )]
 pub async fn read_consumer(
