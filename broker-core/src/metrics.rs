@@ -76,6 +76,9 @@ pub struct Metrics {
     pub store_commit: prometheus::Histogram,
     /// `broker_store_batch_size`: operations per store transaction.
     pub store_batch: prometheus::Histogram,
+    /// `broker_webhook_dead_letter_failures_total{queue}`: dead-letter appends refused
+    /// (the message stays pending and is tried again).
+    pub webhook_dead_letter_failures: IntCounterVec,
     /// `broker_store_errors_total`: failed store transactions.
     pub store_errors: prometheus::IntCounter,
     /// `broker_store_dropped_ops_total`: operations nobody awaits (cursor moves, trims,
@@ -314,6 +317,11 @@ impl Metrics {
                 ]),
             ),
         );
+        let webhook_dead_letter_failures = counter(
+            "broker_webhook_dead_letter_failures_total",
+            "Dead-letter appends refused; the message stays pending and is tried again.",
+            &["queue"],
+        );
         let store_dropped_ops = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -399,6 +407,7 @@ impl Metrics {
             store_batch,
             store_errors,
             store_dropped_ops,
+            webhook_dead_letter_failures,
             ready,
             readiness_changes,
             ready_state: std::sync::atomic::AtomicI64::new(1),

@@ -12,5 +12,6 @@ mod pg_hooks;
 mod publish_paths;
 mod standard_webhooks;
 mod support;
+mod webhook_delivery;
 mod webhook_queue;
 mod ws;

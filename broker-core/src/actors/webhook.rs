@@ -27,6 +27,8 @@ use crate::store::{Store, StoredAttempt};
 
 /// Wait before reading again after the queue itself failed to answer.
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// Wait before dead-lettering again after the dead-letter queue refused a message.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// Headers of a dead-lettered message.
 pub mod dlq_headers {
@@ -91,6 +93,10 @@ struct InFlight {
     retry: Option<(SpawnHandle, i64)>,
     last_status: Option<u16>,
     last_error: Option<String>,
+    /// Retries are exhausted and the message is being dead-lettered: it stays here
+    /// (unsettled) until its copy is stored in the dead-letter queue; how many times
+    /// the dead-letter queue refused it.
+    dead_lettering: Option<u32>,
 }
 
 /// Why an attempt failed.
@@ -104,7 +110,9 @@ struct Failure {
 pub struct Webhook {
     handle: QueueHandle,
     label: String,
-    index: usize,
+    /// Identifies the target in `webhook-id`s: from its URL, so it does not change
+    /// when other targets are added or removed.
+    target_id: String,
     spec: Arc<WebhookSpec>,
     ingress: Ingress,
     client: reqwest::Client,
@@ -133,7 +141,7 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Delivery of `handle`'s messages to target number `index` of its queue.
+    /// Delivery of `handle`'s messages to one of its targets.
     #[allow(clippy::too_many_arguments)]
     /// A target of the queue at `handle`. `from_queue_start`: it started together with
     /// its queue, so a new target delivers everything published since the queue started
@@ -143,7 +151,6 @@ impl Webhook {
         handle: QueueHandle,
         from_queue_start: bool,
         label: String,
-        index: usize,
         spec: Arc<WebhookSpec>,
         ingress: Ingress,
         client: reqwest::Client,
@@ -155,13 +162,18 @@ impl Webhook {
             b"webhook-id",
             &[handle.name.as_bytes()],
         );
+        let target = crate::auth::ingest::compute_mac(
+            crate::auth::HmacAlgo::Sha256,
+            b"webhook-target",
+            &[spec.url.as_str().as_bytes()],
+        );
         Self {
             id_prefix: hex::encode(&digest[..6]),
+            target_id: hex::encode(&target[..6]),
             epoch: Arc::from(""),
             reported: (0, 0),
             handle,
             label,
-            index,
             spec,
             ingress,
             client,
@@ -212,8 +224,13 @@ impl Webhook {
             .config
             .max_in_flight
             .saturating_sub(self.in_flight.len());
-        if !self.leader || self.reading || room == 0 {
+        if !self.leader || self.reading {
             return;
+        }
+        if room == 0 {
+            // Nothing more is read while everything in flight waits; the backlog still
+            // grows with every publish, and the pending count must say so.
+            return self.follow_head(ctx);
         }
         self.reading = true;
         let addr = self.handle.addr.clone();
@@ -282,6 +299,35 @@ impl Webhook {
                 }
                 Ok(Err(Error::UnrecoverablePosition { .. })) => act.skip_rolled_off(ctx),
                 _ => act.retry_read(ctx),
+            }
+        }));
+    }
+
+    /// Keeps the queue's head (and so the pending count) current while no read is
+    /// made: reads it now, and again at every change of the queue.
+    fn follow_head(&mut self, ctx: &mut Context<Self>) {
+        if self.cursor.is_none() {
+            return;
+        }
+        self.reading = true;
+        let mut changes = self.handle.changes.clone();
+        // Seen before the read: a publish after it still wakes us.
+        changes.borrow_and_update();
+        let head = self.handle.addr.send(Head);
+        ctx.spawn(head.into_actor(self).map(move |res, act, ctx| {
+            act.reading = false;
+            match res {
+                Ok(h) => {
+                    act.head = h.head;
+                    act.gauges();
+                    if act.in_flight.len() < act.spec.config.max_in_flight {
+                        // A delivery settled meanwhile: read again.
+                        act.pump(ctx);
+                    } else {
+                        act.wait_for_changes(ctx, changes);
+                    }
+                }
+                Err(_) => act.retry_read(ctx),
             }
         }));
     }
@@ -364,7 +410,7 @@ impl Webhook {
     fn webhook_id(&self, m: &Message) -> String {
         format!(
             "msg_{}_{}_{}_{}",
-            self.id_prefix, self.epoch, m.offset, self.index
+            self.id_prefix, self.epoch, m.offset, self.target_id
         )
     }
 
@@ -376,6 +422,7 @@ impl Webhook {
             retry: None,
             last_status: None,
             last_error: None,
+            dead_lettering: None,
         });
         entry.attempts = n;
         entry.retry = None;
@@ -446,6 +493,7 @@ impl Webhook {
                 retry: Some((handle, a.next_attempt_ms)),
                 last_status: None,
                 last_error: None,
+                dead_lettering: None,
             },
         );
     }
@@ -464,32 +512,27 @@ impl Webhook {
         let target = self.spec.url.to_string();
         match res {
             Ok(()) => {
-                self.in_flight.remove(&offset);
+                self.done_with(offset);
                 self.delivered += 1;
                 count(self, "success");
-                if n > 1 {
-                    self.store.clear_attempt(&self.handle.name, &target, offset);
-                }
             }
             Err(f) => {
                 entry.last_status = f.status;
                 entry.last_error = Some(f.error.clone());
                 self.last_error = Some(f.error.clone());
                 if n > self.spec.config.max_retries {
-                    let done = self.in_flight.remove(&offset).expect("present");
                     self.failed += 1;
-                    self.give_up(ctx, done);
-                    if n > 1 {
-                        self.store.clear_attempt(&self.handle.name, &target, offset);
-                    }
+                    self.give_up(ctx, offset);
                 } else {
                     count(self, "retry");
                     let unit = random_unit();
-                    let delay = f.retry_after.unwrap_or_else(|| {
-                        self.spec
-                            .backoff
-                            .delay(n, self.spec.config.backoff.jitter, unit)
-                    });
+                    let step = self
+                        .spec
+                        .backoff
+                        .delay(n, self.spec.config.backoff.jitter, unit);
+                    // `Retry-After` may lengthen the wait, never shorten it below the
+                    // target's own backoff (a `Retry-After: 0` is no busy loop).
+                    let delay = f.retry_after.map_or(step, |ra| ra.max(step));
                     let due = now_ms() + delay.as_millis() as i64;
                     let handle = ctx.run_later(delay, move |act, ctx| {
                         if let Some(e) = act.in_flight.get(&offset) {
@@ -515,9 +558,28 @@ impl Webhook {
         self.pump(ctx);
     }
 
+    /// Forgets a message that is done with (delivered, dropped or dead-lettered): it
+    /// no longer holds the settled cursor back, nor its retry record.
+    fn done_with(&mut self, offset: u64) {
+        if let Some(done) = self.in_flight.remove(&offset) {
+            if done.attempts > 1 {
+                let target = self.spec.url.as_str();
+                self.store.clear_attempt(&self.handle.name, target, offset);
+            }
+        }
+    }
+
     /// Retries exhausted: to the dead-letter queue, or dropped (counted) without one.
-    fn give_up(&mut self, ctx: &mut Context<Self>, done: InFlight) {
-        let m = done.message;
+    /// A message being dead-lettered stays in flight — the settled cursor does not pass
+    /// it — until its copy is stored; a dead-letter queue that refuses it is tried again
+    /// (counted in `broker_webhook_dead_letter_failures_total`), so a crash or a
+    /// shutdown meanwhile only means the message is delivered again after the restart.
+    fn give_up(&mut self, ctx: &mut Context<Self>, offset: u64) {
+        let Some(done) = self.in_flight.get_mut(&offset) else {
+            return;
+        };
+        let refusals = *done.dead_lettering.get_or_insert(0);
+        let m = done.message.clone();
         let Some(dlq) = self.spec.config.dead_letter_queue.clone() else {
             tracing::warn!(queue = %self.handle.name, offset = m.offset, url = %shown_url(&self.spec.url),
                 "webhook retries exhausted and no dead_letter_queue: message dropped");
@@ -525,17 +587,20 @@ impl Webhook {
                 .webhook_deliveries
                 .with_label_values(&[&self.label, "dropped"])
                 .inc();
+            self.done_with(offset);
             return;
         };
+        let (attempts, last_status, last_error) =
+            (done.attempts, done.last_status, done.last_error.clone());
         let mut headers = crate::message::without_broker_headers(&m.headers);
         headers.push((dlq_headers::QUEUE.into(), self.handle.name.to_string()));
         headers.push((dlq_headers::OFFSET.into(), m.offset.to_string()));
         headers.push((dlq_headers::TARGET.into(), shown_url(&self.spec.url)));
-        headers.push((dlq_headers::ATTEMPTS.into(), done.attempts.to_string()));
-        if let Some(s) = done.last_status {
+        headers.push((dlq_headers::ATTEMPTS.into(), attempts.to_string()));
+        if let Some(s) = last_status {
             headers.push((dlq_headers::LAST_STATUS.into(), s.to_string()));
         }
-        if let Some(e) = done.last_error {
+        if let Some(e) = last_error {
             headers.push((dlq_headers::LAST_ERROR.into(), e));
         }
         let message = NewMessage {
@@ -555,7 +620,7 @@ impl Webhook {
                 })
                 .await
         };
-        ctx.spawn(fut.into_actor(self).map(move |res, act, _| match res {
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
                 act.metrics
                     .dead_lettered
@@ -565,14 +630,26 @@ impl Webhook {
                     .webhook_deliveries
                     .with_label_values(&[&act.label, "dead_lettered"])
                     .inc();
+                act.done_with(offset);
+                act.advance_settled();
+                act.gauges();
+                act.pump(ctx);
             }
             Err(e) => {
-                tracing::error!(queue = %act.handle.name, offset = m.offset, error = %e,
-                    "could not dead-letter a message");
+                tracing::error!(queue = %act.handle.name, offset, error = %e,
+                    "could not dead-letter a message; it stays pending and is tried again");
                 act.metrics
-                    .webhook_deliveries
-                    .with_label_values(&[&act.label, "dropped"])
+                    .webhook_dead_letter_failures
+                    .with_label_values(&[&act.label])
                     .inc();
+                if let Some(e) = act.in_flight.get_mut(&offset) {
+                    e.dead_lettering = Some(refusals + 1);
+                }
+                // 1 s, doubling, at most a minute.
+                let wait = DEAD_LETTER_RETRY * 2u32.saturating_pow(refusals.min(6));
+                ctx.run_later(wait.min(Duration::from_secs(60)), move |act, ctx| {
+                    act.give_up(ctx, offset)
+                });
             }
         }));
     }
@@ -608,9 +685,21 @@ fn outcome(res: Result<reqwest::Response, reqwest::Error>) -> Result<(), Failure
     } else {
         None
     };
+    // Redirects are never followed (the client has no redirect policy): a 3xx is a
+    // failed attempt, and says where it pointed (credentials stripped).
+    let location = status
+        .is_redirection()
+        .then(|| resp.headers().get(reqwest::header::LOCATION))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(|l| crate::delivery::shown_url_text(l).unwrap_or_else(|| "(not a URL)".to_owned()));
+    let error = match location {
+        Some(to) => format!("HTTP {status}, redirect to {to} not followed"),
+        None => format!("HTTP {status}"),
+    };
     Err(Failure {
         status: Some(status.as_u16()),
-        error: format!("HTTP {status}"),
+        error,
         retry_after,
     })
 }
@@ -783,7 +872,6 @@ mod tests {
             handle,
             from_queue_start,
             "q".into(),
-            0,
             spec,
             launched.ingress,
             reqwest::Client::new(),
@@ -834,6 +922,67 @@ mod tests {
         assert_eq!((status.failed, status.cursor), (5, 5), "offsets 1 to 5");
         let (_, status, _) = target_after_five(None, false).await;
         assert_eq!((status.failed, status.cursor), (0, 5), "from now on");
+    }
+
+    /// A message whose dead-letter copy is refused is not settled: the settled cursor
+    /// stays before it (a restart delivers it again), it stays in flight and counted,
+    /// and dead-lettering is tried again.
+    #[actix::test]
+    async fn a_message_is_settled_only_once_its_dead_letter_is_stored() {
+        // The target refuses connections; the dead-letter queue refuses the message.
+        const CONFIG: &str = "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\n\
+            max_retries = 0\ndead_letter_queue = \"dlq\"\n[[queues]]\nname = \"dlq\"\nmax_message_size = 4\n";
+        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
+        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::open("memory://", metrics.clone())
+            .await
+            .unwrap();
+        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
+        let arbiter = Arbiter::new();
+        let launched = crate::actors::launch_for_tests(
+            settings,
+            store.clone(),
+            metrics.clone(),
+            leader,
+            arbiter.handle(),
+        );
+        let handle = launched
+            .hub
+            .send(GetQueue { name: "q".into() })
+            .await
+            .unwrap()
+            .unwrap();
+        let big = NewMessage::from(bytes::Bytes::from_static(b"too large for the dlq"));
+        handle
+            .addr
+            .send(Publish {
+                messages: vec![big],
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let failures = || {
+            metrics
+                .webhook_dead_letter_failures
+                .with_label_values(&["q"])
+                .get()
+        };
+        for _ in 0..1000 {
+            if failures() >= 2 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(failures() >= 2, "dead-lettering is tried again");
+        let url = "http://127.0.0.1:9/";
+        assert_eq!(
+            store.delivery_cursor("q", url).await.unwrap(),
+            Some(0),
+            "not settled: a restart delivers it again"
+        );
+        let status = crate::actors::webhooks::status(&launched.webhooks, "q").await;
+        assert_eq!((status[0].in_flight, status[0].failed), (1, 1));
     }
 
     #[test]

@@ -86,7 +86,6 @@ impl Webhooks {
         &self,
         queue: &QueueHandle,
         label: &str,
-        index: usize,
         spec: Arc<WebhookSpec>,
         runtime: bool,
         from_queue_start: bool,
@@ -100,7 +99,6 @@ impl Webhooks {
             queue.clone(),
             from_queue_start,
             label.to_owned(),
-            index,
             spec,
             self.ingress.clone(),
             client.clone(),
@@ -133,7 +131,7 @@ impl Handler<SyncTargets> for Webhooks {
         let runtime = msg.spec.as_ref().is_some_and(|s| s.runtime);
         let mut old = self.targets.remove(&name).unwrap_or_default();
         let mut now = Vec::new();
-        for (i, w) in wanted.into_iter().enumerate() {
+        for w in wanted {
             match old.iter().position(|(o, _)| o.config.url == w.config.url) {
                 Some(pos) => {
                     let (o, addr) = old.remove(pos);
@@ -144,7 +142,7 @@ impl Handler<SyncTargets> for Webhooks {
                 }
                 None => {
                     let addr =
-                        self.start_target(&msg.queue, &label, i, w.clone(), runtime, msg.started);
+                        self.start_target(&msg.queue, &label, w.clone(), runtime, msg.started);
                     now.push((w, addr));
                 }
             }

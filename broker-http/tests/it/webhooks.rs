@@ -589,6 +589,15 @@ async fn runtime_targets_cannot_reach_internal_addresses_and_redirects_are_not_f
     )
     .await;
     assert_eq!(elsewhere.len(), 0, "the redirect was not followed");
+    let (_, v) = send(b.get("/v1/queues/q").bearer_auth(ADMIN)).await;
+    let last = v["webhooks"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        last.starts_with("HTTP 307") && last.contains("redirect to http://127.0.0.1:"),
+        "the failed attempt says where it pointed: {v}"
+    );
     let _ = &mut elsewhere;
 }
 
@@ -707,4 +716,75 @@ async fn redrive_reports_progress_on_error_and_is_safe_to_repeat() {
     );
     let (_, a) = send(b.get("/v1/queues/p.a").bearer_auth(ADMIN)).await;
     assert_eq!(head(&a), Some(4));
+}
+
+/// While a target is down and holds its maximum in flight, the backlog keeps counting:
+/// `broker_webhook_pending` and the admin API's `pending` grow with every publish.
+#[actix_web::test]
+async fn the_backlog_is_counted_while_the_target_is_down() {
+    const ADMIN: &str = "backlog-admin-token-01";
+    let sink = spawn_sink(|_, _| Reply::status(500)).await;
+    let b = spawn_broker(&format!(
+        "{}\n[admin]\ntoken = \"{ADMIN}\"\n",
+        queue_with_webhook(
+            &sink.url,
+            "max_in_flight = 2\nmax_retries = 5\nbackoff = { schedule = [\"1h\"], jitter = 0.0 }"
+        )
+    ))
+    .await;
+    // The first two are taken into delivery (and fail, to be retried in an hour).
+    for i in 0..2 {
+        b.post("/v1/queues/q/messages")
+            .body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    b.wait_for_metric(r#"broker_webhook_in_flight{queue="q"}"#, 2.0)
+        .await;
+    let batch = serde_json::json!({
+        "messages": (0..498).map(|i| serde_json::json!({"body": format!("n{i}")})).collect::<Vec<_>>()
+    });
+    let (s, _) = send(b.post("/v1/queues/q/batch").json(&batch)).await;
+    assert_eq!(s, 200);
+    b.wait_for_metric(r#"broker_webhook_pending{queue="q"}"#, 498.0)
+        .await;
+    let (_, v) = send(b.get("/v1/queues/q").bearer_auth(ADMIN)).await;
+    assert_eq!(
+        (
+            v["webhooks"][0]["pending"].as_u64(),
+            v["webhooks"][0]["in_flight"].as_u64()
+        ),
+        (Some(498), Some(2)),
+        "{v}"
+    );
+}
+
+/// `Retry-After: 0` does not shorten the target's backoff: no busy loop into the
+/// dead-letter queue.
+#[actix_web::test]
+async fn retry_after_zero_waits_the_backoff() {
+    let mut sink = spawn_sink(|_, _| Reply {
+        retry_after: Some("0"),
+        ..Reply::status(429)
+    })
+    .await;
+    let b = spawn_broker(&queue_with_webhook(
+        &sink.url,
+        "max_retries = 2\nbackoff = { schedule = [\"300ms\"], jitter = 0.0 }",
+    ))
+    .await;
+    b.post("/v1/queues/q/messages")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let hits = sink.wait_hits(3).await;
+    for pair in hits.windows(2) {
+        assert!(
+            pair[1].at - pair[0].at >= Duration::from_millis(290),
+            "retried after {:?}",
+            pair[1].at - pair[0].at
+        );
+    }
 }
