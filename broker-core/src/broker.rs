@@ -683,7 +683,7 @@ impl Broker {
         since: u64,
         limit: usize,
     ) -> Result<(usize, u64), Error> {
-        use crate::actors::webhook::dlq_headers;
+        use crate::actors::webhook::{dlq_headers, redrive_headers};
         let handle = self.queue(dlq).await?;
         // Where earlier redrives of this dead-letter queue got to (same epoch only):
         // what they republished is not republished again.
@@ -710,10 +710,25 @@ impl Broker {
             cause: Box::new(e),
         };
         for m in &batch.messages {
-            if let Some((_, origin)) = m.headers.iter().find(|(k, _)| k == dlq_headers::QUEUE) {
+            let header = |name: &str| {
+                m.headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            if let Some(origin) = header(dlq_headers::QUEUE) {
+                let origin = &origin;
+                let mut headers = crate::message::without_broker_headers(&m.headers);
+                // For the target that gave up only, under the id it was sent with.
+                if let Some(target) = header(dlq_headers::TARGET_ID) {
+                    headers.push((redrive_headers::FOR_TARGET.into(), target));
+                    if let Some(id) = header(dlq_headers::WEBHOOK_ID) {
+                        headers.push((redrive_headers::WEBHOOK_ID.into(), id));
+                    }
+                }
                 let message = NewMessage {
                     content_type: m.content_type.clone(),
-                    headers: crate::message::without_broker_headers(&m.headers),
+                    headers,
                     ..NewMessage::from(m.body.clone())
                 };
                 let published = self.publish(PublishRequest {
@@ -732,6 +747,12 @@ impl Broker {
                 .set_state(&key, format!("{epoch}:{last}"))
                 .await
                 .map_err(|e| stopped(n, last, e))?;
+        }
+        if n == 0 {
+            return Err(Error::NoDeadLetters {
+                queue: dlq.to_owned(),
+                since,
+            });
         }
         Ok((n, last))
     }

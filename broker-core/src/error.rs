@@ -178,6 +178,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A redrive found nothing to republish.
+    #[error("queue `{queue}` holds no dead letters after offset {since} (not redriven yet)")]
+    NoDeadLetters {
+        /// The queue.
+        queue: String,
+        /// Where the redrive started.
+        since: u64,
+    },
     /// A redrive stopped at an error: what it did before, and why it stopped.
     #[error(
         "redrive stopped after {redriven} message(s), at dead-letter offset {offset}: {cause}"
@@ -276,6 +284,7 @@ impl Error {
         match self {
             Error::Rejected { reason, .. } => reason.as_str(),
             Error::RedriveStopped { cause, .. } => cause.code(),
+            Error::NoDeadLetters { .. } => "no_dead_letters",
             Error::UnknownQueue { .. } => "unknown_queue",
             Error::UnrecoverablePosition { .. } => "unrecoverable_position",
             Error::Refresh { .. } => "refresh",

@@ -168,6 +168,8 @@ pub fn now_ms() -> i64 {
 
 /// The prefix of the headers the broker itself sets (dead-letter provenance).
 pub const BROKER_HEADER_PREFIX: &str = "x-broker-";
+/// Headers a redrive sets for the webhook actors (which target, which id): never sent on.
+pub const REDRIVE_HEADER_PREFIX: &str = "x-broker-redrive-";
 
 /// `headers` without the broker's own (`x-broker-*`).
 pub fn without_broker_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
@@ -210,7 +212,9 @@ const NOT_FORWARDED: &[&str] = &[
 /// Whether a message's header `name` is forwarded to webhook targets.
 pub fn forwardable(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !NOT_FORWARDED.contains(&lower.as_str()) && !lower.starts_with("webhook-")
+    !NOT_FORWARDED.contains(&lower.as_str())
+        && !lower.starts_with("webhook-")
+        && !lower.starts_with(REDRIVE_HEADER_PREFIX)
 }
 
 /// Why a publisher-supplied header or content type cannot be kept, if it cannot: header
@@ -277,6 +281,7 @@ mod tests {
             "Transfer-Encoding",
             "webhook-id",
             "Webhook-Signature",
+            "x-broker-redrive-for",
         ] {
             assert!(!forwardable(name), "{name}");
         }

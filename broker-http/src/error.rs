@@ -82,7 +82,8 @@ impl ApiError {
 fn status_of(code: &str) -> StatusCode {
     use StatusCode as S;
     match code {
-        "unknown_queue" | "unknown_client" | "unknown_connection" | "unknown_cron" => S::NOT_FOUND,
+        "unknown_queue" | "no_dead_letters" | "unknown_client" | "unknown_connection"
+        | "unknown_cron" => S::NOT_FOUND,
         "missing_credentials" => S::UNAUTHORIZED,
         "ip_not_allowed" | "invalid_signature" | "stale_timestamp" | "bad_login"
         | "not_granted" | "reload_not_allowed" => S::FORBIDDEN,

@@ -143,7 +143,7 @@ pub(crate) enum AdminErrors {
     /// Wrong admin token.
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// Unknown queue, cron or connection.
+    /// Unknown queue, cron or connection; no dead letters to redrive.
     #[response(status = 404)]
     NotFound(ErrorBody),
     /// Defined in the config file, or exists.

@@ -141,10 +141,15 @@ async fn the_readme_tutorial_works_unchanged() {
     );
 
     // pg-hooks' admin secret header is the admin credential when anonymous access is off.
-    let (s, _) = send(
+    // (Authorized: the answer is that nothing was dead-lettered.)
+    let (s, v) = send(
         b.post("/v1/queues/pg-hooks.1/redrive")
             .header("X-PLATFORMATIC-ADMIN-SECRET", "tutorial-admin-token"),
     )
     .await;
-    assert_eq!(s, 200);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("no_dead_letters")),
+        "{v}"
+    );
 }

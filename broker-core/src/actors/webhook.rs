@@ -44,6 +44,18 @@ pub mod dlq_headers {
     pub const LAST_STATUS: &str = "x-broker-last-status";
     /// Error of the last attempt.
     pub const LAST_ERROR: &str = "x-broker-last-error";
+    /// Which target gave up (stable: from its URL); a redrive delivers to it alone.
+    pub const TARGET_ID: &str = "x-broker-target-id";
+    /// The `webhook-id` the message was sent under; a redrive sends it again under it.
+    pub const WEBHOOK_ID: &str = "x-broker-webhook-id";
+}
+
+/// Headers of a message republished by a redrive for one target.
+pub mod redrive_headers {
+    /// Only the target with this id delivers it (the others skip it).
+    pub const FOR_TARGET: &str = "x-broker-redrive-for";
+    /// The `webhook-id` to deliver it under (the one its first attempts had).
+    pub const WEBHOOK_ID: &str = "x-broker-redrive-webhook-id";
 }
 
 /// New target settings after a reload (same URL).
@@ -289,6 +301,9 @@ impl Webhook {
                     }
                     for m in batch.messages {
                         act.cursor = Some(m.offset);
+                        if !act.delivers(&m) {
+                            continue; // redriven for another target
+                        }
                         match act.resume.remove(&m.offset) {
                             Some(a) => act.resume_retry(ctx, m, a),
                             None => act.attempt(ctx, m, 1),
@@ -406,12 +421,29 @@ impl Webhook {
     }
 
     /// The id of a message for this target, the same on every retry (receivers
-    /// deduplicate on it): queue, epoch, offset and target.
+    /// deduplicate on it): queue, epoch, offset and target — or, for a message a redrive
+    /// republished for this target, the id its first attempts had.
     fn webhook_id(&self, m: &Message) -> String {
+        if let Some((_, id)) = m
+            .headers
+            .iter()
+            .find(|(k, _)| k == redrive_headers::WEBHOOK_ID)
+        {
+            return id.clone();
+        }
         format!(
             "msg_{}_{}_{}_{}",
             self.id_prefix, self.epoch, m.offset, self.target_id
         )
+    }
+
+    /// Whether this target delivers `m`: every message, but one a redrive republished
+    /// for another target.
+    fn delivers(&self, m: &Message) -> bool {
+        m.headers
+            .iter()
+            .find(|(k, _)| k == redrive_headers::FOR_TARGET)
+            .is_none_or(|(_, t)| *t == self.target_id)
     }
 
     fn attempt(&mut self, ctx: &mut Context<Self>, m: Arc<Message>, n: u32) {
@@ -596,6 +628,8 @@ impl Webhook {
         headers.push((dlq_headers::QUEUE.into(), self.handle.name.to_string()));
         headers.push((dlq_headers::OFFSET.into(), m.offset.to_string()));
         headers.push((dlq_headers::TARGET.into(), shown_url(&self.spec.url)));
+        headers.push((dlq_headers::TARGET_ID.into(), self.target_id.clone()));
+        headers.push((dlq_headers::WEBHOOK_ID.into(), self.webhook_id(&m)));
         headers.push((dlq_headers::ATTEMPTS.into(), attempts.to_string()));
         if let Some(s) = last_status {
             headers.push((dlq_headers::LAST_STATUS.into(), s.to_string()));

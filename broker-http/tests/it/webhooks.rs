@@ -788,3 +788,87 @@ async fn retry_after_zero_waits_the_backoff() {
         );
     }
 }
+
+/// A dead letter is redriven to the target that gave up on it — not to the queue's
+/// other targets — under the `webhook-id` its first attempts had, and only once; a
+/// redrive that finds nothing says so.
+#[actix_web::test]
+async fn redrive_goes_to_the_failed_target_once_under_its_id() {
+    const ADMIN: &str = "redrive-target-token-01";
+    let mut good = spawn_sink(|_, _| Reply::status(200)).await;
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let mut bad = spawn_sink(move |_, _| {
+        Reply::status(if gate.load(std::sync::atomic::Ordering::SeqCst) {
+            200
+        } else {
+            500
+        })
+    })
+    .await;
+    let b = spawn_broker(&format!(
+        "{USER}\n[admin]\ntoken = \"{ADMIN}\"\n[[queues]]\nname = \"q\"\n\
+         [[queues.webhooks]]\nurl = \"{}\"\n\
+         [[queues.webhooks]]\nurl = \"{}\"\nmax_retries = 0\ndead_letter_queue = \"dlq\"\n\
+         signing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\
+         [[queues]]\nname = \"dlq\"\n",
+        good.url, bad.url
+    ))
+    .await;
+    for i in 0..3 {
+        b.post("/v1/queues/q/messages")
+            .body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    good.wait_hits(3).await;
+    let first = bad.wait_hits(3).await;
+    b.wait_for_metric(r#"broker_dead_lettered_total{queue="q"}"#, 3.0)
+        .await;
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let (s, v) = send(b.post("/v1/queues/dlq/redrive").bearer_auth(ADMIN)).await;
+    assert_eq!((s, v["redriven"].as_u64()), (200, Some(3)), "{v}");
+    let hits = bad.wait_hits(6).await;
+    let ids = |h: &[crate::support::Hit]| {
+        let mut v: Vec<String> = h.iter().map(|h| h.headers["webhook-id"].clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ids(&hits[3..6]),
+        ids(&first[..3]),
+        "redriven under the ids of the first attempts"
+    );
+    assert!(
+        hits[3..].iter().all(|h| h
+            .headers
+            .keys()
+            .all(|k| !k.starts_with("x-broker-redrive-"))),
+        "the redrive's own headers stay inside"
+    );
+    // A marker after the redriven messages: the good target gets it next, having
+    // skipped what was redriven for the other one.
+    b.post("/v1/queues/q/messages")
+        .body("marker")
+        .send()
+        .await
+        .unwrap();
+    let got = good.wait_hits(4).await;
+    assert_eq!(
+        &got[3].body[..],
+        b"marker",
+        "the other target received nothing redriven"
+    );
+
+    // Again: nothing left to redrive, and nothing is sent.
+    let (s, v) = send(b.post("/v1/queues/dlq/redrive").bearer_auth(ADMIN)).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("no_dead_letters")),
+        "{v}"
+    );
+    bad.wait_hits(7).await; // the marker
+    assert_eq!(bad.len(), 7);
+}
