@@ -760,6 +760,15 @@ fn random_unit() -> f64 {
 impl Actor for Webhook {
     type Context = Context<Self>;
 
+    fn started(&mut self, _: &mut Self::Context) {
+        if self.spec.config.dead_letter_queue.is_some() {
+            // The series exists from the start (at 0), so its alert sees the first refusal.
+            self.metrics
+                .webhook_dead_letter_failures
+                .with_label_values(&[&self.label]);
+        }
+    }
+
     fn stopped(&mut self, _: &mut Self::Context) {
         self.report((0, 0));
     }
