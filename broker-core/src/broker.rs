@@ -772,6 +772,25 @@ impl Broker {
         reason
     }
 
+    /// At shutdown, once the server has stopped: waits (up to `timeout`) until no
+    /// message is being dead-lettered, so that what a target gave up on reaches its
+    /// dead-letter queue before the process ends. What is still unsettled then is
+    /// delivered again after the restart (never lost); how many is logged.
+    pub async fn finish_dead_letters(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = crate::actors::webhooks::dead_lettering(&self.webhooks).await;
+            if n == 0 {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(messages = n, "shutting down with messages not dead-lettered yet; they are delivered again after the restart");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts shutting down: long-polls return at once.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);

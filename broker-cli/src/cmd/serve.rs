@@ -3,7 +3,8 @@
 //! Prints exactly one line to stdout once it serves: `listening on http://ADDR`
 //! (scripts and tests wait for it; with `listen = "127.0.0.1:0"` it carries the port).
 //! SIGHUP reloads the config; SIGTERM and SIGINT stop accepting, let in-flight requests
-//! finish (long-polls return at once) within `server.shutdown_timeout`, and exit 0.
+//! finish (long-polls return at once) within `server.shutdown_timeout`, wait (up to that
+//! time again) for messages being dead-lettered, and exit 0.
 //!
 //! On PostgreSQL a broker first takes the database's active lock
 //! (`broker_core::store::ActiveLock`). While another broker holds it, this one is a
@@ -98,6 +99,7 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
     }
 
     let leading = broker.clone();
+    let waiting = broker.clone();
     let lost = async move { leading.lost_leadership().await };
     let fenced = Rc::new(RefCell::new(false));
     let fenced_in = fenced.clone();
@@ -130,6 +132,9 @@ async fn serve(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<()
     if *fenced.borrow() {
         anyhow::bail!("stopped because the active lock was lost");
     }
+    // What a target gave up on reaches its dead-letter queue before the process ends.
+    let timeout = waiting.settings().config.server.shutdown_timeout;
+    waiting.finish_dead_letters(timeout).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -84,3 +84,64 @@ async fn webhook_ids_survive_targets_added_in_front() {
         "the same message to the same target keeps its id"
     );
 }
+
+/// A message a target gave up on is settled only once its dead-letter copy is stored:
+/// across a graceful stop (which waits up to `server.shutdown_timeout` for it) and a
+/// restart, a message whose dead-lettering was refused is delivered again and reaches
+/// the dead-letter queue — nothing vanishes.
+#[actix_web::test]
+async fn nothing_vanishes_while_being_dead_lettered_across_a_stop() {
+    let (failing, seen) = sink(500);
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/broker.db", dir.path().display());
+    let config = |dlq_max: usize| {
+        format!(
+            "[server]\nshutdown_timeout = \"1s\"\n[storage]\nurl = \"{db}\"\n\
+             [[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"dlq\"]\n\
+             [[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"{failing}/a\"\nmax_retries = 0\n\
+             dead_letter_queue = \"dlq\"\n[[queues]]\nname = \"dlq\"\nmax_message_size = {dlq_max}\n"
+        )
+    };
+    // The dead-letter queue refuses the message (too large for it).
+    let (_d, path) = write_config("broker.toml", &config(4));
+    let mut b = spawn_broker(&path);
+    b.post("/v1/queues/q/messages")
+        .body("a long body")
+        .send()
+        .await
+        .unwrap();
+    let sample = r#"broker_webhook_dead_letter_failures_total{queue="q"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while crate::support::metric(&b.metrics().await, sample).unwrap_or(0.0) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead-lettering was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let attempts = seen.lock().unwrap().len();
+    let stopping = std::time::Instant::now();
+    b.signal("TERM");
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(900),
+        "the stop waited for the dead-lettering (up to shutdown_timeout)"
+    );
+
+    // Back with a dead-letter queue that takes it: delivered again, then dead-lettered.
+    std::fs::write(&path, config(1000)).unwrap();
+    let b = spawn_broker(&path);
+    let again = wait_for(&seen, attempts + 1).await;
+    assert!(again.len() > attempts, "delivered again after the restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let bodies = crate::support::bodies(&b, "dlq", "u", "password1").await;
+        if bodies == vec!["a long body".to_owned()] {
+            break;
+        }
+        assert!(bodies.is_empty(), "{bodies:?}");
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

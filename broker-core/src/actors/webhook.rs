@@ -87,6 +87,9 @@ pub struct WebhookStatus {
     pub pending: u64,
     /// Messages in delivery (waiting retries included).
     pub in_flight: usize,
+    /// Of those, messages whose retries are exhausted and whose dead-letter copy is not
+    /// stored yet.
+    pub dead_lettering: usize,
     /// Offset of the last message handed to a delivery.
     pub cursor: u64,
     /// Successful deliveries.
@@ -836,6 +839,11 @@ impl Handler<GetStatus> for Webhook {
             active: self.leader,
             pending: self.head.saturating_sub(cursor),
             in_flight: self.in_flight.len(),
+            dead_lettering: self
+                .in_flight
+                .values()
+                .filter(|e| e.dead_lettering.is_some())
+                .count(),
             cursor,
             delivered: self.delivered,
             failed: self.failed,

@@ -169,6 +169,37 @@ impl Handler<QueueTargets> for Webhooks {
     }
 }
 
+/// Every running target.
+#[derive(Message)]
+#[rtype(result = "Vec<Addr<Webhook>>")]
+struct AllTargets;
+
+impl Handler<AllTargets> for Webhooks {
+    type Result = MessageResult<AllTargets>;
+
+    fn handle(&mut self, _: AllTargets, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.targets
+                .values()
+                .flat_map(|v| v.iter().map(|(_, a)| a.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// Messages being dead-lettered (retries exhausted, copy not stored yet), over every
+/// target.
+pub async fn dead_lettering(webhooks: &Addr<Webhooks>) -> usize {
+    let addrs = webhooks.send(AllTargets).await.unwrap_or_default();
+    let mut n = 0;
+    for a in addrs {
+        if let Ok(s) = a.send(GetStatus).await {
+            n += s.dead_lettering;
+        }
+    }
+    n
+}
+
 /// Delivery status of every target of a queue.
 pub async fn status(webhooks: &Addr<Webhooks>, queue: &str) -> Vec<WebhookStatus> {
     let addrs = webhooks
