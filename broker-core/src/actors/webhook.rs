@@ -862,6 +862,37 @@ mod tests {
     use crate::config::parse;
     use crate::settings::Settings;
 
+    fn settings(toml: &str) -> Arc<Settings> {
+        let (cfg, src) = parse(None, toml, Vec::<(String, String)>::new()).unwrap();
+        Arc::new(Settings::compile(cfg, src).unwrap())
+    }
+
+    /// The core over a memory store, as a single node, with `settings` (the arbiter
+    /// runs the webhook actors: keep it).
+    async fn core(
+        settings: Arc<Settings>,
+    ) -> (
+        crate::actors::Launched,
+        Arc<Metrics>,
+        Arc<dyn Store>,
+        Arbiter,
+    ) {
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::open("memory://", metrics.clone())
+            .await
+            .unwrap();
+        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
+        let arbiter = Arbiter::new();
+        let launched = crate::actors::launch_for_tests(
+            settings,
+            store.clone(),
+            metrics.clone(),
+            leader,
+            arbiter.handle(),
+        );
+        (launched, metrics, store, arbiter)
+    }
+
     /// Starts a target (to a port that refuses, no retries) of queue `q` after five
     /// messages were published, with `saved` as its stored settled cursor; waits until
     /// it has settled everything and returns its status, with the store and its URL.
@@ -870,29 +901,12 @@ mod tests {
         from_queue_start: bool,
     ) -> (Addr<Webhook>, WebhookStatus, Arc<dyn Store>) {
         // Port 9 on loopback refuses connections: every attempt fails at once.
-        const CONFIG: &str = "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\nmax_retries = 0\n";
-        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
-        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let store = crate::store::open("memory://", metrics.clone())
-            .await
-            .unwrap();
-        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
-        let arbiter = Arbiter::new();
-        // A hub without the webhook (its own actor is started by hand below).
-        let (cfg0, src0) = parse(
-            None,
-            "[[queues]]\nname = \"q\"\n",
-            Vec::<(String, String)>::new(),
-        )
-        .unwrap();
-        let launched = crate::actors::launch_for_tests(
-            Arc::new(Settings::compile(cfg0, src0).unwrap()),
-            store.clone(),
-            metrics.clone(),
-            leader,
-            arbiter.handle(),
+        let with_target = settings(
+            "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\nmax_retries = 0\n",
         );
+        // A hub without the webhook (its own actor is started by hand below).
+        let (launched, metrics, store, _arbiter) =
+            core(settings("[[queues]]\nname = \"q\"\n")).await;
         let hub = launched.hub;
         let handle = hub
             .send(GetQueue { name: "q".into() })
@@ -918,7 +932,7 @@ mod tests {
             store.set_delivery_cursor("q", url, c).await.unwrap();
         }
 
-        let spec = settings.queue("q").unwrap().webhooks[0].clone();
+        let spec = with_target.queue("q").unwrap().webhooks[0].clone();
         let w = Webhook::new(
             handle,
             from_queue_start,
@@ -981,23 +995,11 @@ mod tests {
     #[actix::test]
     async fn a_message_is_settled_only_once_its_dead_letter_is_stored() {
         // The target refuses connections; the dead-letter queue refuses the message.
-        const CONFIG: &str = "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\n\
-            max_retries = 0\ndead_letter_queue = \"dlq\"\n[[queues]]\nname = \"dlq\"\nmax_message_size = 4\n";
-        let (cfg, src) = parse(None, CONFIG, Vec::<(String, String)>::new()).unwrap();
-        let settings = Arc::new(Settings::compile(cfg, src).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let store = crate::store::open("memory://", metrics.clone())
-            .await
-            .unwrap();
-        let leader = Leader::new(Box::new(SingleNode), metrics.clone()).start();
-        let arbiter = Arbiter::new();
-        let launched = crate::actors::launch_for_tests(
-            settings,
-            store.clone(),
-            metrics.clone(),
-            leader,
-            arbiter.handle(),
-        );
+        let (launched, metrics, store, _arbiter) = core(settings(
+            "[[queues]]\nname = \"q\"\n[[queues.webhooks]]\nurl = \"http://127.0.0.1:9/\"\n\
+             max_retries = 0\ndead_letter_queue = \"dlq\"\n[[queues]]\nname = \"dlq\"\nmax_message_size = 4\n",
+        ))
+        .await;
         let handle = launched
             .hub
             .send(GetQueue { name: "q".into() })
