@@ -76,6 +76,9 @@ pub struct Broker {
     _leader: Addr<Leader>,
     /// Whether this node leads, as it changes.
     leadership: watch::Receiver<bool>,
+    /// Whether losing the lead means stopping (the database's active lock), rather than
+    /// handing singleton work to another replica (a NATS cluster).
+    exclusive: bool,
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
@@ -112,14 +115,13 @@ impl Broker {
         settings: Settings,
         lock: Option<store::ActiveLock>,
     ) -> Result<Arc<Broker>, Error> {
-        let fence = lock.as_ref().map(store::ActiveLock::fence);
-        let election: Box<dyn crate::election::Election> = match lock {
-            Some(lock) => Box::new(lock),
-            None => Box::new(SingleNode),
-        };
         let metrics = Arc::new(Metrics::new());
-        let store =
-            store::open_fenced(&settings.config.storage.url, metrics.clone(), fence).await?;
+        let Backend {
+            store,
+            logs,
+            election,
+            exclusive,
+        } = Backend::open(&settings.config.storage, lock, metrics.clone()).await?;
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
         if let Some(json) = store.state(STATE_KEY).await? {
@@ -192,6 +194,7 @@ impl Broker {
         } = crate::actors::launch(
             &shared,
             store.clone(),
+            logs,
             metrics.clone(),
             registry.clone(),
             deliveries,
@@ -214,6 +217,7 @@ impl Broker {
             registry,
             _leader: leader,
             leadership,
+            exclusive,
             cron,
             _deliveries: arbiter,
             pg_hooks,
@@ -241,6 +245,9 @@ impl Broker {
     /// lock was lost): it must stop serving, another broker may be active. Never for a
     /// single node.
     pub async fn lost_leadership(&self) {
+        if !self.exclusive {
+            return std::future::pending().await;
+        }
         let mut rx = self.leadership.clone();
         if rx.wait_for(|leads| *leads).await.is_ok() {
             let _ = rx.wait_for(|leads| !*leads).await;
@@ -799,6 +806,58 @@ impl Broker {
     /// Resolves when shutdown begins; long-polls select on it.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+/// Where a broker keeps its queues and state, and how its replicas share the lead.
+struct Backend {
+    store: Arc<dyn store::Store>,
+    logs: Arc<dyn crate::log::Logs>,
+    election: Box<dyn crate::election::Election>,
+    /// Whether the lead is the database's active lock (lost: stop serving).
+    exclusive: bool,
+}
+
+impl Backend {
+    /// The backend `storage` names. `lock`: the database's active lock this broker
+    /// holds (PostgreSQL); its store writes only while the lock's fence is current.
+    async fn open(
+        storage: &crate::config::StorageConfig,
+        lock: Option<store::ActiveLock>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        if store::is_nats_url(&storage.url) {
+            let n = &storage.nats;
+            let options = store::NatsOptions {
+                url: storage.url.clone(),
+                credentials: n.credentials.clone(),
+                ca_file: n.ca_file.clone(),
+                replicas: n.replicas,
+                prefix: n.prefix.clone(),
+                duplicate_window: n.duplicate_window,
+            };
+            let nats = Arc::new(store::NatsStore::connect(&options, metrics).await?);
+            let election = nats.lease(crate::random::id().to_string()).await?;
+            return Ok(Backend {
+                store: nats.clone(),
+                logs: Arc::new(store::JetStreamLogs { store: nats }),
+                election: Box::new(election),
+                exclusive: false,
+            });
+        }
+        let fence = lock.as_ref().map(store::ActiveLock::fence);
+        let exclusive = lock.is_some();
+        let election: Box<dyn crate::election::Election> = match lock {
+            Some(lock) => Box::new(lock),
+            None => Box::new(SingleNode),
+        };
+        let store = store::open_fenced(&storage.url, metrics, fence).await?;
+        Ok(Backend {
+            logs: Arc::new(crate::log::StoreLogs(store.clone())),
+            store,
+            election,
+            exclusive,
+        })
     }
 }
 

@@ -53,24 +53,37 @@ pub trait QueueLog: Send + 'static {
     /// Entries that appear without an append of this queue (another replica wrote them),
     /// in offset order. `None` for a log that only this queue writes.
     fn feed(&mut self) -> Option<BoxStream<'static, Vec<Arc<Message>>>>;
+    /// Whether other replicas append to this log too: then a reader ahead of this
+    /// queue's head is only ahead of this replica, not proof of lost history.
+    fn replicated(&self) -> bool {
+        false
+    }
 }
 
 /// Opens the log of each queue.
 pub trait Logs: Send + Sync + 'static {
-    /// The log of `queue` (not loaded yet: the queue calls [`QueueLog::open`]).
-    fn log(&self, queue: &Arc<str>) -> Box<dyn QueueLog>;
+    /// The log of `queue`, made from `spec` (a queue or a pattern; not loaded yet: the
+    /// queue calls [`QueueLog::open`]).
+    fn log(&self, queue: &Arc<str>, spec: &crate::settings::QueueSpec) -> Box<dyn QueueLog>;
 }
 
 /// Logs kept in the broker's store.
 pub struct StoreLogs(pub Arc<dyn Store>);
 
-impl Logs for StoreLogs {
-    fn log(&self, queue: &Arc<str>) -> Box<dyn QueueLog> {
+impl StoreLogs {
+    /// The log of `queue` (the store needs no spec).
+    pub fn of(&self, queue: &Arc<str>) -> Box<dyn QueueLog> {
         Box::new(StoreLog {
             store: self.0.clone(),
             queue: queue.clone(),
             next: 1,
         })
+    }
+}
+
+impl Logs for StoreLogs {
+    fn log(&self, queue: &Arc<str>, _spec: &crate::settings::QueueSpec) -> Box<dyn QueueLog> {
+        self.of(queue)
     }
 }
 
@@ -146,7 +159,7 @@ mod tests {
     #[actix::test]
     async fn store_log_gives_consecutive_offsets_and_continues_after_a_resync() {
         let logs = StoreLogs(Arc::new(MemoryStore::default()));
-        let mut log = logs.log(&Arc::from("q"));
+        let mut log = logs.of(&Arc::from("q"));
         let opened = log.open().await.unwrap();
         assert_eq!(opened.next_offset, 1);
         let a = log.append(batch(2), Vec::new());

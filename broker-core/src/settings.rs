@@ -208,13 +208,35 @@ impl Settings {
                 "must be greater than 0".into(),
             );
         }
-        if cfg.storage.url != "memory://" && !crate::store::is_sql_url(&cfg.storage.url) {
+        if cfg.storage.url != "memory://"
+            && !crate::store::is_sql_url(&cfg.storage.url)
+            && !crate::store::is_nats_url(&cfg.storage.url)
+        {
             err(
                 "storage.url".into(),
                 format!(
-                    "`{}` is not a storage URL: memory://, sqlite://PATH or postgres://…",
-                    cfg.storage.url
+                    "`{}` is not a storage URL: memory://, sqlite://PATH, postgres://… or nats://HOST:PORT",
+                    crate::store::without_password(&cfg.storage.url)
                 ),
+            );
+        }
+        let nats = &cfg.storage.nats;
+        if nats.prefix.is_empty()
+            || nats.prefix.len() > 32
+            || !nats
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            err(
+                "storage.nats.prefix".into(),
+                "must be 1 to 32 letters, digits or `-`".into(),
+            );
+        }
+        if nats.replicas > 5 {
+            err(
+                "storage.nats.replicas".into(),
+                "JetStream keeps at most 5 replicas".into(),
             );
         }
         let admin_token = match &cfg.admin.token {

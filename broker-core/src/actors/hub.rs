@@ -192,7 +192,7 @@ impl Queues {
 }
 
 impl Hub {
-    /// A hub over `store` with the initial `settings`: it publishes its running queues
+    /// A hub over `store` and `logs` with the initial `settings`: it publishes its running queues
     /// in `running`, follows `leader` (and passes leadership on to its queues), and tells
     /// `webhooks` of each queue with targets that it starts or that a reload changes.
     pub(crate) fn new(
@@ -202,10 +202,11 @@ impl Hub {
         running: Running,
         leader: Addr<super::Leader>,
         webhooks: Recipient<SyncTargets>,
+        logs: Arc<dyn crate::log::Logs>,
     ) -> Self {
         Self {
             settings,
-            logs: Arc::new(crate::log::StoreLogs(store.clone())),
+            logs,
             store,
             metrics,
             queues: HashMap::new(),
@@ -255,10 +256,11 @@ impl Hub {
         }
         let name: Arc<str> = Arc::from(name);
         let (tx, rx) = watch::channel(0);
+        let log = self.logs.log(&name, &spec);
         let addr = Queue::new(
             name.clone(),
             spec,
-            self.logs.log(&name),
+            log,
             self.store.clone(),
             self.metrics.clone(),
             tx,

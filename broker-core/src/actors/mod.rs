@@ -44,11 +44,12 @@ pub(crate) struct Launched {
     pub ingress: ingress::Ingress,
 }
 
-/// Starts the hub over `store` with the initial `settings`, the webhook supervisor and
-/// the front door (through which webhooks dead-letter and cron publishes).
+/// Starts the hub over `store` and `logs` with the initial `settings`, the webhook
+/// supervisor and the front door (through which webhooks dead-letter and cron publishes).
 pub(crate) fn launch(
     settings: &crate::settings::SharedSettings,
     store: Arc<dyn crate::store::Store>,
+    logs: Arc<dyn crate::log::Logs>,
     metrics: Arc<crate::metrics::Metrics>,
     registry: Addr<ConnectionRegistry>,
     deliveries: webhooks::Deliveries,
@@ -71,6 +72,7 @@ pub(crate) fn launch(
             running,
             leader,
             webhooks.recipient(),
+            logs,
         )
     });
     let (ingress, webhooks) = parts.expect("created above");
@@ -93,5 +95,6 @@ pub(crate) fn launch_for_tests(
     let shared = Arc::new(std::sync::RwLock::new(settings));
     let registry = ConnectionRegistry::new(metrics.clone()).start();
     let deliveries = webhooks::Deliveries::for_tests(leader, arbiter);
-    launch(&shared, store, metrics, registry, deliveries)
+    let logs = Arc::new(crate::log::StoreLogs(store.clone()));
+    launch(&shared, store, logs, metrics, registry, deliveries)
 }

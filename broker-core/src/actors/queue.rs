@@ -485,7 +485,7 @@ impl Queue {
     /// it has seen once new publishes reach them. Every reader resuming with the old
     /// epoch is told to refresh.
     fn note_position(&mut self, since: u64, epoch: Option<&str>) {
-        if since <= self.window.head() || epoch != Some(&*self.epoch) {
+        if since <= self.window.head() || epoch != Some(&*self.epoch) || self.log.replicated() {
             return;
         }
         let new = crate::store::random_epoch();
@@ -891,7 +891,6 @@ mod tests {
     use super::*;
     use crate::auth::IngestAuth;
     use crate::config::LimitsConfig;
-    use crate::log::Logs;
     use crate::store::MemoryStore;
     use bytes::Bytes;
 
@@ -903,7 +902,7 @@ mod tests {
         limits: LimitsConfig,
         store: Arc<MemoryStore>,
     ) -> (Addr<Queue>, watch::Receiver<u64>) {
-        let log = crate::log::StoreLogs(store.clone()).log(&Arc::from("q"));
+        let log = crate::log::StoreLogs(store.clone()).of(&Arc::from("q"));
         spawn_with(limits, log, store)
     }
 

@@ -272,14 +272,18 @@ pub const DEFAULT_STORAGE_URL: &str = "sqlite://./data/broker.db";
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `sqlite://PATH` (the default, `./data/broker.db`, relative to the working
-    /// directory), `postgres://…`, or `memory://` (nothing survives a restart).
+    /// directory), `postgres://…`, `memory://` (nothing survives a restart), or
+    /// `nats://HOST:PORT[,nats://…]` (a cluster of equal replicas on NATS JetStream).
     pub url: String,
+    /// `[storage.nats]`: how to use NATS when `url` names it.
+    pub nats: NatsConfig,
 }
 
 impl std::fmt::Debug for StorageConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StorageConfig")
             .field("url", &crate::store::without_password(&self.url))
+            .field("nats", &self.nats)
             .finish()
     }
 }
@@ -288,6 +292,38 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_STORAGE_URL.into(),
+            nats: NatsConfig::default(),
+        }
+    }
+}
+
+/// `[storage.nats]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// A NATS credentials file (`.creds`: user JWT and NKey seed).
+    pub credentials: Option<std::path::PathBuf>,
+    /// A PEM file of CA certificates to verify the servers with (TLS required).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Replicas of every stream and bucket; 0 (the default): 3 when the cluster has at
+    /// least 3 servers, else 1.
+    pub replicas: usize,
+    /// Prefix of every stream, subject and bucket the broker makes (letters, digits,
+    /// `-`): two brokers on one NATS account need different prefixes.
+    pub prefix: String,
+    /// How long a publish's `Idempotency-Key` (JetStream's message id) is remembered.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: std::time::Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            credentials: None,
+            ca_file: None,
+            replicas: 0,
+            prefix: "broker".into(),
+            duplicate_window: std::time::Duration::from_secs(120),
         }
     }
 }

@@ -281,6 +281,14 @@ async fn postgres_backend() {
 }
 
 #[actix::test]
+async fn nats_backend() {
+    // A cluster of three: streams and buckets get three replicas.
+    if let Some(cluster) = super::nats_testing::NatsCluster::start(3).await {
+        suite(&cluster.urls(), true).await;
+    }
+}
+
+#[actix::test]
 async fn a_failing_store_refuses_and_recovers() {
     // A commit that fails (here: an offset stored twice) is refused and reported, and the
     // next good commit recovers without a restart.

@@ -12,6 +12,11 @@
 mod conformance;
 mod lock;
 mod memory;
+pub mod nats;
+mod nats_lease;
+pub mod nats_log;
+#[cfg(any(test, feature = "testing"))]
+pub mod nats_testing;
 mod sql;
 
 use std::sync::Arc;
@@ -22,6 +27,9 @@ pub use lock::{ActiveLock, Fence, ACTIVE_LOCK_KEY};
 #[cfg(test)]
 pub(crate) use memory::Fault;
 pub use memory::MemoryStore;
+pub use nats::{is_nats_url, NatsOptions, NatsStore};
+pub use nats_lease::NatsLease;
+pub use nats_log::JetStreamLogs;
 pub use sql::SqlStore;
 
 use crate::error::Error;
@@ -201,6 +209,8 @@ pub async fn open_fenced(
         Arc::new(MemoryStore::default())
     } else if is_sql_url(url) {
         Arc::new(SqlStore::connect(url, metrics, fence).await?)
+    } else if is_nats_url(url) {
+        Arc::new(NatsStore::connect(&NatsOptions::new(url), metrics).await?)
     } else {
         return Err(Error::Store(format!(
             "unsupported storage url `{}`",
