@@ -9,7 +9,7 @@
 //!   `broker_p_<pattern>`, one subject per queue (`broker.p.<pattern>.<queue>`): a
 //!   cluster needs one stream (one RAFT group) per queue *definition*, not per dynamic
 //!   queue. Offsets are kept in each message's metadata and made contiguous by
-//!   conditional appends (`Nats-Expected-Last-Subject-Sequence`);
+//!   conditional appends (see [`Inner::append_shared`]);
 //! - the epoch of a queue is kept in its stream's description (2.9 has no stream
 //!   metadata): a stream created again is a new epoch;
 //! - cursors, consumers, retry records, delayed messages and named state are kept in
@@ -239,7 +239,22 @@ pub(crate) struct Inner {
     pub(crate) kv: Buckets,
     /// Queues made from a pattern (others have a stream of their own).
     placements: RwLock<HashMap<Arc<str>, Placement>>,
+    /// The append state of each shared stream (see [`Inner::append_shared`]).
+    heads: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<StreamHead>>>>,
 }
+
+/// Where a shared stream ends, as this replica last knew it, and where each of its
+/// queues ends as of then.
+#[derive(Debug, Default)]
+pub(crate) struct StreamHead {
+    /// The stream's last sequence; `None`: unknown (read it before appending).
+    last_seq: Option<u64>,
+    /// The next offset of each queue, valid while `last_seq` is.
+    next: HashMap<Arc<str>, u64>,
+}
+
+/// Conditional appends retried after losing a race before the append fails.
+const MAX_CONFLICTS: usize = 64;
 
 impl Inner {
     /// Where `queue` is kept.
@@ -401,7 +416,6 @@ impl Inner {
                 messages: messages.into_iter().map(|(_, m)| Arc::new(m)).collect(),
                 next_offset: st.last_sequence + 1,
                 feed_from: st.last_sequence + 1,
-                last_subject_seq: st.last_sequence,
             });
         }
         let Some((last_seq, last_offset)) = self.last_of_subject(&stream, &place, &name).await?
@@ -411,7 +425,6 @@ impl Inner {
                 messages: Vec::new(),
                 next_offset: 1,
                 feed_from: info.state.last_sequence + 1,
-                last_subject_seq: 0,
             });
         };
         let messages = self
@@ -426,12 +439,11 @@ impl Inner {
             messages,
             next_offset: last_offset + 1,
             feed_from: last_seq + 1,
-            last_subject_seq: last_seq,
         })
     }
 
-    /// Publishes one message to `place`, on condition that the subject's (shared) or
-    /// stream's (own) last sequence is `expect`, and waits for its acknowledgement.
+    /// Publishes one message to `place`, on condition that the stream's last sequence
+    /// is `expect`, and waits for its acknowledgement.
     pub(crate) async fn publish(
         &self,
         place: &Place,
@@ -456,11 +468,7 @@ impl Inner {
             .payload(m.body.clone())
             .headers(encode(m, place.shared));
         if let Some(e) = expect {
-            p = if place.shared {
-                p.expected_last_subject_sequence(e)
-            } else {
-                p.expected_last_sequence(e)
-            };
+            p = p.expected_last_sequence(e);
         }
         if let Some(id) = id {
             p = p.message_id(id);
@@ -512,28 +520,105 @@ impl Inner {
             return Ok(());
         };
         let place = self.place(queue);
-        let stream = self.stream(&place).await?;
-        let mut expect = if place.shared {
+        if place.shared {
             let name: Arc<str> = Arc::from(queue);
-            let (seq, offset) = self
-                .last_of_subject(&stream, &place, &name)
-                .await?
-                .unwrap_or((0, 0));
-            if offset + 1 != first.offset {
-                return Err(Error::Store(format!(
-                    "offset {} does not continue `{queue}` (next is {})",
-                    first.offset,
-                    offset + 1
-                )));
-            }
-            seq
-        } else {
-            first.offset - 1
-        };
+            let ids = vec![None; messages.len()];
+            let messages = messages.iter().map(|m| (**m).clone()).collect();
+            self.append_shared(&place, &name, messages, true, ids)
+                .await?;
+            return Ok(());
+        }
+        self.stream(&place).await?;
+        let mut expect = first.offset - 1;
         for m in &messages {
             expect = self.publish(&place, m, Some(expect), None).await?.sequence;
         }
         Ok(())
+    }
+
+    /// Appends to a queue that shares its pattern's stream, giving offsets that
+    /// continue the queue's own (`exact`: the offsets the messages carry, or fail).
+    ///
+    /// Each publish is conditional on the *stream's* last sequence
+    /// (`Nats-Expected-Last-Sequence`), which a clustered 2.9 server checks against
+    /// its proposals in flight; the per-subject condition it also has is checked only
+    /// against what is applied, so two racing replicas could both pass it. This
+    /// replica serialises its appends to one stream and remembers, as of the stream's
+    /// last sequence, where each of its queues ends; a publish refused because another
+    /// replica appended meanwhile makes it re-read the stream's end and then the
+    /// queue's (in that order: if the publish then succeeds, nothing was appended after
+    /// what was read) and try again.
+    pub(crate) async fn append_shared(
+        &self,
+        place: &Place,
+        queue: &Arc<str>,
+        messages: Vec<Message>,
+        exact: bool,
+        ids: Vec<Option<String>>,
+    ) -> Result<Vec<Arc<Message>>, Error> {
+        let head = self.head_of(&place.stream);
+        let mut head = head.lock().await;
+        let stream = self.stream(place).await?;
+        let mut stored = Vec::with_capacity(messages.len());
+        for (mut m, id) in messages.into_iter().zip(ids) {
+            let mut conflicts = 0;
+            loop {
+                if head.last_seq.is_none() {
+                    let info = stream
+                        .get_info()
+                        .await
+                        .map_err(|e| nats_err("stream info", e))?;
+                    *head = StreamHead {
+                        last_seq: Some(info.state.last_sequence),
+                        next: HashMap::new(),
+                    };
+                }
+                let next = match head.next.get(queue) {
+                    Some(n) => *n,
+                    None => {
+                        let last = self.last_of_subject(&stream, place, queue).await?;
+                        let n = last.map_or(1, |(_, offset)| offset + 1);
+                        head.next.insert(queue.clone(), n);
+                        n
+                    }
+                };
+                if exact && m.offset != next {
+                    return Err(Error::Store(format!(
+                        "offset {} does not continue `{queue}` (next is {next})",
+                        m.offset
+                    )));
+                }
+                m.offset = next;
+                match self.publish(place, &m, head.last_seq, id.as_deref()).await {
+                    // Released before (a repeated release): the stored copy stands.
+                    Ok(ack) if ack.duplicate => {
+                        head.last_seq = None;
+                        break;
+                    }
+                    Ok(ack) => {
+                        head.last_seq = Some(ack.sequence);
+                        head.next.insert(queue.clone(), next + 1);
+                        stored.push(Arc::new(m));
+                        break;
+                    }
+                    Err(e) if is_conflict(&e) && !exact && conflicts < MAX_CONFLICTS => {
+                        conflicts += 1;
+                        head.last_seq = None;
+                    }
+                    Err(e) => {
+                        head.last_seq = None;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The append state of a shared stream on this replica.
+    fn head_of(&self, stream: &str) -> Arc<tokio::sync::Mutex<StreamHead>> {
+        let mut heads = self.heads.lock().expect("heads lock");
+        heads.entry(stream.to_owned()).or_default().clone()
     }
 
     /// Drops the messages of `queue` below offset `first_kept`; the last one always stays
@@ -623,8 +708,6 @@ pub(crate) struct Loaded {
     pub(crate) next_offset: u64,
     /// The stream sequence after the queue's last message.
     pub(crate) feed_from: u64,
-    /// The stream sequence of the queue's last message (0: none).
-    pub(crate) last_subject_seq: u64,
 }
 
 /// JetStream's acknowledgement of a publish.
@@ -807,6 +890,7 @@ impl NatsStore {
             duplicate_window: o.duplicate_window,
             kv,
             placements: RwLock::new(HashMap::new()),
+            heads: Default::default(),
         });
         let (writer, mut rx) = mpsc::unbounded_channel::<Op>();
         let queued = Arc::new(AtomicUsize::new(0));

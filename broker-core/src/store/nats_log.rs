@@ -6,9 +6,10 @@
 //!   from any replica), each resolves with the sequence JetStream acknowledged after
 //!   its quorum stored it.
 //! - A queue made from a pattern shares its pattern's stream: the offset is written into
-//!   the message, and each append is conditional on the subject's last sequence, so two
-//!   replicas can never give one offset twice; a replica that lost the race re-reads
-//!   the subject's last message and tries again with the next offset.
+//!   the message, and each append is conditional on the stream's last sequence (see
+//!   [`Inner::append_shared`]), so two replicas can never give one offset twice; a
+//!   replica that lost the race re-reads where the stream and the queue end and tries
+//!   again with the next offset.
 //! - The feed is an ordered consumer (no gaps, no duplicates; recreated after any
 //!   hiccup from the sequence after the last one it gave).
 
@@ -21,15 +22,13 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 
-use super::nats::{decode, is_conflict, Inner, Place, Placement};
+use super::nats::{decode, Inner, Place, Placement};
 use crate::error::Error;
 use crate::log::{Logs, QueueLog};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::settings::QueueSpec;
 use crate::store::{StoredQueue, StoredTail};
 
-/// Conditional appends retried after losing a race before the append fails.
-const MAX_CONFLICTS: usize = 64;
 /// Messages the feed hands to its queue at once.
 const FEED_BATCH: usize = 256;
 
@@ -51,20 +50,10 @@ impl Logs for JetStreamLogs {
             place: inner.place(queue),
             inner,
             queue: queue.clone(),
-            head: Arc::new(tokio::sync::Mutex::new(SubjectHead::default())),
             feed_from: Arc::new(AtomicU64::new(1)),
             trims: Arc::new(Trims::default()),
         })
     }
-}
-
-/// Where a shared queue's subject ends (conditional appends continue it).
-#[derive(Debug, Default, Clone, Copy)]
-struct SubjectHead {
-    /// Stream sequence of its last message (0: none).
-    last_seq: u64,
-    /// The offset the next message gets.
-    next_offset: u64,
 }
 
 /// Trims wanted and whether one runs (at most one purge in flight per queue).
@@ -79,7 +68,6 @@ pub struct JetStreamLog {
     inner: Arc<Inner>,
     queue: Arc<str>,
     place: Place,
-    head: Arc<tokio::sync::Mutex<SubjectHead>>,
     /// The stream sequence the feed starts at (after what `open` loaded).
     feed_from: Arc<AtomicU64>,
     trims: Arc<Trims>,
@@ -87,15 +75,11 @@ pub struct JetStreamLog {
 
 impl QueueLog for JetStreamLog {
     fn open(&mut self) -> BoxFuture<'static, Result<StoredQueue, Error>> {
-        let (inner, queue, head) = (self.inner.clone(), self.queue.clone(), self.head.clone());
+        let (inner, queue) = (self.inner.clone(), self.queue.clone());
         // `feed` is asked for once `open` resolved: it starts where loading ended.
         let feed_from = self.feed_from.clone();
         async move {
             let loaded = inner.load(&queue, 0).await?;
-            *head.lock().await = SubjectHead {
-                last_seq: loaded.last_subject_seq,
-                next_offset: loaded.next_offset,
-            };
             feed_from.store(loaded.feed_from, Ordering::Release);
             Ok(StoredQueue {
                 epoch: loaded.epoch,
@@ -112,12 +96,7 @@ impl QueueLog for JetStreamLog {
         batch: Vec<NewMessage>,
         released: Vec<u64>,
     ) -> BoxFuture<'static, Result<Vec<Arc<Message>>, Error>> {
-        let (inner, place, queue, head) = (
-            self.inner.clone(),
-            self.place.clone(),
-            self.queue.clone(),
-            self.head.clone(),
-        );
+        let (inner, place, queue) = (self.inner.clone(), self.place.clone(), self.queue.clone());
         async move {
             let now = now_ms();
             let ids: Vec<Option<String>> = if released.is_empty() {
@@ -131,7 +110,13 @@ impl QueueLog for JetStreamLog {
                     .collect()
             };
             let messages = if place.shared {
-                append_shared(&inner, &place, &queue, &head, batch, ids, now).await?
+                let messages = batch
+                    .into_iter()
+                    .map(|m| m.into_message(queue.clone(), 0, now))
+                    .collect();
+                inner
+                    .append_shared(&place, &queue, messages, false, ids)
+                    .await?
             } else {
                 append_own(&inner, &place, &queue, batch, ids, now).await?
             };
@@ -142,13 +127,9 @@ impl QueueLog for JetStreamLog {
     }
 
     fn tail(&self, after: u64) -> BoxFuture<'static, Result<StoredTail, Error>> {
-        let (inner, queue, head) = (self.inner.clone(), self.queue.clone(), self.head.clone());
+        let (inner, queue) = (self.inner.clone(), self.queue.clone());
         async move {
             let loaded = inner.load(&queue, after).await?;
-            *head.lock().await = SubjectHead {
-                last_seq: loaded.last_subject_seq,
-                next_offset: loaded.next_offset,
-            };
             Ok(StoredTail {
                 epoch: loaded.epoch,
                 messages: loaded.messages,
@@ -244,57 +225,6 @@ async fn append_own(
     Ok(stored)
 }
 
-/// Appends to a queue sharing its pattern's stream: one conditional publish after the
-/// other, each continuing the subject; a lost race re-reads the subject's end.
-async fn append_shared(
-    inner: &Inner,
-    place: &Place,
-    queue: &Arc<str>,
-    head: &tokio::sync::Mutex<SubjectHead>,
-    batch: Vec<NewMessage>,
-    ids: Vec<Option<String>>,
-    now: i64,
-) -> Result<Vec<Arc<Message>>, Error> {
-    let mut head = head.lock().await;
-    let mut stored = Vec::with_capacity(batch.len());
-    for (m, id) in batch.into_iter().zip(ids) {
-        let mut m = m.into_message(queue.clone(), 0, now);
-        let mut conflicts = 0;
-        loop {
-            m.offset = head.next_offset.max(1);
-            let sent = inner
-                .publish(place, &m, Some(head.last_seq), id.as_deref())
-                .await;
-            match sent {
-                Ok(ack) if ack.duplicate => {
-                    // Released before (a repeated release): the stored copy stands.
-                    break;
-                }
-                Ok(ack) => {
-                    head.last_seq = ack.sequence;
-                    head.next_offset = m.offset + 1;
-                    stored.push(Arc::new(m));
-                    break;
-                }
-                Err(e) if is_conflict(&e) && conflicts < MAX_CONFLICTS => {
-                    conflicts += 1;
-                    let stream = inner.stream(place).await?;
-                    let (seq, offset) = inner
-                        .last_of_subject(&stream, place, queue)
-                        .await?
-                        .unwrap_or((0, 0));
-                    *head = SubjectHead {
-                        last_seq: seq,
-                        next_offset: offset + 1,
-                    };
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(stored)
-}
-
 /// The entries of `place` from stream sequence `from` on, as they are stored, for ever:
 /// an ordered consumer, recreated after any failure from where it stopped.
 fn feed(
@@ -366,4 +296,125 @@ async fn open_feed(
         .messages()
         .await
         .map_err(|e| Error::Store(format!("NATS: follow: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::nats_testing::NatsCluster;
+    use crate::store::{NatsOptions, NatsStore};
+
+    async fn replica(url: &str, prefix: &str) -> JetStreamLogs {
+        let options = NatsOptions {
+            prefix: prefix.into(),
+            ..NatsOptions::new(url)
+        };
+        let store = NatsStore::connect(&options, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        JetStreamLogs {
+            store: Arc::new(store),
+        }
+    }
+
+    fn batch(replica: &str, i: usize) -> Vec<NewMessage> {
+        (0..2)
+            .map(|j| NewMessage::from(bytes::Bytes::from(format!("{replica}-{i}-{j}"))))
+            .collect()
+    }
+
+    /// Reads a feed until it gave `n` messages.
+    async fn take(feed: &mut BoxStream<'static, Vec<Arc<Message>>>, n: usize) -> Vec<Arc<Message>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let more = tokio::time::timeout(Duration::from_secs(20), feed.next())
+                .await
+                .expect("the feed goes on")
+                .expect("the feed never ends");
+            got.extend(more);
+        }
+        got
+    }
+
+    #[actix::test]
+    async fn replicas_append_to_one_log_and_each_hears_all_in_offset_order() {
+        let Some(cluster) = NatsCluster::start(3).await else {
+            return;
+        };
+        let prefix = format!("t{}", crate::random::id());
+        let (a, b) = (
+            replica(&cluster.nodes[0].url, &prefix).await,
+            replica(&cluster.nodes[1].url, &prefix).await,
+        );
+        let (cfg, src) = crate::config::parse(
+            None,
+            "[[queues]]\nname = \"plain\"\n[[queues]]\nname = \"chat.*\"\n",
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap();
+        let settings = crate::settings::Settings::compile(cfg, src).unwrap();
+        // A plain queue (its own stream, pipelined appends) and a pattern's queue (the
+        // pattern's stream, conditional appends racing between the replicas).
+        for name in ["plain", "chat.room1"] {
+            let queue: Arc<str> = Arc::from(name);
+            let spec = settings.queue(name).unwrap();
+            let (mut la, mut lb) = (a.log(&queue, spec), b.log(&queue, spec));
+            assert_eq!(la.open().await.unwrap().next_offset, 1);
+            lb.open().await.unwrap();
+            let (mut fa, mut fb) = (la.feed().unwrap(), lb.feed().unwrap());
+            let appends = (0..40).flat_map(|i| {
+                [
+                    la.append(batch("a", i), Vec::new()),
+                    lb.append(batch("b", i), Vec::new()),
+                ]
+            });
+            let mut acked = BTreeMap::new();
+            for stored in futures_util::future::join_all(appends).await {
+                for m in stored.unwrap() {
+                    let before = acked.insert(m.offset, m.body.clone());
+                    assert!(before.is_none(), "{name}: offset {} given twice", m.offset);
+                }
+            }
+            assert_eq!(
+                acked.keys().copied().collect::<Vec<_>>(),
+                (1..=160).collect::<Vec<u64>>(),
+                "{name}: offsets go up by one"
+            );
+            for feed in [&mut fa, &mut fb] {
+                let heard = take(feed, 160).await;
+                let offsets: Vec<u64> = heard.iter().map(|m| m.offset).collect();
+                assert_eq!(
+                    offsets,
+                    (1..=160).collect::<Vec<u64>>(),
+                    "{name}: in order, once"
+                );
+                for m in heard {
+                    assert_eq!(acked[&m.offset], m.body, "{name}: the acknowledged message");
+                }
+            }
+            // A replica that starts later loads the same history.
+            let mut late = replica(&cluster.nodes[2].url, &prefix)
+                .await
+                .log(&queue, spec);
+            let loaded = late.open().await.unwrap();
+            assert_eq!(loaded.next_offset, 161);
+            assert_eq!(loaded.messages.len(), 160);
+            assert_eq!(loaded.messages[41].body, acked[&42]);
+            // Trims drop the oldest; offsets go on.
+            la.trim(151);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let tail = lb.tail(0).await.unwrap();
+                if tail.messages.first().map(|m| m.offset) == Some(151) {
+                    assert_eq!(tail.next_offset, 161);
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{name}: trimmed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
