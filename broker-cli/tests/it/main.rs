@@ -2,6 +2,7 @@
 //! free loopback port and driven over HTTP and through its own subcommands.
 
 mod cli;
+mod cluster;
 mod crossbar;
 mod durability;
 mod faults;

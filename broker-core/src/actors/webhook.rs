@@ -788,10 +788,9 @@ impl Handler<LeadershipChanged> for Webhook {
         if msg.leader {
             self.pump(ctx);
         } else {
-            // Another node takes over: forget what is in flight, resume before it later.
-            if let Some(first) = self.in_flight.keys().next() {
-                self.cursor = Some(first - 1);
-            }
+            // Another node takes over: forget what is in flight; on leading again,
+            // resume from the settled cursor in the store (the other node moved it).
+            self.cursor = None;
             for (_, e) in std::mem::take(&mut self.in_flight) {
                 if let Some((h, _)) = e.retry {
                     ctx.cancel_future(h);

@@ -451,8 +451,19 @@ impl Inner {
         expect: Option<u64>,
         id: Option<&str>,
     ) -> Result<PublishAck, Error> {
-        let ack = self.send(place, m, expect, id).await?;
-        self.acknowledged(ack).await
+        let mut tries = 0;
+        loop {
+            let ack = self.send(place, m, expect, id).await?;
+            match self.acknowledged(ack).await {
+                // Right after a stream is created, servers other than its leader's may
+                // not know yet that it listens: nobody received the message; again.
+                Err(e) if is_unheard(&e) && tries < UNHEARD_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Sends one message to `place` (see [`Inner::publish`]); the acknowledgement is
@@ -717,6 +728,14 @@ pub(crate) struct PublishAck {
     pub(crate) duplicate: bool,
 }
 
+/// Whether a publish reached no stream (nothing was stored).
+pub(crate) fn is_unheard(e: &Error) -> bool {
+    matches!(e, Error::Store(m) if m.contains(UNHEARD))
+}
+const UNHEARD: &str = "no stream listens";
+/// How often a publish that reached no stream is sent again (50 ms apart).
+const UNHEARD_RETRIES: usize = 60;
+
 /// Whether a publish failed because its condition did not hold.
 pub(crate) fn is_conflict(e: &Error) -> bool {
     matches!(e, Error::Store(m) if m.contains(CONFLICT))
@@ -727,6 +746,7 @@ fn publish_err(e: jetstream::context::PublishError) -> Error {
     use jetstream::context::PublishErrorKind as K;
     match e.kind() {
         K::WrongLastSequence => nats_err("publish", CONFLICT),
+        K::StreamNotFound => nats_err("publish", UNHEARD),
         _ => nats_err("publish", e),
     }
 }

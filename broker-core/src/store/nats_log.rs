@@ -22,7 +22,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 
-use super::nats::{decode, Inner, Place, Placement};
+use super::nats::{decode, is_unheard, Inner, Place, Placement};
 use crate::error::Error;
 use crate::log::{Logs, QueueLog};
 use crate::message::{now_ms, Message, NewMessage};
@@ -218,8 +218,18 @@ async fn append_own(
         acks.push(inner.send(place, m, None, id.as_deref()).await?);
     }
     let mut stored = Vec::with_capacity(messages.len());
-    for (mut m, ack) in messages.into_iter().zip(acks) {
-        m.offset = inner.acknowledged(ack).await?.sequence;
+    for ((mut m, ack), id) in messages.into_iter().zip(acks).zip(&ids) {
+        m.offset = match inner.acknowledged(ack).await {
+            Ok(ack) => ack.sequence,
+            // Nothing stored (see `Inner::publish`): sent again, alone.
+            Err(e) if is_unheard(&e) => {
+                inner
+                    .publish(place, &m, None, id.as_deref())
+                    .await?
+                    .sequence
+            }
+            Err(e) => return Err(e),
+        };
         stored.push(Arc::new(m));
     }
     Ok(stored)
