@@ -144,15 +144,15 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
     let count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut publishers = Vec::new();
-    for r in 0..2 {
+    for (r, replica) in b[..2].iter().enumerate() {
         for p in 0..4 {
             let (acked, count, stop, http) = (
                 acked.clone(),
                 count.clone(),
                 stop.clone(),
-                b[r].http.clone(),
+                replica.http.clone(),
             );
-            let url = format!("{}/v1/queues/events/messages", b[r].url);
+            let url = format!("{}/v1/queues/events/messages", replica.url);
             publishers.push(tokio::spawn(async move {
                 for i in 0.. {
                     if stop.load(Ordering::SeqCst) {
