@@ -121,6 +121,7 @@ impl Broker {
             logs,
             election,
             exclusive,
+            replicated,
         } = Backend::open(&settings.config.storage, lock, metrics.clone()).await?;
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
@@ -206,11 +207,18 @@ impl Broker {
             store.clone(),
         )
         .start();
-        leader.do_send(Follow {
-            recipient: cron.clone().recipient(),
-        });
+        if replicated {
+            // Every replica fires every tick; the log keeps one message per tick (each
+            // tick has its own idempotency key): no tick is lost with a replica.
+            cron.do_send(crate::actors::leader::LeadershipChanged { leader: true });
+        } else {
+            leader.do_send(Follow {
+                recipient: cron.clone().recipient(),
+            });
+        }
         let (shutdown, _) = watch::channel(false);
-        Ok(Arc::new(Broker {
+        let follow = store.watch_state(STATE_KEY);
+        let broker = Arc::new(Broker {
             hub,
             webhooks,
             store,
@@ -233,7 +241,11 @@ impl Broker {
             started_at: chrono::Utc::now().timestamp(),
             shutdown,
             config_lock: tokio::sync::Mutex::new(()),
-        }))
+        });
+        if let Some(values) = follow {
+            actix::spawn(follow_state(Arc::downgrade(&broker), values));
+        }
+        Ok(broker)
     }
 
     /// Nonces of signed pusher requests seen within the timestamp window.
@@ -619,6 +631,38 @@ impl Broker {
         self.store.set_state(STATE_KEY, json).await
     }
 
+    /// Takes runtime definitions and pg-hooks entities another replica saved (a NATS
+    /// cluster): compiled with this replica's config and swapped in like a reload.
+    /// What this replica saved itself comes back here too, and changes nothing.
+    async fn adopt_state(&self, json: &str) {
+        let _guard = self.config_lock.lock().await;
+        let theirs = match serde_json::from_str::<PersistedState>(json) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "runtime definitions saved by another replica do not load; keeping these");
+                return;
+            }
+        };
+        let current = self.settings();
+        let mine = PersistedState {
+            runtime: current.runtime.clone(),
+            pg_hooks: self.pg_hooks.snapshot(),
+        };
+        if serde_json::to_string(&mine).ok().as_deref() == Some(json) {
+            return;
+        }
+        if let Err(e) = self.pg_hooks.restore(theirs.pg_hooks) {
+            tracing::error!(error = %e, "pg-hooks state saved by another replica does not load");
+        }
+        let compiled = Settings::compile_with(
+            current.config.clone(),
+            current.source.clone(),
+            theirs.runtime,
+        );
+        // Errors are logged (and counted) by the reload.
+        let _ = self.finish_reload(compiled).await;
+    }
+
     /// webhook-queue's `/setPassword`: hashes with argon2id, writes the hash into the
     /// config file atomically, and swaps the settings so the old password stops working.
     pub async fn set_password(&self, user: &str, password: &str) -> Result<(), Error> {
@@ -734,6 +778,7 @@ impl Broker {
                     }
                 }
                 let message = NewMessage {
+                    id: None,
                     content_type: m.content_type.clone(),
                     headers,
                     ..NewMessage::from(m.body.clone())
@@ -809,6 +854,18 @@ impl Broker {
     }
 }
 
+/// Adopts the runtime definitions other replicas save, for as long as the broker lives.
+async fn follow_state(
+    broker: std::sync::Weak<Broker>,
+    mut values: futures_util::stream::BoxStream<'static, String>,
+) {
+    use futures_util::StreamExt;
+    while let Some(json) = values.next().await {
+        let Some(b) = broker.upgrade() else { return };
+        b.adopt_state(&json).await;
+    }
+}
+
 /// Where a broker keeps its queues and state, and how its replicas share the lead.
 struct Backend {
     store: Arc<dyn store::Store>,
@@ -816,6 +873,8 @@ struct Backend {
     election: Box<dyn crate::election::Election>,
     /// Whether the lead is the database's active lock (lost: stop serving).
     exclusive: bool,
+    /// Whether other replicas share the store and log as equals (a NATS cluster).
+    replicated: bool,
 }
 
 impl Backend {
@@ -843,6 +902,7 @@ impl Backend {
                 logs: Arc::new(store::JetStreamLogs { store: nats }),
                 election: Box::new(election),
                 exclusive: false,
+                replicated: true,
             });
         }
         let fence = lock.as_ref().map(store::ActiveLock::fence);
@@ -857,6 +917,7 @@ impl Backend {
             store,
             election,
             exclusive,
+            replicated: false,
         })
     }
 }

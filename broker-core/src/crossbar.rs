@@ -34,6 +34,7 @@ pub fn publication(
         kwargs: kwargs.filter(|k| k.get() != "null").unwrap_or(empty_kwargs),
     };
     NewMessage {
+        id: None,
         body: Bytes::from(serde_json::to_vec(&data).expect("raw JSON serializes")),
         content_type: Some(Arc::from("application/json")),
         headers: Vec::new(),

@@ -127,6 +127,9 @@ impl<'a> BodyRepr<'a> {
 /// A message before the queue has given it an offset.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// Its idempotency key: a publish repeated with the same key (within the store's
+    /// window) is not stored again (JetStream's message id on a NATS cluster).
+    pub id: Option<Arc<str>>,
     /// The body.
     pub body: Bytes,
     /// Its content type.
@@ -153,6 +156,7 @@ impl NewMessage {
 impl From<Bytes> for NewMessage {
     fn from(body: Bytes) -> Self {
         NewMessage {
+            id: None,
             body,
             content_type: None,
             headers: Vec::new(),

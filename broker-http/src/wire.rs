@@ -141,6 +141,7 @@ impl BatchElement {
         };
         let content_type = self.content_type.as_deref().or(default_ct).map(Arc::from);
         Ok(NewMessage {
+            id: None,
             audience: None,
             body,
             content_type,

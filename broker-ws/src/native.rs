@@ -185,6 +185,7 @@ fn publish(
     data: String,
 ) {
     let msg = NewMessage {
+        id: None,
         content_type: Some(Arc::from("application/json")),
         ..NewMessage::from(Bytes::from(data))
     };

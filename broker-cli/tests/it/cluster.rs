@@ -12,20 +12,33 @@ use broker_core::store::nats_testing::NatsCluster;
 
 use crate::support::{read_all, send, spawn_broker, write_config, ws_connect, BrokerProcess};
 
-/// A broker config on `nats` with a plain queue, a pattern and a user reading both.
-fn config(nats: &str) -> String {
+const ADMIN: &str = "cluster-admin-token-0123456789";
+
+/// A broker config on `nats` with a plain queue, a pattern, a user reading both, an
+/// admin token, and `extra`.
+fn config(nats: &str, extra: &str) -> String {
     format!(
         "[storage]\nurl = \"{nats}\"\n\
+         [admin]\ntoken = \"{ADMIN}\"\n\
+         [webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n\
          [limits]\nmax_message_count = 100000\nmax_queue_size = 100000000\n\
-         [[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"events\", \"chat.*\"]\n\
-         [[queues]]\nname = \"events\"\n\
-         [[queues]]\nname = \"chat.*\"\n"
+         [[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"*\"]\n\
+         [[queues]]\nname = \"chat.*\"\n\
+         [[queues]]\nname = \"events\"\n{extra}"
     )
 }
 
 /// A NATS cluster and `n` broker replicas on it (each connected to a different server
 /// first). `None` without `nats-server` (skipped; a failure in CI).
 async fn cluster(n: usize) -> Option<(NatsCluster, tempfile::TempDir, Vec<BrokerProcess>)> {
+    cluster_with(n, "").await
+}
+
+/// [`cluster`] with `extra` config (queues, crons) at the end of every replica's file.
+async fn cluster_with(
+    n: usize,
+    extra: &str,
+) -> Option<(NatsCluster, tempfile::TempDir, Vec<BrokerProcess>)> {
     let nats = NatsCluster::start(3).await?;
     let (dir, _) = write_config("unused", "");
     let mut brokers = Vec::new();
@@ -35,7 +48,7 @@ async fn cluster(n: usize) -> Option<(NatsCluster, tempfile::TempDir, Vec<Broker
         let n = urls.len();
         urls.rotate_left(i % n);
         let path = dir.path().join(format!("broker{i}.toml"));
-        std::fs::write(&path, config(&urls.join(","))).unwrap();
+        std::fs::write(&path, config(&urls.join(","), extra)).unwrap();
         brokers.push(spawn_broker(&path));
     }
     Some((nats, dir, brokers))
@@ -228,4 +241,156 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
             "no gap"
         );
     }
+}
+
+#[actix_web::test]
+async fn a_queue_defined_at_runtime_on_one_replica_is_in_force_on_all() {
+    let Some((_nats, _dir, b)) = cluster(3).await else {
+        return;
+    };
+    let def = serde_json::json!({"max_message_count": 5});
+    let (s, v) = send(
+        b[0].put("/v1/queues/runtime.q")
+            .bearer_auth(ADMIN)
+            .json(&def),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let defined = std::time::Instant::now();
+    for r in &b[1..] {
+        loop {
+            let (s, v) = send(r.post("/v1/queues/runtime.q/messages").body("x")).await;
+            if s == 200 {
+                break;
+            }
+            assert_eq!(v["code"], "unknown_queue", "{v}");
+            assert!(
+                defined.elapsed() < Duration::from_secs(10),
+                "never defined on {}",
+                r.url
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("defined on every replica after {:?}", defined.elapsed());
+    // Its limits hold on every replica.
+    for i in 0..10 {
+        publish(&b[i % 3], "runtime.q", &format!("m{i}")).await;
+    }
+    for r in &b {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, v) = send(
+                r.get("/v1/queues/runtime.q/messages?since=0")
+                    .basic_auth("u", Some("password1")),
+            )
+            .await;
+            // Past the oldest kept message minus one: 410, naming where to start.
+            if s == 410 && v["offset"] == 12 {
+                let (s, v) = send(
+                    r.get("/v1/queues/runtime.q/messages?since=7")
+                        .basic_auth("u", Some("password1")),
+                )
+                .await;
+                assert_eq!(s, 200, "{v}");
+                let offsets: Vec<u64> = v["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["offset"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(offsets, vec![8, 9, 10, 11, 12], "the 5 newest are kept");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{s} {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[actix_web::test]
+async fn cron_fires_once_per_tick_across_replicas_also_when_one_is_killed() {
+    let cron = "[[crons]]\nname = \"every-second\"\nqueue = \"ticks\"\nschedule = \"* * * * * *\"\nbody = \"tick\"\n\
+                [[queues]]\nname = \"ticks\"\n";
+    let Some((_nats, _dir, mut b)) = cluster_with(3, cron).await else {
+        return;
+    };
+    let first = wait_for_messages(&b[0], "ticks", 3).await;
+    let leader = leader_of(&b).await;
+    b[leader].child.kill().unwrap(); // SIGKILL the replica that leads
+    b[leader].child.wait().unwrap();
+    let reader = (leader + 1) % 3;
+    let all = wait_for_messages(&b[reader], "ticks", first + 8).await;
+    let (stored, _) = read_all(&b[reader], "ticks").await;
+    let _ = all;
+    // One message per second of schedule: the ticks are the `x-broker-cron` messages'
+    // receive times, one per whole second, none twice, none skipped.
+    let received = received_seconds(&b[reader], "ticks").await;
+    assert_eq!(received.len(), stored.len());
+    let unique: HashSet<i64> = received.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "a tick fired twice: {received:?}"
+    );
+    let (lo, hi) = (received[0], *received.last().unwrap());
+    assert_eq!(
+        (hi - lo + 1) as usize,
+        received.len(),
+        "a tick was skipped: {received:?}"
+    );
+}
+
+/// The index of the replica that leads (`broker_leader 1`).
+async fn leader_of(b: &[BrokerProcess]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, r) in b.iter().enumerate() {
+            if crate::support::metric(&r.metrics().await, "broker_leader") == Some(1.0) {
+                return i;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no replica leads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `queue` holds at least `n` messages (read through `r`); how many.
+async fn wait_for_messages(r: &BrokerProcess, queue: &str, n: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (stored, _) = read_all(r, queue).await;
+        if stored.len() >= n {
+            return stored.len();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue}: {} of {n}",
+            stored.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The tick (whole second, Unix time) each cron message of `queue` stands for, in offset
+/// order: the second its replica received it in (replicas fire a tick within
+/// milliseconds of it).
+async fn received_seconds(r: &BrokerProcess, queue: &str) -> Vec<i64> {
+    let (s, v) = send(
+        r.get(&format!("/v1/queues/{queue}/messages?since=0&limit=1000"))
+            .basic_auth("u", Some("password1")),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let at = m["received_at"].as_str().unwrap();
+            chrono::DateTime::parse_from_rfc3339(at)
+                .unwrap()
+                .timestamp()
+        })
+        .collect()
 }

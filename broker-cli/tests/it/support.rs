@@ -196,6 +196,10 @@ impl BrokerProcess {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.put(format!("{}{path}", self.url))
+    }
+
     /// `POST /v1/queues/{queue}/messages` with `body`: status and JSON reply.
     pub async fn publish(&self, queue: &str, body: &str) -> (u16, serde_json::Value) {
         json(

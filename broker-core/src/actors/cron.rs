@@ -181,6 +181,13 @@ impl Cron {
         let content_type = crate::message::content_type_of(&headers).or(content_type);
         headers.push(("x-broker-cron".into(), spec.config.name.clone()));
         let message = NewMessage {
+            // The tick's own key: where every replica of a cluster fires it, the log
+            // stores it once.
+            id: Some(Arc::from(format!(
+                "cron.{}.{}",
+                spec.config.name,
+                tick.timestamp_millis()
+            ))),
             audience: None,
             body: spec.body.clone(),
             content_type,

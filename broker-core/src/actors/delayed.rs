@@ -175,6 +175,7 @@ mod tests {
 
     fn m(body: &str) -> NewMessage {
         NewMessage {
+            id: None,
             audience: None,
             body: Bytes::from(body.to_owned()),
             content_type: None,

@@ -930,6 +930,7 @@ mod tests {
 
     fn body(n: usize) -> NewMessage {
         NewMessage {
+            id: None,
             audience: None,
             body: Bytes::from(vec![b'x'; n]),
             content_type: None,

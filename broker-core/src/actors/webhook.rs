@@ -641,6 +641,7 @@ impl Webhook {
             headers.push((dlq_headers::LAST_ERROR.into(), e));
         }
         let message = NewMessage {
+            id: None,
             audience: None,
             body: m.body.clone(),
             content_type: m.content_type.clone(),
@@ -914,6 +915,7 @@ mod tests {
             .unwrap();
         let msgs = (0..5)
             .map(|i| NewMessage {
+                id: None,
                 audience: None,
                 body: bytes::Bytes::from(format!("m{i}")),
                 content_type: None,

@@ -88,6 +88,7 @@ async fn suite(url: &str, durable: bool) {
         id,
         at_ms: 1_800_000_000_000 + id as i64,
         message: crate::message::NewMessage {
+            id: None,
             audience: None,
             body: Bytes::from(body.to_owned()),
             content_type: None,

@@ -178,6 +178,11 @@ pub trait Store: Send + Sync + 'static {
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>>;
     /// Saves a named piece of state; resolves after its commit.
     fn set_state(&self, key: &str, value: String) -> BoxFuture<'static, Result<(), Error>>;
+    /// Values written to a named piece of state by other brokers sharing the store (a
+    /// NATS cluster), as they are written; `None` where no other broker writes it.
+    fn watch_state(&self, _key: &str) -> Option<futures_util::stream::BoxStream<'static, String>> {
+        None
+    }
     /// Whether the store takes writes: the outcome of its last write, batch or probe
     /// (`/readyz` reports it).
     fn healthy(&self) -> bool {

@@ -343,7 +343,8 @@ impl Inner {
             stream.create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: place.subject.clone(),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
+                    // An empty stream's first sequence is 0, which JetStream refuses.
+                    start_sequence: from.max(1),
                 },
                 ..Default::default()
             }),
@@ -601,9 +602,19 @@ impl Inner {
                 }
                 m.offset = next;
                 match self.publish(place, &m, head.last_seq, id.as_deref()).await {
-                    // Released before (a repeated release): the stored copy stands.
+                    // Published before under this id: the stored copy stands.
                     Ok(ack) if ack.duplicate => {
                         head.last_seq = None;
+                        let original = timed("get", stream.get_raw_message(ack.sequence))
+                            .await?
+                            .map_err(|e| nats_err("get", e))?;
+                        let m = decode(
+                            queue,
+                            original.sequence,
+                            Some(&original.headers),
+                            original.payload,
+                        )?;
+                        stored.push(Arc::new(m));
                         break;
                     }
                     Ok(ack) => {
@@ -1242,6 +1253,43 @@ impl super::Store for NatsStore {
         })
     }
 
+    fn watch_state(&self, key: &str) -> Option<futures_util::stream::BoxStream<'static, String>> {
+        let (inner, key) = (self.inner.clone(), token(key));
+        let values = futures_util::stream::unfold(None, move |mut watch: Option<kv::Watch>| {
+            let (inner, key) = (inner.clone(), key.clone());
+            async move {
+                loop {
+                    let Some(w) = watch.as_mut() else {
+                        match inner.kv.state.watch_with_history(&key).await {
+                            Ok(w) => watch = Some(w),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot watch the shared state; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        continue;
+                    };
+                    match w.next().await {
+                        Some(Ok(e)) if e.operation == kv::Operation::Put => {
+                            match String::from_utf8(e.value.to_vec()) {
+                                Ok(v) => return Some((v, watch)),
+                                Err(_) => continue,
+                            }
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "the shared state's watch failed; watching again");
+                            watch = None;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        None => watch = None,
+                    }
+                }
+            }
+        });
+        Some(values.boxed())
+    }
+
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
             && self.inner.client.connection_state() == async_nats::connection::State::Connected
@@ -1269,6 +1317,7 @@ impl DelayedRecord {
             id: self.id,
             at_ms: self.at_ms,
             message: crate::message::NewMessage {
+                id: None,
                 body: Bytes::from(body),
                 content_type: self.content_type.map(Arc::from),
                 headers: self.headers,

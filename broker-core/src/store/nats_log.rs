@@ -100,7 +100,12 @@ impl QueueLog for JetStreamLog {
         async move {
             let now = now_ms();
             let ids: Vec<Option<String>> = if released.is_empty() {
-                vec![None; batch.len()]
+                // Idempotency keys, per queue (a pattern's queues share a stream).
+                let t = super::nats::token(&queue);
+                batch
+                    .iter()
+                    .map(|m| m.id.as_ref().map(|k| format!("k.{t}.{k}")))
+                    .collect()
             } else {
                 // A release repeated (after a crash between publish and forgetting the
                 // delayed entry) is recognised by JetStream within its duplicate window.

@@ -946,6 +946,7 @@ macro_rules! open_queue {
                     id: r.get::<i64, _>(0) as u64,
                     at_ms: r.get(1),
                     message: NewMessage {
+                        id: None,
                         audience: None,
                         body: Bytes::from(body),
                         content_type: content_type.map(Arc::from),

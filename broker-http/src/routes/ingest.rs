@@ -76,6 +76,7 @@ async fn publish(
 
 fn single(a: &Admitted) -> Vec<NewMessage> {
     vec![NewMessage {
+        id: None,
         audience: None,
         body: a.body.clone(),
         content_type: a.content_type.clone(),

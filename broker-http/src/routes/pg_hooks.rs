@@ -142,6 +142,7 @@ pub async fn create_message(
         m.headers.clone().unwrap_or_default().into_iter().collect();
     let content_type = broker_core::message::content_type_of(&headers);
     let message = NewMessage {
+        id: None,
         audience: None,
         body: bytes::Bytes::from(m.body.clone().unwrap_or_default()),
         content_type,
