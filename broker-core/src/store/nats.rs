@@ -167,6 +167,19 @@ struct Meta {
     /// The offset (queues sharing a stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     o: Option<u64>,
+    /// The WebSocket sessions it is for, when not all: kept, so that every replica
+    /// honours it (session ids are random across the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    a: Option<AudienceRecord>,
+}
+
+/// [`crate::message::Audience`] as kept in [`Meta`].
+#[derive(Debug, Serialize, Deserialize)]
+struct AudienceRecord {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    x: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e: Option<Vec<u64>>,
 }
 
 /// The JetStream form of `m` (its offset kept when the stream is shared).
@@ -176,6 +189,10 @@ pub(crate) fn encode(m: &Message, shared: bool) -> async_nats::HeaderMap {
         c: m.content_type.as_deref().map(str::to_owned),
         h: m.headers.clone(),
         o: shared.then_some(m.offset),
+        a: m.audience.as_deref().map(|a| AudienceRecord {
+            x: a.exclude.clone(),
+            e: a.eligible.clone(),
+        }),
     };
     let mut h = async_nats::HeaderMap::new();
     // JSON escapes CR and LF: nothing from a client can end the header.
@@ -204,6 +221,12 @@ pub(crate) fn decode(
         content_type: meta.c.map(Arc::from),
         headers: meta.h,
         received_at_ms: meta.t,
+        audience: meta.a.map(|a| {
+            Arc::new(crate::message::Audience {
+                exclude: a.x,
+                eligible: a.e,
+            })
+        }),
         ..Message::new(queue.clone(), meta.o.unwrap_or(seq), payload)
     })
 }
@@ -1361,6 +1384,27 @@ mod tests {
         let h = encode(&m, true);
         assert!(!h.get(META).unwrap().as_str().contains('\n'));
         let back = decode(&Arc::from("q"), 99, Some(&h), m.body.clone()).unwrap();
+        assert!(back.audience.is_none());
+        let only = Message {
+            audience: Some(Arc::new(crate::message::Audience {
+                exclude: vec![3],
+                eligible: Some(vec![4, 5]),
+            })),
+            ..Message::new(Arc::from("q"), 1, Bytes::new())
+        };
+        let seen = decode(
+            &Arc::from("q"),
+            1,
+            Some(&encode(&only, false)),
+            Bytes::new(),
+        )
+        .unwrap()
+        .audience
+        .unwrap();
+        assert_eq!(
+            (seen.admits(4), seen.admits(3), seen.admits(6)),
+            (true, false, false)
+        );
         assert_eq!(back.offset, 7, "a shared stream keeps the offset");
         assert_eq!(back.headers, m.headers);
         assert_eq!(
