@@ -394,3 +394,94 @@ async fn received_seconds(r: &BrokerProcess, queue: &str) -> Vec<i64> {
         })
         .collect()
 }
+
+#[actix_web::test]
+async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_delivering_replica() {
+    // Each request: (webhook-id, body).
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let rec = seen.clone();
+    let sink = crate::support::spawn_http(move |req, body| {
+        let rec = rec.clone();
+        async move {
+            let id = req
+                .headers()
+                .get("webhook-id")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            rec.lock()
+                .unwrap()
+                .push((id, String::from_utf8_lossy(&body).into_owned()));
+            actix_web::HttpResponse::Ok().finish()
+        }
+    });
+    let hooks = format!(
+        "[[queues]]\nname = \"hooks\"\n[[queues.webhooks]]\nurl = \"{sink}/in\"\n\
+         max_in_flight = 8\nsigning_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+    );
+    let Some((_nats, _dir, mut b)) = cluster_with(3, &hooks).await else {
+        return;
+    };
+    let delivered = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let distinct: HashSet<String> = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                if distinct.len() >= n {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} of {n} delivered",
+                    distinct.len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // 1,000 messages through the three replicas; the replica delivering is killed
+    // once half of them arrived.
+    for i in 0..500 {
+        publish(&b[i % 3], "hooks", &format!("m{i}")).await;
+    }
+    delivered(300).await;
+    let leader = leader_of(&b).await;
+    let before_kill = seen.lock().unwrap().len();
+    b[leader].child.kill().unwrap();
+    b[leader].child.wait().unwrap();
+    let alive: Vec<&BrokerProcess> = (0..3).filter(|i| *i != leader).map(|i| &b[i]).collect();
+    for i in 500..1000 {
+        publish(alive[i % 2], "hooks", &format!("m{i}")).await;
+    }
+    delivered(1000).await;
+    let seen = seen.lock().unwrap().clone();
+    // Before the kill, one replica delivered: every message once.
+    let early: HashSet<&String> = seen[..before_kill].iter().map(|(_, b)| b).collect();
+    assert_eq!(
+        early.len(),
+        before_kill,
+        "delivered twice before any failure"
+    );
+    // After it, at least once: a repeat is a delivery the killed replica had in flight
+    // (at most `max_in_flight`), and it carries the id of the first attempt, so the
+    // receiver can drop it.
+    let mut ids: BTreeMap<&String, &String> = BTreeMap::new();
+    let mut repeats = 0;
+    for (id, body) in &seen {
+        if let Some(first) = ids.insert(body, id) {
+            repeats += 1;
+            assert_eq!(
+                first, id,
+                "{body}: a repeat has the first attempt's webhook-id"
+            );
+        }
+    }
+    assert_eq!(ids.len(), 1000, "every message delivered");
+    assert!(repeats <= 8, "{repeats} repeats: more than were in flight");
+    eprintln!("1000 messages, {repeats} delivered again after the kill");
+}
