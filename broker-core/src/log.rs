@@ -53,11 +53,26 @@ pub trait QueueLog: Send + 'static {
     /// Entries that appear without an append of this queue (another replica wrote them),
     /// in offset order. `None` for a log that only this queue writes.
     fn feed(&mut self) -> Option<BoxStream<'static, Vec<Arc<Message>>>>;
+    /// Delayed entries scheduled or released by other replicas sharing the store, as
+    /// that happens (entries held already may come again). `None` where only this
+    /// queue schedules.
+    fn delayed_feed(&mut self) -> Option<BoxStream<'static, DelayedChange>> {
+        None
+    }
     /// Whether other replicas append to this log too: then a reader ahead of this
     /// queue's head is only ahead of this replica, not proof of lost history.
     fn replicated(&self) -> bool {
         false
     }
+}
+
+/// A change to a queue's delayed entries made elsewhere (see [`QueueLog::delayed_feed`]).
+#[derive(Debug, Clone)]
+pub enum DelayedChange {
+    /// An entry was scheduled.
+    Scheduled(crate::store::StoredDelayed),
+    /// The entry with this id was released (or dropped).
+    Released(u64),
 }
 
 /// Opens the log of each queue.

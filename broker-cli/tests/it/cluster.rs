@@ -485,3 +485,53 @@ async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_deliver
     assert!(repeats <= 8, "{repeats} repeats: more than were in flight");
     eprintln!("1000 messages, {repeats} delivered again after the kill");
 }
+
+#[actix_web::test]
+async fn delayed_messages_are_released_once_also_when_the_replica_that_took_them_dies() {
+    let Some((_nats, _dir, mut b)) = cluster(3).await else {
+        return;
+    };
+    // Every replica has the queue open before anything is scheduled: they learn of
+    // entries scheduled elsewhere as it happens, not from loading them.
+    for r in &b {
+        read_all(r, "events").await;
+    }
+    let due_after = std::time::Instant::now() + Duration::from_secs(2);
+    for i in 0..10 {
+        for (r, replica) in b[..2].iter().enumerate() {
+            let (s, v) = send(
+                replica
+                    .post("/v1/queues/events/messages?delay=2s")
+                    .body(format!("later r{r} {i}")),
+            )
+            .await;
+            assert_eq!((s, v["scheduled"].as_bool()), (200, Some(true)), "{v}");
+        }
+    }
+    // The replica that scheduled half of them dies before they are due.
+    b[0].child.kill().unwrap();
+    b[0].child.wait().unwrap();
+    wait_for_messages(&b[2], "events", 20).await;
+    assert!(
+        std::time::Instant::now() >= due_after,
+        "released before due"
+    );
+    let (stored, _) = read_all(&b[2], "events").await;
+    let bodies: HashSet<&String> = stored.values().collect();
+    assert_eq!(
+        (stored.len(), bodies.len()),
+        (20, 20),
+        "each released once: {stored:?}"
+    );
+    // Nothing more comes (a second release would be a new offset).
+    let (s, v) = send(
+        b[1].get("/v1/queues/events/messages?since=20&wait=3s")
+            .basic_auth("u", Some("password1")),
+    )
+    .await;
+    assert_eq!(
+        (s, v["messages"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+}

@@ -3,7 +3,7 @@
 //! keeps the single timer for [`DelayedSet::earliest`].
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 
 use crate::message::NewMessage;
 use crate::store::StoredDelayed;
@@ -42,6 +42,11 @@ pub(crate) struct DelayedSet {
     heap: BinaryHeap<Reverse<Delayed>>,
     /// The last id given.
     last_id: u64,
+    /// Ids held, so an entry learnt twice (saved here, and heard of from the shared
+    /// store) is held once.
+    ids: HashSet<u64>,
+    /// Ids are random rather than counted: replicas sharing the store give ids too.
+    random_ids: bool,
     /// Messages being saved (they count against the limit already).
     saving: usize,
     /// Body bytes held.
@@ -77,9 +82,23 @@ impl DelayedSet {
         self.bytes
     }
 
-    /// Takes back what the store kept.
-    pub(crate) fn restore(&mut self, stored: Vec<StoredDelayed>) {
+    /// A set whose ids are random (a cluster's replicas give ids to the same queue).
+    pub(crate) fn with_random_ids() -> Self {
+        Self {
+            random_ids: true,
+            ..Self::default()
+        }
+    }
+
+    /// Takes back what the store kept (entries held already are skipped); how many
+    /// were added.
+    pub(crate) fn restore(&mut self, stored: Vec<StoredDelayed>) -> usize {
+        let mut added = 0;
         for d in stored {
+            if !self.ids.insert(d.id) {
+                continue;
+            }
+            added += 1;
             self.last_id = self.last_id.max(d.id);
             self.bytes = self.bytes.saturating_add(d.message.body.len());
             self.heap.push(Reverse(Delayed {
@@ -88,6 +107,24 @@ impl DelayedSet {
                 message: d.message,
             }));
         }
+        added
+    }
+
+    /// Drops the entry `id` (another replica released it); whether it was held.
+    pub(crate) fn forget(&mut self, id: u64) -> bool {
+        if !self.ids.remove(&id) {
+            return false;
+        }
+        let mut size = 0;
+        self.heap.retain(|Reverse(d)| {
+            let keep = d.id != id;
+            if !keep {
+                size = d.message.body.len();
+            }
+            keep
+        });
+        self.bytes -= size;
+        true
     }
 
     /// Gives ids to `messages` due at `at_ms` and counts them as being saved, if they
@@ -123,7 +160,13 @@ impl DelayedSet {
         Ok(messages
             .into_iter()
             .map(|message| {
-                self.last_id += 1;
+                self.last_id = if self.random_ids {
+                    let mut b = [0u8; 8];
+                    crate::random::fill(&mut b);
+                    u64::from_le_bytes(b) >> 1 // stays a positive i64 in SQL stores
+                } else {
+                    self.last_id + 1
+                };
                 StoredDelayed {
                     id: self.last_id,
                     at_ms,
@@ -135,11 +178,13 @@ impl DelayedSet {
 
     /// The store answered for `reserved` (what [`DelayedSet::reserve`] gave); they are
     /// held from now on if `saved` (not when the store refused).
-    pub(crate) fn settle(&mut self, reserved: Vec<StoredDelayed>, saved: bool) {
+    pub(crate) fn settle(&mut self, reserved: Vec<StoredDelayed>, saved: bool) -> usize {
         self.saving -= reserved.len();
         self.saving_bytes -= body_bytes(reserved.iter().map(|d| &d.message));
         if saved {
-            self.restore(reserved);
+            self.restore(reserved)
+        } else {
+            0
         }
     }
 
@@ -153,6 +198,7 @@ impl DelayedSet {
         let mut due = Vec::new();
         while self.heap.peek().is_some_and(|Reverse(d)| d.at_ms <= now) {
             let d = self.heap.pop().expect("peeked").0;
+            self.ids.remove(&d.id);
             self.bytes -= d.message.body.len();
             due.push(d);
         }
@@ -162,6 +208,9 @@ impl DelayedSet {
     /// Holds messages again (a release the store refused), due at `at_ms`.
     pub(crate) fn retry(&mut self, due: Vec<Delayed>, at_ms: i64) {
         for d in due {
+            if !self.ids.insert(d.id) {
+                continue;
+            }
             self.bytes = self.bytes.saturating_add(d.message.body.len());
             self.heap.push(Reverse(Delayed { at_ms, ..d }));
         }

@@ -279,6 +279,7 @@ impl Queue {
         changes: watch::Sender<u64>,
         leading: bool,
     ) -> Self {
+        let replicated = log.replicated();
         Self {
             m: metrics.queue(spec.label()),
             name,
@@ -294,9 +295,13 @@ impl Queue {
             early: BTreeMap::new(),
             consumers: Cursors::default(),
             subscribers: Subscribers::default(),
-            delayed: DelayedSet::default(),
+            delayed: if replicated {
+                DelayedSet::with_random_ids()
+            } else {
+                DelayedSet::default()
+            },
             delayed_timer: None,
-            leading,
+            leading: leading || replicated,
             opened: 0,
             resync: Resync::No,
         }
@@ -307,8 +312,8 @@ impl Queue {
     }
 
     fn restore(&mut self, state: StoredQueue, ctx: &mut Context<Self>) {
-        self.m.delayed.add(state.delayed.len() as i64);
-        self.delayed.restore(state.delayed);
+        let added = self.delayed.restore(state.delayed);
+        self.m.delayed.add(added as i64);
         self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
         self.log.continue_at(state.next_offset);
@@ -518,6 +523,9 @@ impl Actor for Queue {
                         if let Some(feed) = act.log.feed() {
                             ctx.add_stream(feed);
                         }
+                        if let Some(changes) = act.log.delayed_feed() {
+                            ctx.add_stream(changes);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(queue = %act.name, error = %e, "cannot open queue");
@@ -686,8 +694,8 @@ impl Handler<PublishAt> for Queue {
                 act.delayed.settle(items, false);
                 return Err(e);
             }
-            act.delayed.settle(items, true);
-            act.m.delayed.add(count as i64);
+            let added = act.delayed.settle(items, true);
+            act.m.delayed.add(added as i64);
             act.arm_delayed_timer(ctx);
             Ok(Scheduled {
                 count,
@@ -825,12 +833,35 @@ impl Handler<LeadershipChanged> for Queue {
     type Result = ();
 
     fn handle(&mut self, msg: LeadershipChanged, ctx: &mut Self::Context) {
-        self.leading = msg.leader;
-        if msg.leader {
+        // Replicas sharing a log all release (the log stores each release once).
+        self.leading = msg.leader || self.log.replicated();
+        if self.leading {
             self.arm_delayed_timer(ctx);
         } else if let Some((_, h)) = self.delayed_timer.take() {
             ctx.cancel_future(h);
         }
+    }
+}
+
+/// Delayed entries other replicas scheduled or released.
+impl StreamHandler<crate::log::DelayedChange> for Queue {
+    fn handle(&mut self, change: crate::log::DelayedChange, ctx: &mut Self::Context) {
+        match change {
+            crate::log::DelayedChange::Scheduled(d) => {
+                let added = self.delayed.restore(vec![d]);
+                self.m.delayed.add(added as i64);
+                self.arm_delayed_timer(ctx);
+            }
+            crate::log::DelayedChange::Released(id) => {
+                if self.delayed.forget(id) {
+                    self.m.delayed.dec();
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        tracing::error!(queue = %self.name, "the feed of delayed entries ended: entries scheduled elsewhere are no longer seen");
     }
 }
 

@@ -1319,6 +1319,21 @@ impl super::Store for NatsStore {
     }
 }
 
+/// A change of the delayed bucket under `prefix` (a queue's token and `.`), as the
+/// queue hears it.
+pub(crate) fn delayed_change(entry: &kv::Entry, prefix: &str) -> Option<crate::log::DelayedChange> {
+    let id: u64 = entry.key.strip_prefix(prefix)?.parse().ok()?;
+    match entry.operation {
+        kv::Operation::Put => serde_json::from_slice::<DelayedRecord>(&entry.value)
+            .ok()
+            .and_then(|r| r.into_stored().ok())
+            .map(crate::log::DelayedChange::Scheduled),
+        kv::Operation::Delete | kv::Operation::Purge => {
+            Some(crate::log::DelayedChange::Released(id))
+        }
+    }
+}
+
 impl DelayedRecord {
     fn from_stored(d: &StoredDelayed) -> Self {
         use base64::Engine;

@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::jetstream::{consumer, kv};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 
 use super::nats::{decode, is_unheard, Inner, Place, Placement};
 use crate::error::Error;
-use crate::log::{Logs, QueueLog};
+use crate::log::{DelayedChange, Logs, QueueLog};
 use crate::message::{now_ms, Message, NewMessage};
 use crate::settings::QueueSpec;
 use crate::store::{StoredQueue, StoredTail};
@@ -197,6 +197,49 @@ impl QueueLog for JetStreamLog {
             self.queue.clone(),
             self.feed_from.load(Ordering::Acquire),
         ))
+    }
+
+    fn delayed_feed(&mut self) -> Option<BoxStream<'static, DelayedChange>> {
+        let (inner, queue) = (self.inner.clone(), self.queue.clone());
+        let prefix = format!("{}.", super::nats::token(&queue));
+        let changes = futures_util::stream::unfold(None, move |mut watch: Option<kv::Watch>| {
+            let (inner, queue, prefix) = (inner.clone(), queue.clone(), prefix.clone());
+            async move {
+                loop {
+                    let Some(w) = watch.as_mut() else {
+                        // With history: what was scheduled before the watch began too
+                        // (entries the queue holds already are skipped there).
+                        match inner
+                            .kv
+                            .delayed
+                            .watch_with_history(format!("{prefix}*"))
+                            .await
+                        {
+                            Ok(w) => watch = Some(w),
+                            Err(e) => {
+                                tracing::warn!(queue = %queue, error = %e, "cannot follow the queue's delayed entries; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        continue;
+                    };
+                    match w.next().await {
+                        Some(Ok(entry)) => {
+                            if let Some(c) = super::nats::delayed_change(&entry, &prefix) {
+                                return Some((c, watch));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(queue = %queue, error = %e, "the watch of delayed entries failed; watching again");
+                            watch = None;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        None => watch = None,
+                    }
+                }
+            }
+        });
+        Some(changes.boxed())
     }
 
     fn replicated(&self) -> bool {
