@@ -79,6 +79,8 @@ pub struct Broker {
     /// Whether losing the lead means stopping (the database's active lock), rather than
     /// handing singleton work to another replica (a NATS cluster).
     exclusive: bool,
+    /// Whether other replicas share the store as equals (a NATS cluster).
+    replicated: bool,
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
@@ -226,6 +228,7 @@ impl Broker {
             _leader: leader,
             leadership,
             exclusive,
+            replicated,
             cron,
             _deliveries: arbiter,
             pg_hooks,
@@ -331,18 +334,65 @@ impl Broker {
         queue: String,
         exclusive: bool,
     ) -> Result<(), Error> {
+        self.sync_consumer(&key).await?;
         self.hub
             .send(Listen {
                 key,
-                queue,
+                queue: queue.clone(),
                 exclusive,
             })
-            .await?
+            .await??;
+        if self.replicated {
+            // The queue has saved the new cursor once it answers after the hub did.
+            let h = self.queue(&queue).await?;
+            h.addr.send(crate::actors::Head).await?;
+        }
+        self.settle_consumers().await
     }
 
     /// Removes a named poll consumer.
     pub async fn unlisten(&self, key: ConsumerKey) -> Result<(), Error> {
-        self.hub.send(Unlisten { key }).await?
+        self.sync_consumer(&key).await?;
+        self.hub.send(Unlisten { key: key.clone() }).await??;
+        if self.replicated {
+            // Its queue forgets it in the store too; this does it before the reply.
+            self.store.remove_consumer(&key.user, &key.client);
+        }
+        self.settle_consumers().await
+    }
+
+    /// On a cluster, a consumer is read from the shared store before it is served
+    /// (another replica may have created, moved or removed it), and this replica takes
+    /// it as stored, once its queue shows what the consumer has seen.
+    async fn sync_consumer(&self, key: &ConsumerKey) -> Result<(), Error> {
+        if !self.replicated {
+            return Ok(());
+        }
+        match self.store.consumer(&key.user, &key.client).await? {
+            Some(c) => {
+                if let Ok(h) = self.queue(&c.queue).await {
+                    catch_up(&h, c.last_seen).await;
+                }
+                self.hub
+                    .send(crate::actors::hub::AdoptConsumer { stored: c })
+                    .await?;
+            }
+            None => {
+                self.hub
+                    .send(crate::actors::hub::DropConsumer { key: key.clone() })
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// On a cluster, a consumer's new position is stored before the reply, so that the
+    /// next request, on any replica, continues from it.
+    async fn settle_consumers(&self) -> Result<(), Error> {
+        if self.replicated {
+            self.store.flush().await?;
+        }
+        Ok(())
     }
 
     /// A named consumer's unread messages (at most `limit`, long-polling up to `wait`);
@@ -353,6 +403,7 @@ impl Broker {
         limit: usize,
         wait: Duration,
     ) -> Result<(Arc<str>, Batch), Error> {
+        self.sync_consumer(&key).await?;
         let handle = self
             .hub
             .send(ResolveConsumer { key: key.clone() })
@@ -366,7 +417,9 @@ impl Broker {
             })
             .await;
         self.count_poll_read(&handle.name, &batch);
-        Ok((handle.name, batch?))
+        let batch = batch?;
+        self.settle_consumers().await?;
+        Ok((handle.name, batch))
     }
 
     /// `broker_poll_reads_total{queue,outcome}`, once per answered read.
@@ -851,6 +904,26 @@ impl Broker {
     /// Resolves when shutdown begins; long-polls select on it.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+/// Waits (at most a second) until `queue` on this replica shows offset `offset`: another
+/// replica's reader may have seen it a moment before this replica's feed brought it.
+async fn catch_up(queue: &QueueHandle, offset: u64) {
+    let mut changes = queue.changes.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        changes.borrow_and_update();
+        match queue.addr.send(crate::actors::Head).await {
+            Ok(h) if h.head < offset => {}
+            _ => return,
+        }
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 

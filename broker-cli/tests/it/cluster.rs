@@ -535,3 +535,68 @@ async fn delayed_messages_are_released_once_also_when_the_replica_that_took_them
         "{v}"
     );
 }
+
+#[actix_web::test]
+async fn named_consumers_read_consistently_whichever_replica_each_request_hits() {
+    let Some((_nats, _dir, b)) = cluster(3).await else {
+        return;
+    };
+    let auth = |r: reqwest::RequestBuilder| r.basic_auth("u", Some("password1"));
+    // `/v1/consumers`: created on A, read 4 at a time on A, B, C, A, …
+    let (s, v) =
+        send(auth(b[0].put("/v1/consumers/c1")).json(&serde_json::json!({"queue": "events"})))
+            .await;
+    assert_eq!(s, 200, "{v}");
+    // webhook-queue's listen on B.
+    let (s, _) = send(auth(b[1].get("/listen/w1/events"))).await;
+    assert_eq!(s, 200);
+    for i in 0..30 {
+        publish(&b[i % 3], "events", &format!("m{i}")).await;
+    }
+    let mut read = Vec::new();
+    let mut turn = 0;
+    while read.len() < 30 {
+        let r = &b[turn % 3];
+        turn += 1;
+        let (s, v) = send(auth(r.get("/v1/consumers/c1/messages?limit=4&wait=5s"))).await;
+        assert_eq!(s, 200, "{v}");
+        for m in v["messages"].as_array().unwrap() {
+            read.push(m["body"].as_str().unwrap().to_owned());
+        }
+        assert!(turn < 40, "{read:?}");
+    }
+    let expected: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        read, expected,
+        "each message once, in order, across replicas"
+    );
+    // webhook-queue's read on C then A: the rest once.
+    let mut ids = Vec::new();
+    for r in [&b[2], &b[0], &b[1]] {
+        let (s, v) = send(auth(r.get("/read/w1"))).await;
+        assert_eq!(s, 200, "{v}");
+        ids.extend(
+            v["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_u64().unwrap()),
+        );
+    }
+    assert_eq!(ids, (1..=30).collect::<Vec<u64>>());
+    // Unlisten on A: the consumer is gone on every replica.
+    let (s, _) = send(auth(b[0].get("/unlisten/w1"))).await;
+    assert_eq!(s, 200);
+    for r in &b {
+        let (s, v) = send(auth(r.get("/read/w1"))).await;
+        assert_eq!(s, 404, "{v}");
+    }
+    let (s, v) = send(auth(b[2].delete("/v1/consumers/c1"))).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = send(auth(b[1].get("/v1/consumers/c1/messages"))).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("unknown_client")),
+        "{v}"
+    );
+}

@@ -196,6 +196,10 @@ impl BrokerProcess {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.delete(format!("{}{path}", self.url))
+    }
+
     pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
         self.http.put(format!("{}{path}", self.url))
     }

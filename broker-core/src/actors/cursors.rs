@@ -75,6 +75,18 @@ impl Cursors {
         at
     }
 
+    /// Moves a consumer to `last_seen` (another replica read it there), keeping what it
+    /// was told of losses; adds it if missing.
+    pub(crate) fn sync(&mut self, key: ConsumerKey, last_seen: u64, window: &Window) {
+        let at = last_seen.min(window.head());
+        match self.map.get_mut(&key) {
+            Some(c) => c.last_seen = at,
+            None => {
+                self.add(key, Some(at), window);
+            }
+        }
+    }
+
     /// Whether no consumer reads this queue.
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()

@@ -380,6 +380,18 @@ impl Hub {
         }
     }
 
+    /// Forgets a consumer here, not in the store.
+    fn drop_consumer(&mut self, key: &ConsumerKey) {
+        if let Some(old) = self.consumers.remove(key) {
+            if let Some(h) = self.queues.get(&old.queue) {
+                h.addr.do_send(RemoveConsumer {
+                    key: key.clone(),
+                    forget: false,
+                });
+            }
+        }
+    }
+
     /// Brings back the poll consumers kept in the store (after a restart).
     fn restore_consumers(&mut self, stored: Vec<crate::store::StoredConsumer>) {
         for c in stored {
@@ -509,6 +521,57 @@ impl Handler<Listen> for Hub {
             },
         );
         Ok(())
+    }
+}
+
+/// Takes a consumer as the shared store has it (replicas sharing a NATS store): known
+/// on this queue, its position moves there; otherwise it is registered (moved from
+/// another queue if need be).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdoptConsumer {
+    /// The consumer as stored.
+    pub stored: crate::store::StoredConsumer,
+}
+
+impl Handler<AdoptConsumer> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdoptConsumer, _: &mut Self::Context) {
+        let c = msg.stored;
+        let key = ConsumerKey {
+            user: c.user.clone(),
+            client: c.client.clone(),
+        };
+        if let Some(e) = self.consumers.get(&key) {
+            if e.queue == c.queue && e.disconnected.is_none() {
+                if let Some(h) = self.queues.get(&c.queue).filter(|h| h.addr.connected()) {
+                    h.addr.do_send(super::queue::SyncConsumer {
+                        key,
+                        last_seen: c.last_seen,
+                    });
+                    return;
+                }
+            }
+        }
+        self.drop_consumer(&key);
+        self.restore_consumers(vec![c]);
+    }
+}
+
+/// Forgets a consumer here only (another replica removed it from the shared store).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DropConsumer {
+    /// The consumer.
+    pub key: ConsumerKey,
+}
+
+impl Handler<DropConsumer> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: DropConsumer, _: &mut Self::Context) {
+        self.drop_consumer(&msg.key);
     }
 }
 

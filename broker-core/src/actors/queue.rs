@@ -758,6 +758,24 @@ impl Handler<AddConsumer> for Queue {
     }
 }
 
+/// Moves (or adds) a consumer to where the shared store has it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncConsumer {
+    /// The consumer.
+    pub key: ConsumerKey,
+    /// Its stored position.
+    pub last_seen: u64,
+}
+
+impl Handler<SyncConsumer> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncConsumer, _: &mut Self::Context) {
+        self.consumers.sync(msg.key, msg.last_seen, &self.window);
+    }
+}
+
 impl Handler<RemoveConsumer> for Queue {
     type Result = ();
 

@@ -174,6 +174,25 @@ pub trait Store: Send + Sync + 'static {
     fn save_consumer(&self, consumer: StoredConsumer);
     /// Forgets a consumer.
     fn remove_consumer(&self, user: &str, client: &str);
+    /// One named consumer as stored now (replicas sharing the store read it before
+    /// serving it: another replica may have moved or removed it).
+    fn consumer(
+        &self,
+        user: &str,
+        client: &str,
+    ) -> BoxFuture<'static, Result<Option<StoredConsumer>, Error>> {
+        let (all, user, client) = (self.consumers(), user.to_owned(), client.to_owned());
+        Box::pin(async move {
+            Ok(all
+                .await?
+                .into_iter()
+                .find(|c| c.user == user && c.client == client))
+        })
+    }
+    /// Resolves once every write asked for before it (awaited or not) is stored.
+    fn flush(&self) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
     /// A named piece of broker state (JSON), e.g. the runtime definitions.
     fn state(&self, key: &str) -> BoxFuture<'static, Result<Option<String>, Error>>;
     /// Saves a named piece of state; resolves after its commit.

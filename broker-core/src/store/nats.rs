@@ -1245,6 +1245,48 @@ impl super::Store for NatsStore {
         });
     }
 
+    fn consumer(
+        &self,
+        user: &str,
+        client: &str,
+    ) -> BoxFuture<'static, Result<Option<StoredConsumer>, Error>> {
+        let (inner, key) = (self.inner.clone(), Self::key(user, client));
+        async move {
+            // From the bucket's stream leader, not a replica that may lag behind.
+            let bucket = &inner.kv.consumers;
+            let subject = format!("{}{key}", bucket.prefix);
+            let last = timed(
+                "get",
+                bucket.stream.get_last_raw_message_by_subject(&subject),
+            )
+            .await?;
+            let m = match last {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(nats_err("get", e)),
+            };
+            // A purged key leaves an empty marker.
+            if m.payload.is_empty() {
+                return Ok(None);
+            }
+            let c: ConsumerRecord =
+                serde_json::from_slice(&m.payload).map_err(|e| nats_err("decode", e))?;
+            Ok(Some(StoredConsumer {
+                user: c.user,
+                client: c.client,
+                queue: c.queue,
+                last_seen: c.last_seen,
+            }))
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), Error>> {
+        self.write(async { Ok(()) })
+    }
+
     fn remove_consumer(&self, user: &str, client: &str) {
         let (inner, key) = (self.inner.clone(), Self::key(user, client));
         self.send("remove_consumer", async move {
