@@ -81,6 +81,8 @@ pub struct Broker {
     exclusive: bool,
     /// Whether other replicas share the store as equals (a NATS cluster).
     replicated: bool,
+    /// The other replicas' connections (a NATS cluster).
+    fabric: Option<Arc<dyn crate::fabric::Fabric>>,
     cron: Addr<Cron>,
     /// Keeps the delivery arbiter's thread alive as long as the broker.
     _deliveries: Arbiter,
@@ -124,6 +126,7 @@ impl Broker {
             election,
             exclusive,
             replicated,
+            fabric,
         } = Backend::open(&settings.config.storage, lock, metrics.clone()).await?;
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
@@ -200,6 +203,7 @@ impl Broker {
             logs,
             metrics.clone(),
             registry.clone(),
+            fabric.clone(),
             deliveries,
         );
         let cron = Cron::new(
@@ -229,6 +233,7 @@ impl Broker {
             leadership,
             exclusive,
             replicated,
+            fabric,
             cron,
             _deliveries: arbiter,
             pg_hooks,
@@ -247,6 +252,9 @@ impl Broker {
         });
         if let Some(values) = follow {
             actix::spawn(follow_state(Arc::downgrade(&broker), values));
+        }
+        if let Some(fabric) = &broker.fabric {
+            fabric.serve(answer_replicas(Arc::downgrade(&broker)));
         }
         Ok(broker)
     }
@@ -491,23 +499,120 @@ impl Broker {
         Ok(self.cron.send(crate::actors::cron::ListCrons).await?)
     }
 
-    /// Every live WebSocket connection (admin views).
+    /// Every live WebSocket connection (admin views), on every replica of a cluster.
     pub async fn connections(&self) -> Result<Vec<crate::actors::ConnectionInfo>, Error> {
-        Ok(self
-            .registry
-            .send(crate::actors::registry::ListConnections)
-            .await?)
+        let mut all = self.connections_here().await?;
+        if let Some(fabric) = &self.fabric {
+            for a in fabric.ask_all(crate::fabric::Ask::Connections).await {
+                if let crate::fabric::Answer::Connections(theirs) = a {
+                    all.extend(theirs);
+                }
+            }
+            all.sort_by(|a, b| a.connected_at.cmp(&b.connected_at).then(a.id.cmp(&b.id)));
+        }
+        Ok(all)
     }
 
-    /// Closes connection `id` with `disconnect`'s close frame.
+    /// The connections this replica holds.
+    async fn connections_here(&self) -> Result<Vec<crate::actors::ConnectionInfo>, Error> {
+        let mut here = self
+            .registry
+            .send(crate::actors::registry::ListConnections)
+            .await?;
+        if let Some(fabric) = &self.fabric {
+            let node = fabric.node();
+            for c in &mut here {
+                c.replica = Some(node.clone());
+            }
+        }
+        Ok(here)
+    }
+
+    /// Closes connection `id` with `disconnect`'s close frame, on whichever replica
+    /// holds it.
     pub async fn close_connection(
         &self,
         id: String,
         disconnect: crate::actors::Disconnect,
     ) -> Result<(), Error> {
-        self.registry
-            .send(crate::actors::registry::CloseConnection { id, disconnect })
-            .await?
+        let here = self
+            .registry
+            .send(crate::actors::registry::CloseConnection {
+                id: id.clone(),
+                disconnect,
+            })
+            .await?;
+        match (here, &self.fabric) {
+            (Err(Error::UnknownConnection { id }), Some(fabric)) => {
+                let ask = crate::fabric::Ask::Close {
+                    id: id.clone(),
+                    code: disconnect.code,
+                    reason: disconnect.reason.to_owned(),
+                };
+                let found = fabric
+                    .ask_all(ask)
+                    .await
+                    .into_iter()
+                    .any(|a| matches!(a, crate::fabric::Answer::Closed { found: true }));
+                if found {
+                    Ok(())
+                } else {
+                    Err(Error::UnknownConnection { id })
+                }
+            }
+            (here, _) => here,
+        }
+    }
+
+    /// Answers another replica's ask from what this replica holds.
+    async fn answer(&self, ask: crate::fabric::Ask) -> crate::fabric::Answer {
+        use crate::fabric::{Answer, Ask};
+        match ask {
+            Ask::NotifyUser { user, data } => {
+                let n = self
+                    .ingress
+                    .notify_here(Route::User(user), bytes::Bytes::from(data))
+                    .await
+                    .unwrap_or(0);
+                Answer::Notified {
+                    found: n > 0,
+                    delivered: n,
+                }
+            }
+            Ask::NotifyConnection { id, data } => {
+                match self
+                    .ingress
+                    .notify_here(Route::Connection(id), bytes::Bytes::from(data))
+                    .await
+                {
+                    Ok(n) => Answer::Notified {
+                        found: true,
+                        delivered: n,
+                    },
+                    Err(_) => Answer::Notified {
+                        found: false,
+                        delivered: 0,
+                    },
+                }
+            }
+            Ask::Connections => {
+                Answer::Connections(self.connections_here().await.unwrap_or_default())
+            }
+            Ask::Close { id, code, reason } => {
+                // Reasons are the broker's own (a close frame's reason is public).
+                let reason = CLOSE_REASONS
+                    .iter()
+                    .find(|r| **r == reason)
+                    .copied()
+                    .unwrap_or("closed");
+                let close = crate::actors::registry::CloseConnection {
+                    id,
+                    disconnect: crate::actors::Disconnect { code, reason },
+                };
+                let found = matches!(self.registry.send(close).await, Ok(Ok(())));
+                Answer::Closed { found }
+            }
+        }
     }
 
     /// The current settings (one consistent version; a reload swaps them whole).
@@ -927,6 +1032,24 @@ async fn catch_up(queue: &QueueHandle, offset: u64) {
     }
 }
 
+/// Close reasons a replica passes on for another.
+const CLOSE_REASONS: &[&str] = &["closed_by_admin"];
+
+/// Answers the other replicas' asks while the broker lives.
+fn answer_replicas(broker: std::sync::Weak<Broker>) -> crate::fabric::Responder {
+    use futures_util::FutureExt;
+    Arc::new(move |ask| {
+        let broker = broker.clone();
+        async move {
+            match broker.upgrade() {
+                Some(b) => b.answer(ask).await,
+                None => crate::fabric::Answer::Closed { found: false },
+            }
+        }
+        .boxed()
+    })
+}
+
 /// Adopts the runtime definitions other replicas save, for as long as the broker lives.
 async fn follow_state(
     broker: std::sync::Weak<Broker>,
@@ -948,6 +1071,8 @@ struct Backend {
     exclusive: bool,
     /// Whether other replicas share the store and log as equals (a NATS cluster).
     replicated: bool,
+    /// How this replica reaches the others' connections (a NATS cluster).
+    fabric: Option<Arc<dyn crate::fabric::Fabric>>,
 }
 
 impl Backend {
@@ -969,13 +1094,16 @@ impl Backend {
                 duplicate_window: n.duplicate_window,
             };
             let nats = Arc::new(store::NatsStore::connect(&options, metrics).await?);
-            let election = nats.lease(crate::random::id().to_string()).await?;
+            let node = crate::random::id();
+            let election = nats.lease(node.to_string()).await?;
+            let fabric = nats.fabric(node).await?;
             return Ok(Backend {
                 store: nats.clone(),
                 logs: Arc::new(store::JetStreamLogs { store: nats }),
                 election: Box::new(election),
                 exclusive: false,
                 replicated: true,
+                fabric: Some(fabric),
             });
         }
         let fence = lock.as_ref().map(store::ActiveLock::fence);
@@ -991,6 +1119,7 @@ impl Backend {
             election,
             exclusive,
             replicated: false,
+            fabric: None,
         })
     }
 }

@@ -28,6 +28,7 @@ pub mod crossbar;
 pub mod delivery;
 pub mod election;
 pub mod error;
+pub mod fabric;
 pub mod log;
 pub mod message;
 pub mod metrics;

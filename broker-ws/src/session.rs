@@ -317,6 +317,7 @@ impl<D: Dialect> Session<D> {
             user: user.clone(),
             remote: self.remote.to_string(),
             connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            replica: None,
         };
         let cfg = &self.ws.config;
         let max = if user.is_empty() {

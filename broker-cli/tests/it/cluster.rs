@@ -600,3 +600,86 @@ async fn named_consumers_read_consistently_whichever_replica_each_request_hits()
         "{v}"
     );
 }
+
+#[actix_web::test]
+async fn notifications_listing_and_closing_reach_connections_on_any_replica() {
+    let Some((_nats, _dir, b)) = cluster(3).await else {
+        return;
+    };
+    let admin = |r: reqwest::RequestBuilder| r.bearer_auth(ADMIN);
+    // Two sessions of `u`, on B and on C.
+    let mut on_b = ws_connect(&b[1].url, "", Some("Basic dTpwYXNzd29yZDE="))
+        .await
+        .unwrap();
+    let hello_b = on_b.recv().await;
+    let mut on_c = ws_connect(&b[2].url, "", Some("Basic dTpwYXNzd29yZDE="))
+        .await
+        .unwrap();
+    let id_c = on_c.recv().await["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(hello_b["event"], "connected");
+    // Every replica's presence is known to A within a heartbeat or two.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let (s, v) = send(admin(b[0].get("/v1/connections"))).await;
+        assert_eq!(s, 200, "{v}");
+        let list = v["connections"].as_array().unwrap().clone();
+        if list.len() == 2 {
+            break list;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let replicas: HashSet<&str> = listed
+        .iter()
+        .map(|c| c["replica"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        replicas.len(),
+        2,
+        "listed with the replica holding each: {listed:?}"
+    );
+    // NotifyUser through A reaches both sessions.
+    let (s, v) = send(
+        admin(b[0].post("/v1/users/u/notify"))
+            .header("content-type", "application/json")
+            .body(r#"{"hello":"u"}"#),
+    )
+    .await;
+    assert_eq!((s, v["delivered"].as_u64()), (200, Some(2)), "{v}");
+    for c in [&mut on_b, &mut on_c] {
+        assert_eq!(
+            c.recv().await,
+            serde_json::json!({"event": "notify", "data": {"hello": "u"}})
+        );
+    }
+    // NotifyConnection through A reaches the one on C; an unknown one is 404.
+    let (s, v) = send(
+        admin(b[0].post(&format!("/v1/connections/{id_c}/notify")))
+            .header("content-type", "application/json")
+            .body("[1,2]"),
+    )
+    .await;
+    assert_eq!((s, v["delivered"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(on_c.recv().await["data"], serde_json::json!([1, 2]));
+    let (s, v) = send(
+        admin(b[0].post("/v1/connections/0123456789abcdef/notify"))
+            .header("content-type", "application/json")
+            .body("1"),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("unknown_connection")),
+        "{v}"
+    );
+    // Closing it through B closes it on C.
+    let (s, v) = send(admin(b[1].delete(&format!("/v1/connections/{id_c}")))).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(matches!(
+        on_c.next().await,
+        crate::support::Next::Closed(4010, _)
+    ));
+}

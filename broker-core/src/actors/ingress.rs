@@ -31,6 +31,8 @@ pub(crate) struct Ingress {
     settings: SharedSettings,
     queues: Queues,
     registry: Addr<ConnectionRegistry>,
+    /// The other replicas' connections (a cluster).
+    fabric: Option<Arc<dyn crate::fabric::Fabric>>,
     metrics: Arc<Metrics>,
     /// Signed ingest requests seen within their tolerance (replays are refused).
     replays: Arc<NonceCache>,
@@ -45,12 +47,14 @@ impl Ingress {
         settings: SharedSettings,
         queues: Queues,
         registry: Addr<ConnectionRegistry>,
+        fabric: Option<Arc<dyn crate::fabric::Fabric>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             settings,
             queues,
             registry,
+            fabric,
             metrics,
             replays: Arc::new(NonceCache::new(MAX_REMEMBERED_SIGNATURES)),
         }
@@ -206,6 +210,45 @@ impl Ingress {
 
     /// Pushes JSON `data` to a user's connections or to one connection; how many got it.
     pub async fn notify(&self, route: Route, data: bytes::Bytes) -> Result<usize, Error> {
+        use crate::fabric::{Answer, Ask};
+        let here = self.notify_here(route.clone(), data.clone()).await;
+        let Some(fabric) = &self.fabric else {
+            return here;
+        };
+        let data = String::from_utf8_lossy(&data).into_owned();
+        let delivered = |answers: Vec<Answer>| {
+            answers.into_iter().filter_map(|a| match a {
+                Answer::Notified { found, delivered } => Some((found, delivered)),
+                _ => None,
+            })
+        };
+        match route {
+            Route::User(user) => {
+                let there = fabric.ask_all(Ask::NotifyUser { user, data }).await;
+                Ok(here? + delivered(there).map(|(_, n)| n).sum::<usize>())
+            }
+            Route::Connection(_) => match here {
+                Err(Error::UnknownConnection { id }) => {
+                    let ask = Ask::NotifyConnection {
+                        id: id.clone(),
+                        data,
+                    };
+                    delivered(fabric.ask_all(ask).await)
+                        .find(|(found, _)| *found)
+                        .map(|(_, n)| n)
+                        .ok_or(Error::UnknownConnection { id })
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// [`Ingress::notify`] to the connections this replica holds.
+    pub(crate) async fn notify_here(
+        &self,
+        route: Route,
+        data: bytes::Bytes,
+    ) -> Result<usize, Error> {
         let notify = Notify { data };
         match route {
             Route::User(user) => Ok(self.registry.send(NotifyUser { user, notify }).await?),

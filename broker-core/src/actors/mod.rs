@@ -52,6 +52,7 @@ pub(crate) fn launch(
     logs: Arc<dyn crate::log::Logs>,
     metrics: Arc<crate::metrics::Metrics>,
     registry: Addr<ConnectionRegistry>,
+    fabric: Option<Arc<dyn crate::fabric::Fabric>>,
     deliveries: webhooks::Deliveries,
 ) -> Launched {
     let initial = settings.read().expect("settings lock").clone();
@@ -59,7 +60,8 @@ pub(crate) fn launch(
     let mut parts = None;
     let hub = Hub::create(|ctx| {
         let queues = hub::Queues::new(running.clone(), ctx.address());
-        let ingress = ingress::Ingress::new(settings.clone(), queues, registry, metrics.clone());
+        let ingress =
+            ingress::Ingress::new(settings.clone(), queues, registry, fabric, metrics.clone());
         let leader = deliveries.leader.clone();
         let webhooks =
             webhooks::Webhooks::new(deliveries, ingress.clone(), store.clone(), metrics.clone())
@@ -96,5 +98,5 @@ pub(crate) fn launch_for_tests(
     let registry = ConnectionRegistry::new(metrics.clone()).start();
     let deliveries = webhooks::Deliveries::for_tests(leader, arbiter);
     let logs = Arc::new(crate::log::StoreLogs(store.clone()));
-    launch(&shared, store, logs, metrics, registry, deliveries)
+    launch(&shared, store, logs, metrics, registry, None, deliveries)
 }

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 
 /// What the admin API shows of a connection.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
     /// Connection id.
     pub id: Arc<str>,
@@ -26,6 +26,9 @@ pub struct ConnectionInfo {
     pub remote: String,
     /// When it connected, RFC 3339.
     pub connected_at: String,
+    /// The replica holding it (a NATS cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<Arc<str>>,
 }
 
 /// Adds an authenticated connection.

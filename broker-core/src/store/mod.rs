@@ -13,6 +13,7 @@ mod conformance;
 mod lock;
 mod memory;
 pub mod nats;
+mod nats_fabric;
 mod nats_lease;
 pub mod nats_log;
 #[cfg(any(test, feature = "testing"))]
@@ -28,6 +29,7 @@ pub use lock::{ActiveLock, Fence, ACTIVE_LOCK_KEY};
 pub(crate) use memory::Fault;
 pub use memory::MemoryStore;
 pub use nats::{is_nats_url, NatsOptions, NatsStore};
+pub use nats_fabric::NatsFabric;
 pub use nats_lease::NatsLease;
 pub use nats_log::JetStreamLogs;
 pub use sql::SqlStore;

@@ -981,6 +981,11 @@ impl NatsStore {
         .await
     }
 
+    /// This replica's place in the cluster's fabric, as replica `node`.
+    pub async fn fabric(&self, node: Arc<str>) -> Result<Arc<super::NatsFabric>, Error> {
+        super::NatsFabric::start(&self.inner, node).await
+    }
+
     /// Records that `queue` is made from `pattern` (its messages go to the pattern's
     /// stream); plain queues need no call.
     pub fn place(&self, queue: &str, placement: Placement) {
