@@ -259,6 +259,13 @@ impl Broker {
         Ok(broker)
     }
 
+    /// Whether a signed request (its nonce or id as `key`) is seen for the first time
+    /// by every replica sharing the store, remembering it for `keep`; always `true` on
+    /// one node (its own nonce cache decides there).
+    pub async fn claim_signed(&self, key: &str, keep: Duration) -> Result<bool, Error> {
+        self.store.claim_once(key, keep).await
+    }
+
     /// Nonces of signed pusher requests seen within the timestamp window.
     pub fn pusher_nonces(&self) -> &crate::auth::crossbar::NonceCache {
         &self.pusher_nonces

@@ -683,3 +683,35 @@ async fn notifications_listing_and_closing_reach_connections_on_any_replica() {
         crate::support::Next::Closed(4010, _)
     ));
 }
+
+#[actix_web::test]
+async fn a_signed_request_replayed_to_another_replica_is_refused() {
+    let slack =
+        "[[queues]]\nname = \"slack\"\nauth = { method = \"slack\", key = \"slack-secret\" }\n";
+    let Some((_nats, _dir, b)) = cluster_with(3, slack).await else {
+        return;
+    };
+    let now = chrono::Utc::now().timestamp().to_string();
+    let body = br#"{"event":"x"}"#;
+    let mut signed = b"v0:".to_vec();
+    signed.extend_from_slice(now.as_bytes());
+    signed.push(b':');
+    signed.extend_from_slice(body);
+    let signature = format!(
+        "v0={}",
+        crate::support::hmac_sha256_hex(b"slack-secret", &signed)
+    );
+    let request = |r: &BrokerProcess| {
+        r.post("/v1/queues/slack/messages")
+            .header("x-slack-request-timestamp", now.clone())
+            .header("x-slack-signature", signature.clone())
+            .header("content-type", "application/json")
+            .body(&body[..])
+    };
+    let (s, v) = send(request(&b[0])).await;
+    assert_eq!(s, 200, "{v}");
+    for r in &b {
+        let (s, v) = send(request(r)).await;
+        assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
+    }
+}

@@ -36,6 +36,9 @@ pub(crate) struct Ingress {
     metrics: Arc<Metrics>,
     /// Signed ingest requests seen within their tolerance (replays are refused).
     replays: Arc<NonceCache>,
+    /// The store other replicas share (a cluster): a signed request is claimed there
+    /// too, so that a replay to another replica is refused as well.
+    shared: Option<Arc<dyn crate::store::Store>>,
 }
 
 /// Signed requests remembered at most (past it: 503 rather than forgetting early).
@@ -48,6 +51,7 @@ impl Ingress {
         queues: Queues,
         registry: Addr<ConnectionRegistry>,
         fabric: Option<Arc<dyn crate::fabric::Fabric>>,
+        shared: Option<Arc<dyn crate::store::Store>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -57,6 +61,7 @@ impl Ingress {
             fabric,
             metrics,
             replays: Arc::new(NonceCache::new(MAX_REMEMBERED_SIGNATURES)),
+            shared,
         }
     }
 
@@ -75,7 +80,13 @@ impl Ingress {
             return Err(self.count_refusal(UNKNOWN_QUEUE_LABEL, e));
         };
         let counted = |e: Error| self.count_refusal(spec.label(), e);
-        admit(&spec, req.queue, &req.publisher, &self.replays).map_err(counted)?;
+        let claimed = admit(&spec, req.queue, &req.publisher, &self.replays).map_err(counted)?;
+        if let (Some((key, keep_ms)), Some(shared)) = (claimed, &self.shared) {
+            let keep = std::time::Duration::from_millis(u64::try_from(keep_ms).unwrap_or(0));
+            if !shared.claim_once(&key, keep).await.map_err(counted)? {
+                return Err(counted(replayed()));
+            }
+        }
         let messages = req.messages;
         let single = messages.len() == 1;
         let mut routes = Vec::new();
@@ -318,16 +329,25 @@ pub enum PublishOutcome {
     Scheduled(Scheduled),
 }
 
+/// A signed request received before.
+fn replayed() -> Error {
+    Error::rejected(
+        Rejection::Replayed,
+        "this signed request was received already (a replay)",
+    )
+}
+
 /// The checks of `publisher` on queue `name` (spec `spec`), in the order of
-/// [`Ingress::publish`]: address, ingest authentication, grants.
+/// [`Ingress::publish`]: address, ingest authentication, grants. A signed request's
+/// replay key and how long to remember it, once remembered here.
 fn admit(
     spec: &QueueSpec,
     name: &str,
     publisher: &Publisher<'_>,
     replays: &NonceCache,
-) -> Result<(), Error> {
+) -> Result<Option<(String, i64)>, Error> {
     let client_ip = match publisher {
-        Publisher::Broker => return Ok(()),
+        Publisher::Broker => return Ok(None),
         Publisher::Ingest { client_ip, .. }
         | Publisher::Session { client_ip, .. }
         | Publisher::Authenticated { client_ip } => client_ip,
@@ -346,25 +366,22 @@ fn admit(
                     spec.auth.verify(headers, body, now)?;
                     // Only a verified request is remembered: nobody else can spend one.
                     let Some((key, tolerance)) = spec.auth.replay_key(headers) else {
-                        return Ok(());
+                        return Ok(None);
                     };
                     let keep_ms = tolerance.saturating_mul(2_000);
+                    let key = format!("{name}\n{key}");
                     replays
-                        .check_and_remember(
-                            &format!("{name}\n{key}"),
-                            now.saturating_mul(1000),
-                            keep_ms,
-                        )
+                        .check_and_remember(&key, now.saturating_mul(1000), keep_ms)
                         .map_err(|e| match e {
-                            SignatureError::Replayed => Error::rejected(
-                                Rejection::Replayed,
-                                "this signed request was received already (a replay)",
-                            ),
+                            SignatureError::Replayed => replayed(),
                             _ => Error::Store("too many signed requests to remember".into()),
-                        })
+                        })?;
+                    Ok(Some((key, keep_ms)))
                 }
-                None if !spec.auth.needs_body() => spec.auth.verify(headers, b"", now),
-                None => Ok(()),
+                None if !spec.auth.needs_body() => {
+                    spec.auth.verify(headers, b"", now).map(|()| None)
+                }
+                None => Ok(None),
             }
         }
         Publisher::Session { grants, .. } if !crate::settings::grants(grants, name) => {
@@ -373,6 +390,6 @@ fn admit(
                 format!("not allowed to publish to `{name}`"),
             ))
         }
-        _ => Ok(()),
+        _ => Ok(None),
     }
 }

@@ -60,8 +60,16 @@ pub(crate) fn launch(
     let mut parts = None;
     let hub = Hub::create(|ctx| {
         let queues = hub::Queues::new(running.clone(), ctx.address());
-        let ingress =
-            ingress::Ingress::new(settings.clone(), queues, registry, fabric, metrics.clone());
+        // Replicas sharing the store also share which signed requests were seen.
+        let shared = fabric.as_ref().map(|_| store.clone());
+        let ingress = ingress::Ingress::new(
+            settings.clone(),
+            queues,
+            registry,
+            fabric,
+            shared,
+            metrics.clone(),
+        );
         let leader = deliveries.leader.clone();
         let webhooks =
             webhooks::Webhooks::new(deliveries, ingress.clone(), store.clone(), metrics.clone())

@@ -191,6 +191,16 @@ pub trait Store: Send + Sync + 'static {
                 .find(|c| c.user == user && c.client == client))
         })
     }
+    /// Whether `key` (a signed request's nonce or id) is seen here for the first time
+    /// by any broker sharing the store, remembering it for at least `keep`; `true` where
+    /// no other broker shares the store (each broker's own cache covers it).
+    fn claim_once(
+        &self,
+        _key: &str,
+        _keep: std::time::Duration,
+    ) -> BoxFuture<'static, Result<bool, Error>> {
+        Box::pin(async { Ok(true) })
+    }
     /// Resolves once every write asked for before it (awaited or not) is stored.
     fn flush(&self) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async { Ok(()) })

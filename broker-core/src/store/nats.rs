@@ -250,7 +250,12 @@ pub(crate) struct Buckets {
     pub(crate) cursors: kv::Store,
     pub(crate) attempts: kv::Store,
     pub(crate) delayed: kv::Store,
+    /// Signed requests' nonces and ids seen, for [`SEEN_FOR`].
+    pub(crate) seen: kv::Store,
 }
+
+/// How long the cluster remembers a signed request (its replay protection).
+const SEEN_FOR: Duration = Duration::from_secs(2 * 3600);
 
 /// What the store's operations share (cloned into their futures).
 pub(crate) struct Inner {
@@ -935,6 +940,7 @@ impl NatsStore {
             cursors: bucket("cursors").await?,
             attempts: bucket("attempts").await?,
             delayed: bucket("delayed").await?,
+            seen: self::bucket(&js, format!("{}_seen", o.prefix), replicas, Some(SEEN_FOR)).await?,
         };
         let inner = Arc::new(Inner {
             client,
@@ -1284,6 +1290,27 @@ impl super::Store for NatsStore {
                 queue: c.queue,
                 last_seen: c.last_seen,
             }))
+        }
+        .boxed()
+    }
+
+    fn claim_once(&self, key: &str, keep: Duration) -> BoxFuture<'static, Result<bool, Error>> {
+        use sha2::Digest;
+        let inner = self.inner.clone();
+        // Hashed: any length and bytes, and nothing of the request in the bucket.
+        let key = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        async move {
+            if keep > SEEN_FOR {
+                tracing::warn!(
+                    keep = ?keep,
+                    "a signature window is longer than replicas remember signed requests (2 h): replays older than that reach other replicas"
+                );
+            }
+            match timed("claim", inner.kv.seen.create(&key, Bytes::new())).await? {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(nats_err("claim", e)),
+            }
         }
         .boxed()
     }

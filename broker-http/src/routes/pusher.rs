@@ -216,6 +216,15 @@ async fn handle(
             broker_core::message::now_ms(),
             broker.pusher_nonces(),
         )?;
+        // The other replicas of a cluster have not seen it either.
+        let nonce = params.nonce.unwrap_or_default();
+        let window = std::time::Duration::from_secs(p.config.timestamp_delta_limit);
+        if !broker
+            .claim_signed(&format!("pusher\n{key}\n{nonce}"), window.saturating_mul(2))
+            .await?
+        {
+            return Err(broker_core::auth::crossbar::SignatureError::Replayed.into());
+        }
     }
     let text = std::str::from_utf8(&body)
         .map_err(|_| PusherError::new(400, "Non-decodable request body, was not UTF-8."))?;
