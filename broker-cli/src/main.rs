@@ -74,6 +74,9 @@ enum BenchCommand {
     Latency(cmd::bench::LatencyArgs),
     /// Durable publish throughput: SQLite against memory (in-process brokers on loopback).
     Publish(cmd::bench::PublishArgs),
+    /// NATS JetStream with 1 and with 3 replicas: aggregate publish and fan-out
+    /// throughput, and the publish -> WebSocket latency across replicas.
+    Cluster(cmd::bench_cluster::ClusterArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Command::HashPassword { stdin } => cmd::hash_password(stdin),
         Command::Bench(BenchCommand::Latency(args)) => cmd::bench::latency(args),
         Command::Bench(BenchCommand::Publish(args)) => cmd::bench::publish(args),
+        Command::Bench(BenchCommand::Cluster(args)) => cmd::bench_cluster::cluster(args),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", broker_core::config::EXAMPLE);
             Ok(())

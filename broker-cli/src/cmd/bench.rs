@@ -191,7 +191,7 @@ async fn store_summary(base: &str) -> anyhow::Result<String> {
     ))
 }
 
-fn start_broker(config: &str) -> anyhow::Result<String> {
+pub(crate) fn start_broker(config: &str) -> anyhow::Result<String> {
     let (cfg, source) = parse(None, config, Vec::<(String, String)>::new())?;
     let settings = Settings::compile(cfg, source)?;
     let listener = std::net::TcpListener::bind(settings.listen)?;
@@ -287,13 +287,13 @@ async fn measure(url: &str, args: &LatencyArgs) -> anyhow::Result<Report> {
     })
 }
 
-struct Stats {
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Stats {
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
 }
 
 impl Stats {
-    fn of(mut v: Vec<Duration>) -> Self {
+    pub(crate) fn of(mut v: Vec<Duration>) -> Self {
         v.sort_unstable();
         let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
         Stats {

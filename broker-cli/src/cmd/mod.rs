@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub mod bench;
+pub mod bench_cluster;
 pub mod healthcheck;
 pub mod kube;
 pub mod publish;

@@ -16,7 +16,7 @@ pub mod nats;
 mod nats_fabric;
 mod nats_lease;
 pub mod nats_log;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "local-nats"))]
 pub mod nats_testing;
 mod sql;
 

@@ -1,6 +1,6 @@
-//! NATS servers for tests: Debian's `nats-server` started on free loopback ports with
+//! NATS servers on loopback: Debian's `nats-server` started on free loopback ports with
 //! JetStream and a data directory of its own, alone or as a 3-node cluster; killed when
-//! dropped. Used by this crate's tests and the integration tests (not by the broker).
+//! dropped. Used by the tests and by `broker bench cluster` (never by `broker serve`).
 //!
 //! Without `nats-server` on the `PATH` the test is skipped, saying why; with `CI` set it
 //! fails instead (`.ci/run` installs the package).
