@@ -1100,7 +1100,19 @@ impl Backend {
                 prefix: n.prefix.clone(),
                 duplicate_window: n.duplicate_window,
             };
-            let nats = Arc::new(store::NatsStore::connect(&options, metrics).await?);
+            // Like a database that is not up yet: wait for JetStream (a cluster that
+            // is still electing its leader, servers still starting), retrying.
+            let mut wait = Duration::from_millis(500);
+            let nats = loop {
+                match store::NatsStore::connect(&options, metrics.clone()).await {
+                    Ok(n) => break Arc::new(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "NATS JetStream is not available yet; waiting");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                }
+            };
             let node = crate::random::id();
             let election = nats.lease(node.to_string()).await?;
             let fabric = nats.fabric(node).await?;
