@@ -187,12 +187,46 @@ fn storage_urls() {
         "sqlite://./data/broker.db",
         "postgres://u@h/db",
         "postgresql://h/db",
+        "nats://127.0.0.1:4222",
+        "nats://a:4222,nats://b:4222",
     ] {
         compile("b.toml", &format!("[storage]\nurl = \"{ok}\"\n"), no_env()).unwrap();
     }
     let errs =
         key_errors(compile("b.toml", "[storage]\nurl = \"redis://x\"\n", no_env()).unwrap_err());
     assert!(errs[0].starts_with("storage.url"), "{errs:?}");
+}
+
+#[test]
+fn nats_section_is_validated() {
+    let ok = "[storage]\nurl = \"nats://h:4222\"\n[storage.nats]\nprefix = \"team-a\"\nreplicas = 3\nduplicate_window = \"5m\"\n";
+    let s = compile("b.toml", ok, no_env()).unwrap();
+    assert_eq!(
+        (
+            s.config.storage.nats.prefix.as_str(),
+            s.config.storage.nats.replicas
+        ),
+        ("team-a", 3)
+    );
+    for (bad, key) in [
+        ("prefix = \"a.b\"", "storage.nats.prefix"),
+        ("prefix = \"\"", "storage.nats.prefix"),
+        ("replicas = 7", "storage.nats.replicas"),
+    ] {
+        let text = format!("[storage]\nurl = \"nats://h:4222\"\n[storage.nats]\n{bad}\n");
+        let errs = key_errors(compile("b.toml", &text, no_env()).unwrap_err());
+        assert!(errs.iter().any(|e| e.starts_with(key)), "{bad}: {errs:?}");
+    }
+    // A password in the URL never reaches an error message.
+    let errs = key_errors(
+        compile(
+            "b.toml",
+            "[storage]\nurl = \"redis://u:s3cret@h\"\n",
+            no_env(),
+        )
+        .unwrap_err(),
+    );
+    assert!(!errs.iter().any(|e| e.contains("s3cret")), "{errs:?}");
 }
 
 #[test]
