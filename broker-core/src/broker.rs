@@ -127,7 +127,13 @@ impl Broker {
             exclusive,
             replicated,
             fabric,
-        } = Backend::open(&settings.config.storage, lock, metrics.clone()).await?;
+        } = Backend::open(
+            &settings.config.storage,
+            &settings.config.limits,
+            lock,
+            metrics.clone(),
+        )
+        .await?;
         let pg_hooks = crate::pg_hooks::PgHooks::default();
         let mut settings = settings;
         if let Some(json) = store.state(STATE_KEY).await? {
@@ -1087,6 +1093,7 @@ impl Backend {
     /// holds (PostgreSQL); its store writes only while the lock's fence is current.
     async fn open(
         storage: &crate::config::StorageConfig,
+        limits: &crate::config::LimitsConfig,
         lock: Option<store::ActiveLock>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
@@ -1098,7 +1105,7 @@ impl Backend {
                 ca_file: n.ca_file.clone(),
                 replicas: n.replicas,
                 prefix: n.prefix.clone(),
-                duplicate_window: n.duplicate_window,
+                duplicate_window: limits.idempotency_window,
             };
             // Like a database that is not up yet: wait for JetStream (a cluster that
             // is still electing its leader, servers still starting), retrying.

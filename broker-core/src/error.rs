@@ -56,11 +56,13 @@ pub enum Rejection {
     /// Creating another queue from a pattern would pass `limits.max_queues` or the
     /// pattern's `max_queues`.
     TooManyQueues,
+    /// A publish with the same idempotency key is still being stored.
+    IdempotencyKeyInUse,
 }
 
 impl Rejection {
     /// Every reason (for tables that must cover them all).
-    pub const ALL: [Rejection; 14] = [
+    pub const ALL: [Rejection; 15] = [
         Rejection::UnknownQueue,
         Rejection::IpNotAllowed,
         Rejection::MissingCredentials,
@@ -75,6 +77,7 @@ impl Rejection {
         Rejection::InvalidHeader,
         Rejection::Replayed,
         Rejection::TooManyQueues,
+        Rejection::IdempotencyKeyInUse,
     ];
 
     /// The metric label and the error `code`.
@@ -94,6 +97,7 @@ impl Rejection {
             Rejection::InvalidHeader => "invalid_header",
             Rejection::Replayed => "replayed",
             Rejection::TooManyQueues => "too_many_queues",
+            Rejection::IdempotencyKeyInUse => "idempotency_key_in_use",
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Message {
     pub wamp_event: OnceLock<String>,
     /// Which WebSocket sessions it is for, when not all (not persisted).
     pub audience: Option<Arc<Audience>>,
+    /// Its idempotency key, if it was published with one (kept with the message).
+    pub id: Option<Arc<str>>,
 }
 
 impl Message {
@@ -51,6 +53,7 @@ impl Message {
             ws_frame: OnceLock::new(),
             wamp_event: OnceLock::new(),
             audience: None,
+            id: None,
         }
     }
 }
@@ -148,6 +151,7 @@ impl NewMessage {
             headers: self.headers,
             received_at_ms: at_ms,
             audience: self.audience,
+            id: self.id,
             ..Message::new(queue, offset, self.body)
         }
     }

@@ -233,6 +233,13 @@ impl Settings {
                 "must be 1 to 32 letters, digits or `-`".into(),
             );
         }
+        let window = cfg.limits.idempotency_window;
+        if window.is_zero() || window > std::time::Duration::from_secs(24 * 3600) {
+            err(
+                "limits.idempotency_window".into(),
+                "must be more than 0s and at most 24h".into(),
+            );
+        }
         if nats.replicas > 5 {
             err(
                 "storage.nats.replicas".into(),

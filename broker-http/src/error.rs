@@ -97,9 +97,12 @@ fn status_of(code: &str) -> StatusCode {
         | "too_many_definitions" => S::TOO_MANY_REQUESTS,
         // webhook-queue answers 410 without `refresh` for a disconnected client.
         "unrecoverable_position" | "refresh" | "client_disconnected" => S::GONE,
-        "client_exists" | "config_not_writable" | "defined_in_config" | "exists" | "replayed" => {
-            S::CONFLICT
-        }
+        "client_exists"
+        | "config_not_writable"
+        | "defined_in_config"
+        | "exists"
+        | "replayed"
+        | "idempotency_key_in_use" => S::CONFLICT,
         "store_unavailable" | "shutting_down" => S::SERVICE_UNAVAILABLE,
         _ => S::INTERNAL_SERVER_ERROR,
     }

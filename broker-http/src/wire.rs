@@ -29,6 +29,10 @@ pub struct Published {
     /// Connections notified (notify-kind queues only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub delivered: Option<usize>,
+    /// True when the `Idempotency-Key` was stored before: `offset` is the first
+    /// publish's, nothing new was stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub duplicate: bool,
 }
 
 /// `200` of a batch publish.

@@ -715,3 +715,31 @@ async fn a_signed_request_replayed_to_another_replica_is_refused() {
         assert_eq!((s, v["code"].as_str()), (409, Some("replayed")), "{v}");
     }
 }
+
+#[actix_web::test]
+async fn an_idempotency_key_holds_across_replicas() {
+    let Some((_nats, _dir, b)) = cluster(3).await else {
+        return;
+    };
+    let publish = |r: &BrokerProcess, queue: &str, body: &str| {
+        r.post(&format!("/v1/queues/{queue}/messages"))
+            .header("idempotency-key", "order-7")
+            .body(body.to_owned())
+    };
+    for queue in ["events", "chat.room9"] {
+        let (s, first) = send(publish(&b[0], queue, "first")).await;
+        assert_eq!(s, 200, "{first}");
+        // Retried through the other replicas: the first offset, nothing stored again
+        // (JetStream's message id, or the replica's own record once its feed has it).
+        for r in &b[1..] {
+            let (s, again) = send(publish(r, queue, "retried")).await;
+            assert_eq!(
+                (s, &again["offset"]),
+                (200, &first["offset"]),
+                "{queue}: {again}"
+            );
+        }
+        let (stored, _) = read_all(&b[2], queue).await;
+        assert_eq!(stored.values().collect::<Vec<_>>(), ["first"], "{queue}");
+    }
+}

@@ -452,3 +452,28 @@ async fn unloadable_runtime_definitions_are_kept_aside_not_overwritten() {
         "{current}"
     );
 }
+
+#[actix_web::test]
+async fn an_idempotency_key_is_remembered_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/broker.db", dir.path().display());
+    let (_d, path) = write_config("broker.toml", &config(&url, "keyed"));
+    let publish = |b: &crate::support::BrokerProcess, body: &str| {
+        b.post("/v1/queues/keyed/messages")
+            .header("idempotency-key", "payment-42")
+            .body(body.to_owned())
+    };
+    let mut b = spawn_broker(&path);
+    let (s, first) = send(publish(&b, "charge")).await;
+    assert_eq!(s, 200, "{first}");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let b2 = spawn_broker(&path);
+    let (s, again) = send(publish(&b2, "charge (retried after the crash)")).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(
+        (again["offset"].clone(), again["duplicate"].as_bool()),
+        (first["offset"].clone(), Some(true))
+    );
+    assert_eq!(bodies(&b2, "keyed", "u", "password1").await, ["charge"]);
+}

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod ingress;
 pub mod leader;
 pub mod queue;
+mod recent;
 pub mod registry;
 pub mod subscriber;
 mod subscribers;

@@ -57,6 +57,9 @@ pub struct Published {
     pub last_offset: u64,
     /// The queue's epoch.
     pub epoch: Arc<str>,
+    /// The publish's idempotency key was stored before: nothing new was stored, the
+    /// offsets are the first publish's.
+    pub duplicate: bool,
 }
 
 /// What a read returns.
@@ -241,6 +244,8 @@ pub struct Queue {
     early: BTreeMap<u64, Arc<Message>>,
     /// The named poll consumers and their refresh rules.
     consumers: Cursors,
+    /// Idempotency keys stored recently.
+    recent: super::recent::Recent,
     /// The live subscribers.
     subscribers: Subscribers,
     /// Delayed messages: one heap and one timer for the earliest, not a timer each.
@@ -294,6 +299,7 @@ impl Queue {
             next_seq: 0,
             early: BTreeMap::new(),
             consumers: Cursors::default(),
+            recent: Default::default(),
             subscribers: Subscribers::default(),
             delayed: if replicated {
                 DelayedSet::with_random_ids()
@@ -317,6 +323,7 @@ impl Queue {
         self.arm_delayed_timer(ctx);
         self.epoch = state.epoch;
         self.log.continue_at(state.next_offset);
+        self.recent.note(&state.messages);
         let (n, size) = self.window.append(state.messages);
         self.window.raise_head(state.next_offset - 1);
         self.opened = self.window.head();
@@ -390,11 +397,19 @@ impl Queue {
     fn make_visible(&mut self, messages: Vec<Arc<Message>>) {
         let size: usize = messages.iter().map(|m| m.body.len()).sum();
         self.fan_out(&messages, size);
+        self.recent.note(&messages);
         let (n, _) = self.window.append(messages);
         self.m.published.inc_by(n as u64);
         self.m.depth.add(n as i64);
         self.m.bytes.add(size as i64);
         self.enforce_limits();
+        let (window, first) = (self.idempotency_window_ms(), self.window.first_retained());
+        self.recent.prune(now_ms(), window, first);
+    }
+
+    /// `limits.idempotency_window` in milliseconds.
+    fn idempotency_window_ms(&self) -> i64 {
+        i64::try_from(self.spec.limits.idempotency_window.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Re-reads what the store holds after the last visible offset, makes it visible
@@ -442,6 +457,8 @@ impl Queue {
         let (n, size) = self.window.reset(0);
         self.m.depth.sub(n as i64);
         self.m.bytes.sub(size as i64);
+        self.recent = super::recent::Recent::default();
+        self.recent.note(&tail.messages);
         let (n, size) = self.window.append(tail.messages);
         self.window.raise_head(tail.next_offset - 1);
         self.m.depth.add(n as i64);
@@ -581,6 +598,7 @@ impl Queue {
                 first_offset: head,
                 last_offset: head,
                 epoch: self.epoch.clone(),
+                duplicate: false,
             };
             return Box::pin(fut::ready(Ok(done)));
         }
@@ -595,6 +613,7 @@ impl Queue {
                         first_offset: stored.first().map_or(0, |m| m.offset),
                         last_offset: stored.last().map_or(0, |m| m.offset),
                         epoch: act.epoch.clone(),
+                        duplicate: false,
                     };
                     (Ok(p), Some(stored))
                 }
@@ -656,7 +675,38 @@ impl Handler<Publish> for Queue {
         if let Err(e) = self.check_sizes(&msg.messages) {
             return Box::pin(fut::ready(Err(e)));
         }
-        self.append(msg.messages, Vec::new())
+        // A single publish with an idempotency key stored recently: its first offset.
+        let key = match msg.messages.as_slice() {
+            [m] => m.id.clone(),
+            _ => None,
+        };
+        let Some(key) = key else {
+            return self.append(msg.messages, Vec::new());
+        };
+        let (now, window) = (now_ms(), self.idempotency_window_ms());
+        let first = self.window.first_retained();
+        if let Some(offset) = self.recent.find(&key, now, window, first) {
+            return Box::pin(fut::ready(Ok(Published {
+                first_offset: offset,
+                last_offset: offset,
+                epoch: self.epoch.clone(),
+                duplicate: true,
+            })));
+        }
+        if !self.recent.begin(key.clone()) {
+            let e = Error::rejected(
+                Rejection::IdempotencyKeyInUse,
+                "a publish with this Idempotency-Key is still being stored; retry",
+            );
+            return Box::pin(fut::ready(Err(e)));
+        }
+        Box::pin(
+            self.append(msg.messages, Vec::new())
+                .map(move |res, act, _| {
+                    act.recent.end(&key);
+                    res
+                }),
+        )
     }
 }
 

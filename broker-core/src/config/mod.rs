@@ -311,9 +311,6 @@ pub struct NatsConfig {
     /// Prefix of every stream, subject and bucket the broker makes (letters, digits,
     /// `-`): two brokers on one NATS account need different prefixes.
     pub prefix: String,
-    /// How long a publish's `Idempotency-Key` (JetStream's message id) is remembered.
-    #[serde(with = "humantime_serde")]
-    pub duplicate_window: std::time::Duration,
 }
 
 impl Default for NatsConfig {
@@ -323,7 +320,6 @@ impl Default for NatsConfig {
             ca_file: None,
             replicas: 0,
             prefix: "broker".into(),
-            duplicate_window: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -370,6 +366,11 @@ pub struct LimitsConfig {
     pub max_runtime_targets: usize,
     /// Most crons defined at runtime.
     pub max_runtime_crons: usize,
+    /// How long a publish's `Idempotency-Key` is remembered: the same key again within
+    /// it returns the first publish's offset instead of storing a second message (all
+    /// queues; on a NATS cluster it is also JetStream's duplicate window).
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: std::time::Duration,
 }
 
 impl Default for LimitsConfig {
@@ -388,6 +389,7 @@ impl Default for LimitsConfig {
             max_runtime_queues: 1000,
             max_runtime_targets: 1000,
             max_runtime_crons: 1000,
+            idempotency_window: std::time::Duration::from_secs(120),
         }
     }
 }

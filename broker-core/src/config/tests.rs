@@ -199,7 +199,8 @@ fn storage_urls() {
 
 #[test]
 fn nats_section_is_validated() {
-    let ok = "[storage]\nurl = \"nats://h:4222\"\n[storage.nats]\nprefix = \"team-a\"\nreplicas = 3\nduplicate_window = \"5m\"\n";
+    let ok =
+        "[storage]\nurl = \"nats://h:4222\"\n[storage.nats]\nprefix = \"team-a\"\nreplicas = 3\n";
     let s = compile("b.toml", ok, no_env()).unwrap();
     assert_eq!(
         (

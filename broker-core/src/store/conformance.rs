@@ -16,6 +16,7 @@ fn msg(queue: &str, offset: u64, body: &str) -> Arc<Message> {
         content_type: Some(Arc::from("text/plain")),
         headers: vec![("h".into(), format!("v{offset}"))],
         received_at_ms: 1_700_000_000_000 + offset as i64,
+        id: Some(Arc::from(format!("key-{offset}"))),
         ..Message::new(Arc::from(queue), offset, Bytes::from(body.to_owned()))
     })
 }
@@ -51,6 +52,11 @@ async fn suite(url: &str, durable: bool) {
         (&b"b"[..], Some("text/plain"), 1_700_000_000_002)
     );
     assert_eq!(m.headers, vec![("h".to_owned(), "v2".to_owned())]);
+    assert_eq!(
+        m.id.as_deref(),
+        Some("key-2"),
+        "the idempotency key is kept"
+    );
 
     // Trims are applied in order with later appends (the append's ack orders them).
     s.trim(&q, 2);

@@ -72,7 +72,7 @@ impl NatsOptions {
             ca_file: d.ca_file,
             replicas: d.replicas,
             prefix: d.prefix,
-            duplicate_window: d.duplicate_window,
+            duplicate_window: crate::config::LimitsConfig::default().idempotency_window,
         }
     }
 }
@@ -171,6 +171,9 @@ struct Meta {
     /// honours it (session ids are random across the cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     a: Option<AudienceRecord>,
+    /// The idempotency key it was published with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    k: Option<String>,
 }
 
 /// [`crate::message::Audience`] as kept in [`Meta`].
@@ -193,6 +196,7 @@ pub(crate) fn encode(m: &Message, shared: bool) -> async_nats::HeaderMap {
             x: a.exclude.clone(),
             e: a.eligible.clone(),
         }),
+        k: m.id.as_deref().map(str::to_owned),
     };
     let mut h = async_nats::HeaderMap::new();
     // JSON escapes CR and LF: nothing from a client can end the header.
@@ -227,6 +231,7 @@ pub(crate) fn decode(
                 eligible: a.e,
             })
         }),
+        id: meta.k.map(Arc::from),
         ..Message::new(queue.clone(), meta.o.unwrap_or(seq), payload)
     })
 }

@@ -69,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
     // 5: webhook deliveries waiting for a retry.
     "CREATE TABLE delivery_attempts (queue TEXT NOT NULL, target TEXT NOT NULL, pos {INT} NOT NULL,
         attempts {INT} NOT NULL, next_attempt_ms {INT} NOT NULL, PRIMARY KEY (queue, target, pos));",
+    // 6: the idempotency key a message was published with.
+    "ALTER TABLE messages ADD COLUMN idem TEXT;",
 ];
 
 #[derive(Clone)]
@@ -639,7 +641,7 @@ macro_rules! apply_ops {
                 for chunk in rows.chunks(ROWS_PER_INSERT) {
                     // sqlx's builder takes owned binds: the one copy a body makes here.
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO messages (queue, pos, body, content_type, headers, received_at_ms) ",
+                        "INSERT INTO messages (queue, pos, body, content_type, headers, received_at_ms, idem) ",
                     );
                     qb.push_values(chunk.iter(), |mut b, m| {
                         b.push_bind(queue.to_owned())
@@ -647,7 +649,8 @@ macro_rules! apply_ops {
                             .push_bind(m.body.to_vec())
                             .push_bind(m.content_type.as_deref().map(str::to_owned))
                             .push_bind(headers_json(m))
-                            .push_bind(m.received_at_ms);
+                            .push_bind(m.received_at_ms)
+                            .push_bind(m.id.as_deref().map(str::to_owned));
                     });
                     qb.build().execute(&mut **tx).await?;
                 }
@@ -905,7 +908,7 @@ const CURSORS_BEYOND: &str = "SELECT MAX(v) FROM (
 /// A queue's stored messages after offset `$after`, oldest first.
 macro_rules! messages_after {
     ($p:expr, $queue:expr, $after:expr) => {{
-        let rows = sqlx::query("SELECT pos, body, content_type, headers, received_at_ms FROM messages WHERE queue = $1 AND pos > $2 ORDER BY pos")
+        let rows = sqlx::query("SELECT pos, body, content_type, headers, received_at_ms, idem FROM messages WHERE queue = $1 AND pos > $2 ORDER BY pos")
             .bind($queue)
             .bind($after as i64)
             .fetch_all($p)
@@ -917,10 +920,12 @@ macro_rules! messages_after {
                 let body: Vec<u8> = r.get(1);
                 let content_type: Option<String> = r.get(2);
                 let headers: String = r.get(3);
+                let id: Option<String> = r.get(5);
                 Arc::new(Message {
                     content_type: content_type.map(Arc::from),
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     received_at_ms: r.get(4),
+                    id: id.map(Arc::from),
                     ..Message::new(name.clone(), r.get::<i64, _>(0) as u64, Bytes::from(body))
                 })
             })

@@ -155,6 +155,7 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
             epoch: p.epoch.to_string(),
             queue,
             delivered,
+            duplicate: p.duplicate,
         }))
     } else {
         HttpResponse::Ok().json(BatchReply::Published(BatchPublished {
@@ -193,10 +194,35 @@ pub async fn publish_message(
 ) -> Result<HttpResponse, ApiError> {
     let queue = path.into_inner();
     let at = query.deliver_at_ms()?;
+    let key = idempotency_key(&req)?;
+    if key.is_some() && at.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "an Idempotency-Key is for immediate publishes, not with `delay` or `at`",
+        ));
+    }
     let admitted = admit(&req, payload, &broker, &queue).await?;
-    let messages = single(&admitted);
+    let mut messages = single(&admitted);
+    messages[0].id = key;
     let out = publish(&req, &broker, &queue, &admitted, messages, at).await?;
     Ok(reply(queue, out, 1, false))
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<std::sync::Arc<str>>, ApiError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = v.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(std::sync::Arc::from(
+        std::str::from_utf8(bytes).expect("checked ASCII"),
+    )))
 }
 
 /// `POST /v1/queues/{q}/batch`: all messages or none.

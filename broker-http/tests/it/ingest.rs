@@ -507,3 +507,58 @@ async fn pattern_queues_are_capped_and_idle_ones_forgotten() {
     let (s, v) = send(b.post("/v1/queues/p.c/messages").body("x")).await;
     assert_eq!(s, 200, "{v}");
 }
+
+#[actix_web::test]
+async fn an_idempotency_key_makes_a_retried_publish_return_the_first_offset() {
+    let b = spawn_broker(&config(
+        "[limits]\nmax_message_count = 3\n[[queues]]\nname = \"q\"\n",
+    ))
+    .await;
+    let publish = |key: &str, body: &str| {
+        b.post("/v1/queues/q/messages")
+            .header("idempotency-key", key)
+            .body(body.to_owned())
+    };
+    let (s, first) = send(publish("order-1", "a")).await;
+    assert_eq!((s, first["offset"].as_u64()), (200, Some(1)), "{first}");
+    assert!(first.get("duplicate").is_none(), "{first}");
+    let (s, again) = send(publish("order-1", "a (retried)")).await;
+    assert_eq!(
+        (s, again["offset"].as_u64(), again["duplicate"].as_bool()),
+        (200, Some(1), Some(true)),
+        "{again}"
+    );
+    assert_eq!(again["epoch"], first["epoch"]);
+    let (_, other) = send(publish("order-2", "b")).await;
+    assert_eq!(other["offset"], 2);
+    let (_, v) = send(b.read("/v1/queues/q/messages?since=0")).await;
+    let bodies: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["a", "b"], "stored once");
+    // Once its message is dropped by the limits, the key is a new publish.
+    for i in 0..3 {
+        send(b.post("/v1/queues/q/messages").body(format!("fill {i}"))).await;
+    }
+    let (_, late) = send(publish("order-1", "a (much later)")).await;
+    assert_eq!(late["offset"], 6, "{late}");
+    // Bad keys, and keys with a delay, are refused.
+    for bad in ["", &"k".repeat(256), "with space"] {
+        let (s, v) = send(publish(bad, "x")).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("invalid_header")),
+            "{bad:?}: {v}"
+        );
+    }
+    let (s, v) = send(
+        b.post("/v1/queues/q/messages?delay=1s")
+            .header("idempotency-key", "k")
+            .body("x"),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_query")), "{v}");
+}
