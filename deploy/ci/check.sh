@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks of deploy/ (run by .ci/run; runnable alone from anywhere):
-#   the Helm chart: lint and render both profiles, refuse bad values, validate every
+#   the Helm chart: lint and render the three profiles, refuse bad values, validate every
 #   rendered object offline (kubernetes-validate for Kubernetes kinds, the Prometheus
 #   Operator's schemas for ServiceMonitor/PrometheusRule), the profiles' shape, and the
 #   rendered broker config with `broker config check`;
@@ -62,18 +62,20 @@ say "chart copies of the dashboard and the rules match deploy/"
 
 
 # 1. Lint: defaults and both profiles.
-for values in "" ci/single-values.yaml ci/ha-values.yaml; do
+for values in "" ci/single-values.yaml ci/ha-values.yaml ci/cluster-values.yaml; do
   "$helm" lint --strict "$chart" ${values:+-f "$chart/$values"} >"$out/lint.log" 2>&1 \
     || { cat "$out/lint.log"; die "helm lint ${values:-defaults}"; }
 done
-say "helm lint --strict: defaults, single, ha"
+say "helm lint --strict: defaults, single, ha, cluster"
 
 # 2. Render both profiles (and the defaults).
 render() { "$helm" template broker "$chart" --namespace broker "$@"; }
 render >"$out/default.yaml"
 render -f "$chart/ci/single-values.yaml" >"$out/single.yaml"
 render -f "$chart/ci/ha-values.yaml" >"$out/ha.yaml"
-say "helm template: default, single, ha"
+render -f "$chart/ci/cluster-values.yaml" >"$out/cluster.yaml"
+render -f "$chart/ci/cluster-values.yaml" --set storage.nats.url=nats://nats.infra:4222 >"$out/cluster-external.yaml"
+say "helm template: default, single, ha, cluster (own JetStream and an existing NATS)"
 
 # 3. Values that must not render, each with the reason it must give.
 refuse() {
@@ -90,19 +92,24 @@ refuse 'profile ha: replicas share their state through PostgreSQL' --skip-schema
 refuse 'profile ha: replicaCount must be at least 2' --skip-schema-validation --set profile=ha,storage.type=postgres "${pg[@]}" --set replicaCount=1
 refuse 'replicaCount' --set profile=ha,storage.type=postgres "${pg[@]}" --set replicaCount=1
 refuse 'set storage.postgres.url or storage.postgres.existingSecret' --set profile=ha,storage.type=postgres
-refuse 'only the ha profile can scale' --set autoscaling.enabled=true
+refuse 'only the ha and cluster profiles can scale' --set autoscaling.enabled=true
 refuse 'the chart writes storage.url' --set config.storage.url=memory://
 refuse 'config.server.listen: the chart sets it' --set config.server.listen=0.0.0.0:9999
-refuse "/profile" --set profile=cluster
-say "refused: ha without PostgreSQL (schema and template), ha with 1 replica, missing URL, single with HPA, chart-owned keys"
+refuse "/profile" --set profile=mesh
+refuse "value must be 'nats'" --set profile=cluster
+refuse 'profile cluster: replicas share their state through NATS JetStream' --skip-schema-validation --set profile=cluster
+refuse 'profile cluster: replicaCount must be at least 2' --skip-schema-validation --set profile=cluster,storage.type=nats,replicaCount=1
+refuse 'set storage.nats.url or storage.nats.existingSecret, or nats.enabled' --set profile=cluster,storage.type=nats,nats.enabled=false
+refuse 'storage.type nats: use profile cluster' --skip-schema-validation --set storage.type=nats
+say "refused: ha without PostgreSQL (schema and template), ha with 1 replica, missing URL, single with HPA, chart-owned keys, cluster without NATS or with 1 replica, NATS outside the cluster profile"
 
 # 4. Every Kubernetes object against the Kubernetes schemas (strict: no unknown fields).
-for f in default single ha; do
+for f in default single ha cluster cluster-external; do
   "$py" -m kubernetes_validate --strict --quiet "$out/$f.yaml" >"$out/kv-$f.log" 2>&1 \
     || { cat "$out/kv-$f.log"; die "kubernetes-validate $f"; }
 done
-say "kubernetes-validate --strict: default, single, ha"
-node "$node_dir/validate-crds.mjs" "$out/single.yaml" "$out/ha.yaml" >"$out/crds.log" \
+say "kubernetes-validate --strict: default, single, ha, cluster, cluster-external"
+node "$node_dir/validate-crds.mjs" "$out/single.yaml" "$out/ha.yaml" "$out/cluster.yaml" >"$out/crds.log" \
   || { cat "$out/crds.log"; die "ServiceMonitor/PrometheusRule schema"; }
 say "ServiceMonitor and PrometheusRule against the Prometheus Operator schemas"
 
@@ -110,24 +117,29 @@ say "ServiceMonitor and PrometheusRule against the Prometheus Operator schemas"
 "$py" deploy/ci/check_manifests.py single "$out/single.yaml" "$chart/ci/single-values.yaml"
 "$py" deploy/ci/check_manifests.py single "$out/default.yaml" "$chart/values.yaml"
 "$py" deploy/ci/check_manifests.py ha "$out/ha.yaml" "$chart/ci/ha-values.yaml"
+"$py" deploy/ci/check_manifests.py cluster "$out/cluster.yaml" "$chart/ci/cluster-values.yaml"
+"$py" deploy/ci/check_manifests.py cluster-external "$out/cluster-external.yaml" "$chart/ci/cluster-values.yaml"
 if "$py" deploy/ci/check_manifests.py single "$out/ha.yaml" "$chart/ci/ha-values.yaml" >/dev/null 2>&1; then
   die "check_manifests.py accepted the ha rendering as single"
 fi
 
 # 6. The config each profile renders is one the broker accepts (with the pod's env).
-for f in default single ha; do
+for f in default single ha cluster cluster-external; do
   "$py" -c 'import sys, yaml
 for d in yaml.safe_load_all(open(sys.argv[1])):
     if d and d["kind"] == "ConfigMap" and "broker.yaml" in d["data"]:
         open(sys.argv[2], "w").write(d["data"]["broker.yaml"])' "$out/$f.yaml" "$out/$f-broker.yaml"
+  # The ha profile's URL comes from a Secret; the cluster profiles write theirs.
+  storage_env=()
+  [ "$f" = ha ] && storage_env=(BROKER__STORAGE__URL=postgres://broker@db/broker)
   env BROKER_ADMIN_TOKEN=ci-admin-token-0123456789 BROKER_JWT_SECRET=ci-jwt-secret-0123456789 \
     BROKER_NOTIFY_SECRET=ci-notify-secret-0123456789 BROKER_PUSHER_SECRET=ci-pusher-secret \
     READER_PASS_HASH='$argon2id$v=19$m=19456,t=2,p=1$WtqO7a6ya4LXiNPRhmYYbA$3HRVGHRNsYjZ0vPBL1f4GlbJHnVe3O1ubfwYcIKJ2tw' \
-    ORDERS_SECRET=ci-orders-secret BROKER__STORAGE__URL=postgres://broker@db/broker \
+    ORDERS_SECRET=ci-orders-secret "${storage_env[@]}" \
     "$broker" config check "$out/$f-broker.yaml" >"$out/config-$f.log" 2>&1 \
     || { cat "$out/config-$f.log"; die "broker config check of the $f profile's ConfigMap"; }
 done
-say "broker config check: the ConfigMaps of default, single, ha"
+say "broker config check: the ConfigMaps of default, single, ha, cluster, cluster-external"
 
 # 7. Alert rules: syntax and unit tests.
 promtool check rules deploy/prometheus/alerts.yaml >"$out/promtool.log" 2>&1 \

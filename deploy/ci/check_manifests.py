@@ -29,6 +29,14 @@ def main():
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
 
+    cluster = profile.startswith("cluster")
+    # The cluster profile may run the chart's own NATS (a StatefulSet, component nats).
+    nats_sets = [d for d in by_kind.get("StatefulSet", [])
+                 if d["metadata"]["labels"].get("app.kubernetes.io/component") == "nats"]
+    for d in nats_sets:
+        by_kind["StatefulSet"].remove(d)
+    if not by_kind.get("StatefulSet"):
+        by_kind.pop("StatefulSet", None)
     workload_kind = "StatefulSet" if profile == "single" else "Deployment"
     other = "Deployment" if profile == "single" else "StatefulSet"
     check(len(by_kind.get(workload_kind, [])) == 1, f"one {workload_kind}")
@@ -48,6 +56,49 @@ def main():
         check("Role" not in by_kind, "single: no RBAC")
         check(pod.get("automountServiceAccountToken") is False, "single: no service account token")
         check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "single: readiness on /readyz")
+    elif cluster:
+        # Every replica active: the Service selects them all, no role label, no RBAC.
+        services = {s_["metadata"]["name"]: s_ for s_ in by_kind["Service"]}
+        main_svc = services[w["metadata"]["name"]]
+        check("broker.io/role" not in main_svc["spec"]["selector"], "cluster: Service selects every replica")
+        check("Role" not in by_kind, "cluster: no RBAC")
+        check(pod.get("automountServiceAccountToken") is False, "cluster: no service account token")
+        check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "cluster: readiness on /readyz")
+        env = {e["name"]: e for e in c["env"]}
+        check("BROKER_K8S_ROLE_LABEL" not in env, "cluster: no role label")
+        cfg = yaml.safe_load(by_kind["ConfigMap"][0]["data"]["broker.yaml"])
+        url = cfg["storage"]["url"]
+        check(url.startswith("nats://"), "cluster: storage on NATS")
+        anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+        check(anti.get("preferredDuringSchedulingIgnoredDuringExecution"), "cluster: replicas spread over nodes")
+        if "HorizontalPodAutoscaler" in by_kind:
+            hpa = by_kind["HorizontalPodAutoscaler"][0]["spec"]
+            check(hpa["minReplicas"] >= 2, "cluster: HPA keeps at least 2")
+            check(hpa["scaleTargetRef"]["name"] == w["metadata"]["name"], "cluster: HPA scales the Deployment")
+        check("PodDisruptionBudget" in by_kind, "cluster: a PDB for the brokers")
+        if profile == "cluster":
+            # The chart's own JetStream: 3 servers, a volume each, routes to each other,
+            # a quorum kept through disruptions; the brokers reach its client Service.
+            check(len(nats_sets) == 1, "cluster: the chart's NATS StatefulSet")
+            if nats_sets:
+                n = nats_sets[0]["spec"]
+                check(n["replicas"] >= 3, "cluster: at least 3 NATS servers")
+                args = n["template"]["spec"]["containers"][0]["args"]
+                check("--jetstream" in args, "cluster: NATS with JetStream")
+                routes = [a for a in args if a.startswith("--routes=")]
+                check(routes and routes[0].count("nats://") == n["replicas"], "cluster: a route to every server")
+                check([t["metadata"]["name"] for t in n.get("volumeClaimTemplates", [])] == ["data"],
+                      "cluster: each NATS server keeps JetStream on a volume")
+                svc = nats_sets[0]["metadata"]["name"]
+                check(url == f"nats://{svc}:4222" and svc in services, "cluster: brokers use the NATS client Service")
+            pdbs = [p for p in by_kind.get("PodDisruptionBudget", [])
+                    if p["metadata"]["labels"].get("app.kubernetes.io/component") == "nats"]
+            check(len(pdbs) == 1 and pdbs[0]["spec"]["maxUnavailable"] == 1, "cluster: NATS keeps a quorum")
+            for p in pdbs:
+                by_kind["PodDisruptionBudget"].remove(p)
+        else:
+            check(not nats_sets, "cluster with an existing NATS: no NATS of its own")
+            check(url == "nats://nats.infra:4222", "cluster: the given NATS URL")
     else:
         # One active broker, standbys ready but unrouted: the Service selects the role
         # label the active broker puts on its own pod; RBAC lets it patch pods, no more.

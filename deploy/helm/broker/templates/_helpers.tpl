@@ -26,6 +26,15 @@ app.kubernetes.io/component: broker
 broker.io/profile: {{ .Values.profile }}
 {{- end }}
 
+{{/* Labels of the chart's own NATS (profile cluster). */}}
+{{- define "broker.natsLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "broker.name" . }}-nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: nats
+{{- end }}
+
 {{- define "broker.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "broker.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -45,11 +54,14 @@ Every template that renders a workload includes it.
 */}}
 {{- define "broker.validate" -}}
 {{- $v := .Values }}
-{{- if not (has $v.profile (list "single" "ha")) }}
-{{- fail (printf "profile: must be \"single\" or \"ha\", not %q" (toString $v.profile)) }}
+{{- if not (has $v.profile (list "single" "ha" "cluster")) }}
+{{- fail (printf "profile: must be \"single\", \"ha\" or \"cluster\", not %q" (toString $v.profile)) }}
 {{- end }}
-{{- if not (has $v.storage.type (list "sqlite" "postgres" "memory")) }}
-{{- fail (printf "storage.type: must be sqlite, postgres or memory, not %q" (toString $v.storage.type)) }}
+{{- if not (has $v.storage.type (list "sqlite" "postgres" "memory" "nats")) }}
+{{- fail (printf "storage.type: must be sqlite, postgres, nats or memory, not %q" (toString $v.storage.type)) }}
+{{- end }}
+{{- if and (eq $v.storage.type "nats") (ne $v.profile "cluster") }}
+{{- fail "storage.type nats: use profile cluster (every replica active on JetStream)" }}
 {{- end }}
 {{- if eq $v.profile "ha" }}
 {{- if ne $v.storage.type "postgres" }}
@@ -61,8 +73,27 @@ Every template that renders a workload includes it.
 {{- if and $v.autoscaling.enabled (lt (int $v.autoscaling.minReplicas) 2) }}
 {{- fail "profile ha: autoscaling.minReplicas must be at least 2" }}
 {{- end }}
+{{- else if eq $v.profile "cluster" }}
+{{- if ne $v.storage.type "nats" }}
+{{- fail (printf "profile cluster: replicas share their state through NATS JetStream; storage.type is %q (set storage.type=nats)" $v.storage.type) }}
+{{- end }}
+{{- if lt (int $v.replicaCount) 2 }}
+{{- fail (printf "profile cluster: replicaCount must be at least 2, not %d (use profile single for one broker)" (int $v.replicaCount)) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (lt (int $v.autoscaling.minReplicas) 2) }}
+{{- fail "profile cluster: autoscaling.minReplicas must be at least 2" }}
+{{- end }}
+{{- if and (not $v.storage.nats.url) (not $v.storage.nats.existingSecret) (not $v.nats.enabled) }}
+{{- fail "storage.type nats: set storage.nats.url or storage.nats.existingSecret, or nats.enabled for the chart's own JetStream" }}
+{{- end }}
+{{- if and $v.storage.nats.url (not (regexMatch "^(nats|tls)://" $v.storage.nats.url)) }}
+{{- fail "storage.nats.url: must start with nats:// or tls://" }}
+{{- end }}
+{{- if and $v.nats.enabled (lt (int $v.nats.replicas) 3) }}
+{{- fail "nats.replicas: a JetStream cluster needs at least 3 servers" }}
+{{- end }}
 {{- else if $v.autoscaling.enabled }}
-{{- fail "autoscaling.enabled: only the ha profile can scale; the single profile runs one broker" }}
+{{- fail "autoscaling.enabled: only the ha and cluster profiles can scale; the single profile runs one broker" }}
 {{- end }}
 {{- if eq $v.storage.type "postgres" }}
 {{- if and (not $v.storage.postgres.url) (not $v.storage.postgres.existingSecret) }}
@@ -141,7 +172,23 @@ Renders nothing when the spec is empty.
 {{- /* The real URL (with its password) comes from BROKER__STORAGE__URL, out of a Secret. */}}
 {{- $url = "postgres://set-by-BROKER__STORAGE__URL" }}
 {{- end }}
+{{- if eq $v.storage.type "nats" }}
+{{- if $v.storage.nats.existingSecret }}
+{{- /* The real URL (credentials in it) comes from BROKER__STORAGE__URL, out of a Secret. */}}
+{{- $url = "nats://set-by-BROKER__STORAGE__URL:4222" }}
+{{- else if $v.storage.nats.url }}
+{{- $url = $v.storage.nats.url }}
+{{- else }}
+{{- $url = printf "nats://%s-nats:4222" (include "broker.fullname" .) }}
+{{- end }}
+{{- $nats := dict "prefix" $v.storage.nats.prefix "replicas" (int $v.storage.nats.replicas) }}
+{{- if $v.storage.nats.credentialsSecret }}
+{{- $_ := set $nats "credentials" "/etc/broker-nats/nats.creds" }}
+{{- end }}
+{{- $_ := set $cfg "storage" (dict "url" $url "nats" $nats) }}
+{{- else }}
 {{- $_ := set $cfg "storage" (dict "url" $url) }}
+{{- end }}
 {{- if include "broker.secretSet" $v.secrets.adminToken }}
 {{- $admin := get $cfg "admin" | default dict }}
 {{- $_ := set $admin "token" "env:BROKER_ADMIN_TOKEN" }}
@@ -221,6 +268,13 @@ spec:
               name: {{ $v.storage.postgres.existingSecret | default (include "broker.secretName" .) }}
               key: {{ $v.storage.postgres.existingSecretKey }}
         {{- end }}
+        {{- if and (eq $v.storage.type "nats") $v.storage.nats.existingSecret }}
+        - name: BROKER__STORAGE__URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.storage.nats.existingSecret }}
+              key: {{ $v.storage.nats.existingSecretKey }}
+        {{- end }}
         {{- include "broker.secretEnv" (dict "ctx" . "env" "BROKER_ADMIN_TOKEN" "spec" $v.secrets.adminToken) | nindent 8 }}
         {{- include "broker.secretEnv" (dict "ctx" . "env" "BROKER_JWT_SECRET" "spec" $v.secrets.jwtSecret) | nindent 8 }}
         {{- include "broker.secretEnv" (dict "ctx" . "env" "BROKER_NOTIFY_SECRET" "spec" $v.secrets.notifySecret) | nindent 8 }}
@@ -271,6 +325,11 @@ spec:
           mountPath: /var/lib/broker
         - name: tmp
           mountPath: /tmp
+        {{- if and (eq $v.storage.type "nats") $v.storage.nats.credentialsSecret }}
+        - name: nats-credentials
+          mountPath: /etc/broker-nats
+          readOnly: true
+        {{- end }}
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -280,9 +339,17 @@ spec:
         name: {{ include "broker.fullname" . }}
     - name: tmp
       emptyDir: {}
-    {{- if or (eq $v.profile "ha") (not $v.persistence.enabled) }}
+    {{- if or (ne $v.profile "single") (not $v.persistence.enabled) }}
     - name: data
       emptyDir: {}
+    {{- end }}
+    {{- if and (eq $v.storage.type "nats") $v.storage.nats.credentialsSecret }}
+    - name: nats-credentials
+      secret:
+        secretName: {{ $v.storage.nats.credentialsSecret }}
+        items:
+          - key: nats.creds
+            path: nats.creds
     {{- end }}
     {{- with $v.extraVolumes }}
     {{- toYaml . | nindent 4 }}
@@ -298,7 +365,7 @@ spec:
   {{- if $v.affinity }}
   affinity:
     {{- toYaml $v.affinity | nindent 4 }}
-  {{- else if eq $v.profile "ha" }}
+  {{- else if ne $v.profile "single" }}
   affinity:
     podAntiAffinity:
       preferredDuringSchedulingIgnoredDuringExecution:
