@@ -53,6 +53,15 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// `broker_leader`: 1 while this node is the leader.
     pub leader: prometheus::IntGauge,
+    /// `broker_cluster_replicas`: replicas this one sees live, itself included (1 without
+    /// a cluster).
+    pub cluster_replicas: prometheus::IntGauge,
+    /// `broker_cluster_connected`: 1 while the link to the cluster's store (NATS) is up
+    /// (always 1 without a cluster).
+    pub cluster_connected: prometheus::IntGauge,
+    /// `broker_cluster_feed_delay_seconds`: from another replica accepting a message to
+    /// this replica making it visible (the lag of its view of the streams).
+    pub cluster_feed_delay: prometheus::Histogram,
     /// `broker_leader_changes_total`.
     pub leader_changes: prometheus::IntCounter,
     /// `broker_webhook_deliveries_total{queue,outcome}`: attempts by outcome
@@ -226,6 +235,35 @@ impl Metrics {
             &registry,
             prometheus::IntGauge::new("broker_leader", "1 while this node is the leader."),
         );
+        let cluster_replicas = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_cluster_replicas",
+                "Replicas this broker sees live, itself included (1 without a cluster).",
+            ),
+        );
+        cluster_replicas.set(1);
+        let cluster_connected = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_cluster_connected",
+                "1 while the connection to the cluster's NATS is up (1 without a cluster).",
+            ),
+        );
+        cluster_connected.set(1);
+        let cluster_feed_delay = registered(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "broker_cluster_feed_delay_seconds",
+                    "From another replica accepting a message to this replica making it visible.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+            ),
+        );
         let login_refusals = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -394,6 +432,9 @@ impl Metrics {
             ws_delivery_latency,
             notifications,
             leader,
+            cluster_replicas,
+            cluster_connected,
+            cluster_feed_delay,
             leader_changes,
             webhook_deliveries,
             webhook_duration,

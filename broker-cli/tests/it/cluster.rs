@@ -145,6 +145,18 @@ async fn a_message_published_through_any_replica_reaches_subscribers_on_every_re
             assert_eq!(stored, acked);
         }
     }
+    // The cluster's own metrics: every replica sees three, connected, and measured how
+    // late the others' messages reached it.
+    for r in &b {
+        r.wait_for_metric("broker_cluster_replicas", 3.0).await;
+        let text = r.metrics().await;
+        assert_eq!(
+            crate::support::metric(&text, "broker_cluster_connected"),
+            Some(1.0)
+        );
+        let fed = crate::support::metric(&text, "broker_cluster_feed_delay_seconds_count");
+        assert!(fed.is_some_and(|n| n >= 40.0), "{fed:?}");
+    }
 }
 
 #[actix_web::test]
@@ -607,6 +619,10 @@ async fn notifications_listing_and_closing_reach_connections_on_any_replica() {
         return;
     };
     let admin = |r: reqwest::RequestBuilder| r.bearer_auth(ADMIN);
+    // Replicas know each other within a heartbeat (2 s) of starting.
+    for r in &b {
+        r.wait_for_metric("broker_cluster_replicas", 3.0).await;
+    }
     // Two sessions of `u`, on B and on C.
     let mut on_b = ws_connect(&b[1].url, "", Some("Basic dTpwYXNzd29yZDE="))
         .await

@@ -936,6 +936,11 @@ impl StreamHandler<crate::log::DelayedChange> for Queue {
 /// Entries of the log that this queue did not append (another replica's).
 impl StreamHandler<Vec<Arc<Message>>> for Queue {
     fn handle(&mut self, messages: Vec<Arc<Message>>, ctx: &mut Self::Context) {
+        let (now, head) = (now_ms(), self.window.head());
+        for m in messages.iter().filter(|m| m.offset > head) {
+            let delay = now.saturating_sub(m.received_at_ms).max(0) as f64 / 1000.0;
+            self.metrics.cluster_feed_delay.observe(delay);
+        }
         if self.resync == Resync::No {
             self.accept(messages);
         }

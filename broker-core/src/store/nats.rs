@@ -966,6 +966,15 @@ impl NatsStore {
                 q.fetch_sub(1, Ordering::AcqRel);
             }
         });
+        // The connection's state, as `broker_cluster_connected` shows it.
+        let (client, gauge) = (inner.client.clone(), metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                let up = client.connection_state() == async_nats::connection::State::Connected;
+                gauge.cluster_connected.set(i64::from(up));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
         tracing::info!(replicas, servers, "NATS JetStream store ready");
         Ok(Self {
             inner,
@@ -994,7 +1003,7 @@ impl NatsStore {
 
     /// This replica's place in the cluster's fabric, as replica `node`.
     pub async fn fabric(&self, node: Arc<str>) -> Result<Arc<super::NatsFabric>, Error> {
-        super::NatsFabric::start(&self.inner, node).await
+        super::NatsFabric::start(&self.inner, node, self.metrics.clone()).await
     }
 
     /// Records that `queue` is made from `pattern` (its messages go to the pattern's

@@ -34,7 +34,11 @@ pub struct NatsFabric {
 
 impl NatsFabric {
     /// Announces replica `node` and keeps announcing it while the fabric lives.
-    pub(crate) async fn start(inner: &Inner, node: Arc<str>) -> Result<Arc<Self>, Error> {
+    pub(crate) async fn start(
+        inner: &Inner,
+        node: Arc<str>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, Error> {
         let presence = bucket(
             &inner.js,
             format!("{}_replicas", inner.prefix),
@@ -49,6 +53,9 @@ impl NatsFabric {
             peers: Arc::default(),
         });
         beat(&presence, &node, &fabric.peers).await?;
+        let count =
+            |peers: &RwLock<BTreeSet<String>>| 1 + peers.read().expect("peers lock").len() as i64;
+        metrics.cluster_replicas.set(count(&fabric.peers));
         let (peers, weak) = (fabric.peers.clone(), Arc::downgrade(&fabric));
         tokio::spawn(async move {
             loop {
@@ -60,6 +67,7 @@ impl NatsFabric {
                 if let Err(e) = beat(&presence, &node, &peers).await {
                     tracing::warn!(error = %e, "cannot announce this replica; retrying");
                 }
+                metrics.cluster_replicas.set(count(&peers));
             }
         });
         Ok(fabric)
