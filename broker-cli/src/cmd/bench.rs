@@ -110,9 +110,15 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<()> {
             "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"{url}\"\n[limits]\nmax_message_count = 10000\n[[queues]]\nname = \"bench\"\n"
         );
         let base = start_broker(&config)?;
-        let rate = rt.block_on(throughput(&base, &args))?;
+        let bases = [base];
+        let rate = rt.block_on(throughput(
+            &bases,
+            args.messages,
+            args.publishers,
+            args.payload,
+        ))?;
         rates.push(rate);
-        store_stats = rt.block_on(store_summary(&base))?;
+        store_stats = rt.block_on(store_summary(&bases[0]))?;
     }
     let ratio = rates[1] / rates[0];
     println!(
@@ -143,13 +149,20 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn throughput(base: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+/// Aggregate publish rate of `publishers` concurrent HTTP publishers spread evenly over
+/// the brokers at `bases`, `messages` of `payload` bytes in all, into queue `bench`.
+pub(crate) async fn throughput(
+    bases: &[String],
+    messages: usize,
+    publishers: usize,
+    payload: usize,
+) -> anyhow::Result<f64> {
     let http = reqwest::Client::new();
-    let url = format!("{base}/v1/queues/bench/messages");
-    let body = bytes::Bytes::from(vec![b'x'; args.payload]);
-    let per = args.messages.div_ceil(args.publishers.max(1));
-    let run = |n: usize| {
-        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+    let body = bytes::Bytes::from(vec![b'x'; payload]);
+    let per = messages.div_ceil(publishers.max(1));
+    let run = |i: usize, n: usize| {
+        let url = format!("{}/v1/queues/bench/messages", bases[i % bases.len()]);
+        let (http, body) = (http.clone(), body.clone());
         async move {
             for _ in 0..n {
                 let res = http.post(&url).body(body.clone()).send().await?;
@@ -163,10 +176,10 @@ async fn throughput(base: &str, args: &PublishArgs) -> anyhow::Result<f64> {
         }
     };
     // Warm up connections and the store.
-    futures_util::future::try_join_all((0..args.publishers).map(|_| run(2))).await?;
+    futures_util::future::try_join_all((0..publishers).map(|i| run(i, 2))).await?;
     let started = Instant::now();
-    futures_util::future::try_join_all((0..args.publishers).map(|_| run(per))).await?;
-    Ok((per * args.publishers) as f64 / started.elapsed().as_secs_f64())
+    futures_util::future::try_join_all((0..publishers).map(|i| run(i, per))).await?;
+    Ok((per * publishers) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Mean batch size and commit time from the broker's own metrics.

@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::bench::{start_broker, Stats};
+use super::bench::{start_broker, throughput, Stats};
 
 /// Arguments of `broker bench cluster`.
 #[derive(clap::Args)]
@@ -109,7 +109,12 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         let bases = (0..replicas)
             .map(|_| start_broker(&config(&nats, &prefix)))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let publish = rt.block_on(throughput(&bases, &args))?;
+        let publish = rt.block_on(throughput(
+            &bases,
+            args.messages,
+            args.publishers,
+            args.payload,
+        ))?;
         let fanout = rt.block_on(fan_out(&bases, &args))?;
         let latency = if replicas > 1 {
             Some((
@@ -158,32 +163,6 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         bail!("target missed: p99 {:?} > {TARGET_P99:?}", across.p99);
     }
     Ok(())
-}
-
-/// Aggregate publish rate, publishers spread evenly over `bases`.
-async fn throughput(bases: &[String], args: &ClusterArgs) -> anyhow::Result<f64> {
-    let http = reqwest::Client::new();
-    let body = bytes::Bytes::from(vec![b'x'; args.payload]);
-    let per = args.messages.div_ceil(args.publishers.max(1));
-    let run = |i: usize, n: usize| {
-        let url = format!("{}/v1/queues/bench/messages", bases[i % bases.len()]);
-        let (http, body) = (http.clone(), body.clone());
-        async move {
-            for _ in 0..n {
-                let res = http.post(&url).body(body.clone()).send().await?;
-                anyhow::ensure!(
-                    res.status().is_success(),
-                    "publish failed: {}",
-                    res.status()
-                );
-            }
-            anyhow::Ok(())
-        }
-    };
-    futures_util::future::try_join_all((0..args.publishers).map(|i| run(i, 2))).await?;
-    let started = Instant::now();
-    futures_util::future::try_join_all((0..args.publishers).map(|i| run(i, per))).await?;
-    Ok((per * args.publishers) as f64 / started.elapsed().as_secs_f64())
 }
 
 type Ws =

@@ -234,8 +234,24 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
     }
     nats.nodes[0].restart();
     let acked = acked.lock().unwrap().clone();
-    // Read through the replica that saw neither loss, and through the survivor.
+    let newest = acked.iter().map(|(o, _)| *o).max().unwrap();
+    // Read through the replica that saw neither loss, and through the survivor, once
+    // each shows the newest acknowledged offset (a replica whose feed ran through the
+    // killed server follows again within seconds).
     for r in [&b[2], &b[0]] {
+        let (s, v) = send(
+            r.get(&format!(
+                "/v1/queues/events/messages?since={}&wait=30s",
+                newest - 1
+            ))
+            .basic_auth("u", Some("password1")),
+        )
+        .await;
+        assert_eq!(
+            (s, v["messages"][0]["offset"].as_u64()),
+            (200, Some(newest)),
+            "{v}"
+        );
         let (stored, _) = read_all(r, "events").await;
         for (off, body) in &acked {
             assert_eq!(

@@ -501,6 +501,15 @@ impl Queue {
         });
     }
 
+    /// Whether a reader at `since` (of `epoch`, if given) is only ahead of this replica:
+    /// on a log other replicas append to, this replica's feed may not have brought what
+    /// the reader saw elsewhere yet. Such a reader waits instead of being told to refresh.
+    fn ahead_of_this_replica(&self, since: u64, epoch: Option<&str>) -> bool {
+        self.log.replicated()
+            && since > self.window.head()
+            && epoch.is_none_or(|e| e == &*self.epoch)
+    }
+
     /// A reader that knows the current epoch and has seen offsets beyond the newest
     /// one proves that history was lost (the store restored from an older copy): the
     /// queue takes a new epoch, so no reader is ever shown other messages under offsets
@@ -782,6 +791,14 @@ impl Handler<Read> for Queue {
         if msg.epoch.as_deref().is_some_and(|e| e != &*self.epoch) {
             return Err(unrecoverable());
         }
+        if self.ahead_of_this_replica(msg.since, msg.epoch.as_deref()) {
+            // Nothing here yet: a long-poll waits for this replica to catch up.
+            return Ok(Batch {
+                epoch: self.epoch.clone(),
+                head: self.window.head(),
+                messages: Vec::new(),
+            });
+        }
         // `since` ahead of the queue (another epoch), or before what is retained.
         if !self.window.covers(msg.since) {
             return Err(unrecoverable());
@@ -881,14 +898,23 @@ impl Handler<Subscribe> for Queue {
             if epoch_ok && self.window.covers(since) {
                 replay = self.window.after(since, usize::MAX);
                 recovered = true;
+            } else if self.ahead_of_this_replica(since, msg.epoch.as_deref()) {
+                // Nothing to replay here yet; live delivery starts after `since`.
+                recovered = true;
             } else {
                 unrecoverable = true;
             }
         }
         self.subscribers.insert(msg.subscriber.id, msg.subscriber);
+        let head = match msg.since {
+            // The seam between replay and live delivery (the session skips what is
+            // older): never before what the reader has seen on another replica.
+            Some(since) if recovered => self.window.head().max(since),
+            _ => self.window.head(),
+        };
         Subscribed {
             epoch: self.epoch.clone(),
-            head: self.window.head(),
+            head,
             replay,
             recovered,
             unrecoverable,

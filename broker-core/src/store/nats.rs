@@ -286,6 +286,11 @@ pub(crate) struct StreamHead {
     next: HashMap<Arc<str>, u64>,
 }
 
+/// How long one pull of an ordered consumer lasts; its idle heartbeat is half of it. A
+/// consumer whose server died is noticed (two heartbeats missed) and made again within
+/// a few seconds, not the client's default of half a minute.
+pub(crate) const FEED_EXPIRES: Duration = Duration::from_secs(2);
+
 /// Conditional appends retried after losing a race before the append fails.
 const MAX_CONFLICTS: usize = 64;
 
@@ -379,6 +384,7 @@ impl Inner {
                     // An empty stream's first sequence is 0, which JetStream refuses.
                     start_sequence: from.max(1),
                 },
+                max_expires: FEED_EXPIRES,
                 ..Default::default()
             }),
         )
@@ -473,6 +479,16 @@ impl Inner {
             messages,
             next_offset: last_offset + 1,
             feed_from: last_seq + 1,
+        })
+    }
+
+    /// The queue's epoch, next offset and messages after `after`.
+    pub(crate) async fn tail(&self, queue: &str, after: u64) -> Result<StoredTail, Error> {
+        let loaded = self.load(queue, after).await?;
+        Ok(StoredTail {
+            epoch: loaded.epoch,
+            messages: loaded.messages,
+            next_offset: loaded.next_offset,
         })
     }
 
@@ -1084,15 +1100,7 @@ impl super::Store for NatsStore {
 
     fn tail(&self, queue: &str, after: u64) -> BoxFuture<'static, Result<StoredTail, Error>> {
         let (inner, queue) = (self.inner.clone(), queue.to_owned());
-        async move {
-            let loaded = inner.load(&queue, after).await?;
-            Ok(StoredTail {
-                epoch: loaded.epoch,
-                messages: loaded.messages,
-                next_offset: loaded.next_offset,
-            })
-        }
-        .boxed()
+        async move { inner.tail(&queue, after).await }.boxed()
     }
 
     fn append(

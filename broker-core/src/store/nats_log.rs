@@ -133,15 +133,7 @@ impl QueueLog for JetStreamLog {
 
     fn tail(&self, after: u64) -> BoxFuture<'static, Result<StoredTail, Error>> {
         let (inner, queue) = (self.inner.clone(), self.queue.clone());
-        async move {
-            let loaded = inner.load(&queue, after).await?;
-            Ok(StoredTail {
-                epoch: loaded.epoch,
-                messages: loaded.messages,
-                next_offset: loaded.next_offset,
-            })
-        }
-        .boxed()
+        async move { inner.tail(&queue, after).await }.boxed()
     }
 
     fn continue_at(&mut self, _next: u64) {
@@ -346,6 +338,7 @@ async fn open_feed(
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from.max(1),
             },
+            max_expires: super::nats::FEED_EXPIRES,
             ..Default::default()
         })
         .await
