@@ -4,13 +4,13 @@
 //! messages survive `kill -9` of a broker replica and of a NATS server.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_core::store::nats_testing::NatsCluster;
 
-use crate::support::{read_all, send, spawn_broker, write_config, ws_connect, BrokerProcess};
+use crate::support::{
+    read_all, recording_sink, send, spawn_broker, write_config, ws_connect, BrokerProcess, Load,
+};
 
 const ADMIN: &str = "cluster-admin-token-0123456789";
 
@@ -164,61 +164,26 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
     let Some((mut nats, _dir, mut b)) = cluster(3).await else {
         return;
     };
-    // (offset, body) of every publish a replica answered 200 for.
-    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
-    let count = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut publishers = Vec::new();
-    for (r, replica) in b[..2].iter().enumerate() {
-        for p in 0..4 {
-            let (acked, count, stop, http) = (
-                acked.clone(),
-                count.clone(),
-                stop.clone(),
-                replica.http.clone(),
-            );
+    // Publishers on replicas 0 and 1; refusals (a server lost, a replica killed) are
+    // not acknowledged, and the publishers go on.
+    let loads: Vec<Load> = b[..2]
+        .iter()
+        .enumerate()
+        .map(|(r, replica)| {
             let url = format!("{}/v1/queues/events/messages", replica.url);
-            publishers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let body = format!("r{r}-p{p}-{i}");
-                    // Refusals (a server lost, a replica killed) are not acknowledged:
-                    // go on with the next message.
-                    let Ok(res) = http.post(&url).body(body.clone()).send().await else {
-                        if r == 1 {
-                            break; // replica 1 is the one killed
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    };
-                    if res.status() != 200 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    let v: serde_json::Value = res.json().await.unwrap();
-                    acked
-                        .lock()
-                        .unwrap()
-                        .push((v["offset"].as_u64().unwrap(), body));
-                    count.fetch_add(1, Ordering::SeqCst);
-                }
-            }));
-        }
-    }
-    let wait_for = |n: usize| {
-        let count = count.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while count.load(Ordering::SeqCst) < n {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "only {} acknowledged",
-                    count.load(Ordering::SeqCst)
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            Load::start(&replica.http, &url, 4, &format!("r{r}-"), true)
+        })
+        .collect();
+    let acked_count = || loads.iter().map(Load::count).sum::<usize>();
+    let wait_for = |n: usize| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while acked_count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} acknowledged",
+                acked_count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
     wait_for(300).await;
@@ -226,14 +191,13 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
     b[1].child.wait().unwrap();
     wait_for(600).await;
     nats.nodes[0].kill(); // the NATS server replica 0 talks to first, SIGKILL
-    let after = count.load(Ordering::SeqCst);
+    let after = acked_count();
     wait_for(after + 300).await; // publishing goes on through the others
-    stop.store(true, Ordering::SeqCst);
-    for p in publishers {
-        let _ = p.await;
+    let mut acked = Vec::new();
+    for l in loads {
+        acked.extend(l.stop().await.into_iter().map(|(o, b, _)| (o, b)));
     }
     nats.nodes[0].restart();
-    let acked = acked.lock().unwrap().clone();
     let newest = acked.iter().map(|(o, _)| *o).max().unwrap();
     // Read through the replica that saw neither loss, and through the survivor, once
     // each shows the newest acknowledged offset (a replica whose feed ran through the
@@ -425,23 +389,7 @@ async fn received_seconds(r: &BrokerProcess, queue: &str) -> Vec<i64> {
 
 #[actix_web::test]
 async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_delivering_replica() {
-    // Each request: (webhook-id, body).
-    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let rec = seen.clone();
-    let sink = crate::support::spawn_http(move |req, body| {
-        let rec = rec.clone();
-        async move {
-            let id = req
-                .headers()
-                .get("webhook-id")
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default();
-            rec.lock()
-                .unwrap()
-                .push((id, String::from_utf8_lossy(&body).into_owned()));
-            actix_web::HttpResponse::Ok().finish()
-        }
-    });
+    let (sink, seen) = recording_sink(200);
     let hooks = format!(
         "[[queues]]\nname = \"hooks\"\n[[queues.webhooks]]\nurl = \"{sink}/in\"\n\
          max_in_flight = 8\nsigning_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
@@ -458,7 +406,7 @@ async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_deliver
                     .lock()
                     .unwrap()
                     .iter()
-                    .map(|(_, b)| b.clone())
+                    .map(|(_, _, b)| b.clone())
                     .collect();
                 if distinct.len() >= n {
                     return;
@@ -489,7 +437,7 @@ async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_deliver
     delivered(1000).await;
     let seen = seen.lock().unwrap().clone();
     // Before the kill, one replica delivered: every message once.
-    let early: HashSet<&String> = seen[..before_kill].iter().map(|(_, b)| b).collect();
+    let early: HashSet<&String> = seen[..before_kill].iter().map(|(_, _, b)| b).collect();
     assert_eq!(
         early.len(),
         before_kill,
@@ -500,7 +448,7 @@ async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_deliver
     // receiver can drop it.
     let mut ids: BTreeMap<&String, &String> = BTreeMap::new();
     let mut repeats = 0;
-    for (id, body) in &seen {
+    for (_, id, body) in &seen {
         if let Some(first) = ids.insert(body, id) {
             repeats += 1;
             assert_eq!(

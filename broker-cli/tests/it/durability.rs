@@ -3,13 +3,12 @@
 //! offset reused. Run for SQLite and PostgreSQL.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::{
     bodies, fresh_postgres, json, metric, psql, read_all, send, spawn_broker, spawn_http,
-    write_config,
+    write_config, Load,
 };
 
 fn config(url: &str, queue: &str) -> String {
@@ -25,54 +24,19 @@ async fn crash_and_recover(url: &str) {
     let (_dir, path) = write_config("broker.toml", &config(url, &queue));
     let mut b = spawn_broker(&path);
 
-    // (offset, body, epoch) of every publish the broker answered 200 for.
-    let acked: Arc<Mutex<Vec<(u64, String, String)>>> = Arc::default();
-    let count = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut publishers = Vec::new();
-    for p in 0..8 {
-        let (acked, count, stop, http) =
-            (acked.clone(), count.clone(), stop.clone(), b.http.clone());
-        let url = format!("{}/v1/queues/{queue}/messages", b.url);
-        publishers.push(tokio::spawn(async move {
-            for i in 0.. {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let body = format!("p{p}-{i}");
-                let Ok(res) = http.post(&url).body(body.clone()).send().await else {
-                    break;
-                };
-                if res.status() != 200 {
-                    break;
-                }
-                let v: serde_json::Value = res.json().await.unwrap();
-                acked.lock().unwrap().push((
-                    v["offset"].as_u64().unwrap(),
-                    body,
-                    v["epoch"].as_str().unwrap().to_owned(),
-                ));
-                count.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while count.load(Ordering::SeqCst) < 400 {
-        // Publishers stop at their first refusal: none is expected under load.
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publishers stopped after {} acknowledgements",
-            count.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Every publish the broker answered 200 for; publishers stop at their first
+    // refusal (none is expected under load).
+    let load = Load::start(
+        &b.http,
+        &format!("{}/v1/queues/{queue}/messages", b.url),
+        8,
+        "",
+        false,
+    );
+    load.wait_for(400).await;
     b.child.kill().unwrap(); // SIGKILL, mid-load
     b.child.wait().unwrap();
-    stop.store(true, Ordering::SeqCst);
-    for p in publishers {
-        let _ = p.await;
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.stop().await;
     assert!(acked.len() >= 400);
 
     let b2 = spawn_broker(&path);

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
@@ -460,4 +462,121 @@ pub enum Next {
 /// Sends a request: status and JSON body.
 pub async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
     json(req.send().await.unwrap()).await
+}
+
+/// Requests a recording sink received: path, `webhook-id` and body.
+pub type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A webhook target on a free loopback port that records every request and answers
+/// `status`; its base URL and what it saw.
+pub fn recording_sink(status: u16) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let rec = seen.clone();
+    let url = spawn_http(move |req, body| {
+        let rec = rec.clone();
+        async move {
+            let id = req
+                .headers()
+                .get("webhook-id")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            rec.lock().unwrap().push((req.path().to_owned(), id, body));
+            actix_web::HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+                .finish()
+        }
+    });
+    (url, seen)
+}
+
+/// Publishers under load: tasks posting `{label}p{n}-{i}` bodies to `url`, recording
+/// every acknowledged publish as (offset, body, epoch).
+pub struct Load {
+    /// What was acknowledged.
+    pub acked: Arc<Mutex<Vec<(u64, String, String)>>>,
+    count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `publishers` tasks on `url`. `persist`: a refusal or a lost connection is not
+    /// acknowledged and the publisher goes on (a cluster losing a member); otherwise
+    /// it stops at the first one.
+    pub fn start(
+        http: &reqwest::Client,
+        url: &str,
+        publishers: usize,
+        label: &str,
+        persist: bool,
+    ) -> Self {
+        let acked: Arc<Mutex<Vec<(u64, String, String)>>> = Arc::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..publishers)
+            .map(|p| {
+                let (acked, count, stop, http) =
+                    (acked.clone(), count.clone(), stop.clone(), http.clone());
+                let (url, label) = (url.to_owned(), label.to_owned());
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let body = format!("{label}p{p}-{i}");
+                        let res = http.post(&url).body(body.clone()).send().await;
+                        let res = match res {
+                            Ok(r) if r.status() == 200 => r,
+                            _ if persist => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            _ => break,
+                        };
+                        let v: serde_json::Value = res.json().await.unwrap();
+                        acked.lock().unwrap().push((
+                            v["offset"].as_u64().unwrap(),
+                            body,
+                            v["epoch"].as_str().unwrap().to_owned(),
+                        ));
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            acked,
+            count,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Acknowledgements so far.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most a minute) until `n` publishes were acknowledged.
+    pub async fn wait_for(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} acknowledged (of {n})",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the publishers; everything acknowledged.
+    pub async fn stop(self) -> Vec<(u64, String, String)> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
 }

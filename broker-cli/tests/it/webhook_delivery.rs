@@ -1,34 +1,15 @@
 //! Webhook delivery through the real binary, with recording sinks.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{spawn_broker, spawn_http, write_config};
-
-/// Requests a sink received: path and `webhook-id`.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
+use crate::support::{recording_sink, spawn_broker, write_config, Seen};
 
 /// A sink that records and answers `status`.
 fn sink(status: u16) -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let rec = seen.clone();
-    let url = spawn_http(move |req, _body| {
-        let rec = rec.clone();
-        async move {
-            let id = req
-                .headers()
-                .get("webhook-id")
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default();
-            rec.lock().unwrap().push((req.path().to_owned(), id));
-            actix_web::HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
-                .finish()
-        }
-    });
-    (url, seen)
+    recording_sink(status)
 }
 
-async fn wait_for(seen: &Seen, n: usize) -> Vec<(String, String)> {
+async fn wait_for(seen: &Seen, n: usize) -> Vec<(String, String, String)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let got = seen.lock().unwrap().clone();
