@@ -53,6 +53,21 @@ pub struct BatchPublished {
     /// Connections notified (notify-kind queues only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub delivered: Option<usize>,
+    /// Elements not stored again: their `id` was stored before (or repeated in the
+    /// batch). When nothing new was stored, the offsets are the first publish's.
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub duplicates: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// An idempotency key: 1 to 255 visible ASCII characters.
+pub fn idempotency_key(bytes: &[u8]) -> Option<Arc<str>> {
+    let ok =
+        !bytes.is_empty() && bytes.len() <= 255 && bytes.iter().all(|b| (0x21..=0x7e).contains(b));
+    ok.then(|| Arc::from(std::str::from_utf8(bytes).expect("checked ASCII")))
 }
 
 /// `200` of a delayed publish (`delay=` or `at=`): offsets are given when due.
@@ -118,6 +133,9 @@ pub struct BatchElement {
     /// Headers to keep with the message.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Its idempotency key (as the `Idempotency-Key` header of a single publish).
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 impl BatchElement {
@@ -144,8 +162,15 @@ impl BatchElement {
             (Bytes::from(raw), None)
         };
         let content_type = self.content_type.as_deref().or(default_ct).map(Arc::from);
+        let id = match &self.id {
+            Some(k) => Some(
+                idempotency_key(k.as_bytes())
+                    .ok_or("`id` must be 1 to 255 visible ASCII characters")?,
+            ),
+            None => None,
+        };
         Ok(NewMessage {
-            id: None,
+            id,
             audience: None,
             body,
             content_type,

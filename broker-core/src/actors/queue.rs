@@ -57,9 +57,10 @@ pub struct Published {
     pub last_offset: u64,
     /// The queue's epoch.
     pub epoch: Arc<str>,
-    /// The publish's idempotency key was stored before: nothing new was stored, the
-    /// offsets are the first publish's.
-    pub duplicate: bool,
+    /// Messages not stored again because their idempotency key was stored before (or
+    /// repeated in this publish). When nothing new was stored, the offsets are those of
+    /// the first publish.
+    pub duplicates: usize,
 }
 
 /// What a read returns.
@@ -607,7 +608,7 @@ impl Queue {
                 first_offset: head,
                 last_offset: head,
                 epoch: self.epoch.clone(),
-                duplicate: false,
+                duplicates: 0,
             };
             return Box::pin(fut::ready(Ok(done)));
         }
@@ -622,7 +623,7 @@ impl Queue {
                         first_offset: stored.first().map_or(0, |m| m.offset),
                         last_offset: stored.last().map_or(0, |m| m.offset),
                         epoch: act.epoch.clone(),
-                        duplicate: false,
+                        duplicates: 0,
                     };
                     (Ok(p), Some(stored))
                 }
@@ -684,38 +685,65 @@ impl Handler<Publish> for Queue {
         if let Err(e) = self.check_sizes(&msg.messages) {
             return Box::pin(fut::ready(Err(e)));
         }
-        // A single publish with an idempotency key stored recently: its first offset.
-        let key = match msg.messages.as_slice() {
-            [m] => m.id.clone(),
-            _ => None,
-        };
-        let Some(key) = key else {
-            return self.append(msg.messages, Vec::new());
-        };
+        self.publish_once(msg.messages)
+    }
+}
+
+impl Queue {
+    /// Appends `messages`, leaving out those whose idempotency key was stored recently
+    /// (and repeats of a key within the batch); `duplicates` counts what was left out.
+    /// Nothing new to store: the offsets of what was stored before.
+    fn publish_once(
+        &mut self,
+        messages: Vec<NewMessage>,
+    ) -> ResponseActFuture<Self, Result<Published, Error>> {
+        if messages.iter().all(|m| m.id.is_none()) {
+            return self.append(messages, Vec::new());
+        }
         let (now, window) = (now_ms(), self.idempotency_window_ms());
         let first = self.window.first_retained();
-        if let Some(offset) = self.recent.find(&key, now, window, first) {
+        let mut before = Vec::new();
+        let mut keys: Vec<Arc<str>> = Vec::new();
+        let mut fresh = Vec::with_capacity(messages.len());
+        let total = messages.len();
+        for m in messages {
+            if let Some(k) = &m.id {
+                if let Some(offset) = self.recent.find(k, now, window, first) {
+                    before.push(offset);
+                    continue;
+                }
+                if keys.contains(k) {
+                    continue; // the same key twice in one publish: stored once
+                }
+                if self.recent.in_flight(k) {
+                    let e = Error::rejected(
+                        Rejection::IdempotencyKeyInUse,
+                        "a publish with this Idempotency-Key is still being stored; retry",
+                    );
+                    return Box::pin(fut::ready(Err(e)));
+                }
+                keys.push(k.clone());
+            }
+            fresh.push(m);
+        }
+        let duplicates = total - fresh.len();
+        if fresh.is_empty() {
             return Box::pin(fut::ready(Ok(Published {
-                first_offset: offset,
-                last_offset: offset,
+                first_offset: before.iter().copied().min().unwrap_or_default(),
+                last_offset: before.iter().copied().max().unwrap_or_default(),
                 epoch: self.epoch.clone(),
-                duplicate: true,
+                duplicates,
             })));
         }
-        if !self.recent.begin(key.clone()) {
-            let e = Error::rejected(
-                Rejection::IdempotencyKeyInUse,
-                "a publish with this Idempotency-Key is still being stored; retry",
-            );
-            return Box::pin(fut::ready(Err(e)));
+        for k in &keys {
+            self.recent.begin(k.clone());
         }
-        Box::pin(
-            self.append(msg.messages, Vec::new())
-                .map(move |res, act, _| {
-                    act.recent.end(&key);
-                    res
-                }),
-        )
+        Box::pin(self.append(fresh, Vec::new()).map(move |res, act, _| {
+            for k in &keys {
+                act.recent.end(k);
+            }
+            res.map(|p| Published { duplicates, ..p })
+        }))
     }
 }
 

@@ -59,6 +59,11 @@ impl Recent {
         self.in_flight.insert(key)
     }
 
+    /// Whether a publish with `key` is in flight.
+    pub(crate) fn in_flight(&self, key: &str) -> bool {
+        self.in_flight.contains(key)
+    }
+
     /// The publish with `key` settled.
     pub(crate) fn end(&mut self, key: &str) {
         self.in_flight.remove(key);

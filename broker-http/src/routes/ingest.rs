@@ -155,7 +155,7 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
             epoch: p.epoch.to_string(),
             queue,
             delivered,
-            duplicate: p.duplicate,
+            duplicate: p.duplicates > 0,
         }))
     } else {
         HttpResponse::Ok().json(BatchReply::Published(BatchPublished {
@@ -166,6 +166,7 @@ fn reply(queue: String, out: PublishOutcome, count: usize, batch: bool) -> HttpR
             epoch: p.epoch.to_string(),
             queue,
             delivered,
+            duplicates: p.duplicates,
         }))
     }
 }
@@ -208,21 +209,19 @@ pub async fn publish_message(
     Ok(reply(queue, out, 1, false))
 }
 
-/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+/// The `Idempotency-Key` header.
 fn idempotency_key(req: &HttpRequest) -> Result<Option<std::sync::Arc<str>>, ApiError> {
     let Some(v) = req.headers().get("idempotency-key") else {
         return Ok(None);
     };
-    let bytes = v.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
-        return Err(ApiError::bad_request(
-            "invalid_header",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-        ));
-    }
-    Ok(Some(std::sync::Arc::from(
-        std::str::from_utf8(bytes).expect("checked ASCII"),
-    )))
+    crate::wire::idempotency_key(v.as_bytes())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_header",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })
 }
 
 /// `POST /v1/queues/{q}/batch`: all messages or none.
@@ -256,6 +255,12 @@ pub async fn publish_batch(
             .map_err(|e| invalid(format!("invalid batch at `{}`: {}", e.path(), e.inner())))?;
     if parsed.messages.is_empty() {
         return Err(invalid("`messages` is empty".into()));
+    }
+    if at.is_some() && parsed.messages.iter().any(|m| m.id.is_some()) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "idempotency keys (`id`) are for immediate publishes, not with `delay` or `at`",
+        ));
     }
     let mut messages = Vec::with_capacity(parsed.messages.len());
     for (i, el) in parsed.messages.into_iter().enumerate() {

@@ -562,3 +562,55 @@ async fn an_idempotency_key_makes_a_retried_publish_return_the_first_offset() {
     .await;
     assert_eq!((s, v["code"].as_str()), (400, Some("invalid_query")), "{v}");
 }
+
+#[actix_web::test]
+async fn batch_elements_with_ids_are_stored_once() {
+    let b = spawn_broker(&config("[[queues]]\nname = \"q\"\n")).await;
+    let batch = |ids: &[&str]| {
+        let messages: Vec<_> = ids
+            .iter()
+            .map(|id| serde_json::json!({"body": format!("m-{id}"), "id": id}))
+            .collect();
+        b.post("/v1/queues/q/batch")
+            .json(&serde_json::json!({ "messages": messages }))
+    };
+    let (s, v) = send(batch(&["a", "b"])).await;
+    assert_eq!(
+        (s, v["first_offset"].as_u64(), v["offset"].as_u64()),
+        (200, Some(1), Some(2)),
+        "{v}"
+    );
+    assert!(v.get("duplicates").is_none(), "{v}");
+    // Retried whole: nothing new, the first offsets.
+    let (_, v) = send(batch(&["a", "b"])).await;
+    assert_eq!(
+        (
+            v["first_offset"].as_u64(),
+            v["offset"].as_u64(),
+            v["duplicates"].as_u64()
+        ),
+        (Some(1), Some(2), Some(2)),
+        "{v}"
+    );
+    // Partly new: only the new one is stored; a key twice in one batch is stored once.
+    let (_, v) = send(batch(&["b", "c", "c"])).await;
+    assert_eq!(
+        (
+            v["first_offset"].as_u64(),
+            v["offset"].as_u64(),
+            v["duplicates"].as_u64()
+        ),
+        (Some(3), Some(3), Some(2)),
+        "{v}"
+    );
+    let (_, v) = send(b.read("/v1/queues/q/messages?since=0")).await;
+    let bodies: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m-a", "m-b", "m-c"]);
+    let (s, v) = send(batch(&["with space"])).await;
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")), "{v}");
+}
