@@ -127,6 +127,7 @@ impl Broker {
             exclusive,
             replicated,
             fabric,
+            targets,
         } = Backend::open(
             &settings.config.storage,
             &settings.config.limits,
@@ -195,6 +196,7 @@ impl Broker {
         let registry = ConnectionRegistry::new(metrics.clone()).start();
         let deliveries = Deliveries {
             leader: leader.clone(),
+            targets,
             client,
             guarded,
             arbiter: arbiter.handle(),
@@ -1086,6 +1088,8 @@ struct Backend {
     replicated: bool,
     /// How this replica reaches the others' connections (a NATS cluster).
     fabric: Option<Arc<dyn crate::fabric::Fabric>>,
+    /// Who delivers each webhook target (a NATS cluster spreads them).
+    targets: Option<Arc<dyn crate::election::TargetElections>>,
 }
 
 impl Backend {
@@ -1123,6 +1127,7 @@ impl Backend {
             let node = crate::random::id();
             let election = nats.lease(node.to_string()).await?;
             let fabric = nats.fabric(node).await?;
+            let targets = nats.targets(&fabric).await?;
             return Ok(Backend {
                 store: nats.clone(),
                 logs: Arc::new(store::JetStreamLogs { store: nats }),
@@ -1130,6 +1135,7 @@ impl Backend {
                 exclusive: false,
                 replicated: true,
                 fabric: Some(fabric),
+                targets: Some(Arc::new(targets)),
             });
         }
         let fence = lock.as_ref().map(store::ActiveLock::fence);
@@ -1146,6 +1152,7 @@ impl Backend {
             exclusive,
             replicated: false,
             fabric: None,
+            targets: None,
         })
     }
 }

@@ -21,3 +21,16 @@ impl Election for SingleNode {
         report(true);
     }
 }
+
+/// Who delivers each webhook target, where that is decided per target (a NATS cluster
+/// spreads the targets over its replicas); without it every target follows the
+/// `Leader`.
+pub trait TargetElections: Send + Sync + 'static {
+    /// Tells `recipient` whether this replica delivers target `key` (its queue and
+    /// URL), as that changes, for as long as the recipient runs.
+    fn follow(
+        &self,
+        key: String,
+        recipient: actix::Recipient<crate::actors::leader::LeadershipChanged>,
+    );
+}

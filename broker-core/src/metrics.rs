@@ -53,6 +53,9 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// `broker_leader`: 1 while this node is the leader.
     pub leader: prometheus::IntGauge,
+    /// `broker_webhook_targets_delivering`: webhook targets this broker delivers now (a
+    /// cluster shares them out; elsewhere the leader has them all).
+    pub webhook_targets_delivering: prometheus::IntGauge,
     /// `broker_cluster_replicas`: replicas this one sees live, itself included (1 without
     /// a cluster).
     pub cluster_replicas: prometheus::IntGauge,
@@ -234,6 +237,13 @@ impl Metrics {
         let leader = registered(
             &registry,
             prometheus::IntGauge::new("broker_leader", "1 while this node is the leader."),
+        );
+        let webhook_targets_delivering = registered(
+            &registry,
+            prometheus::IntGauge::new(
+                "broker_webhook_targets_delivering",
+                "Webhook targets this broker delivers now.",
+            ),
         );
         let cluster_replicas = registered(
             &registry,
@@ -432,6 +442,7 @@ impl Metrics {
             ws_delivery_latency,
             notifications,
             leader,
+            webhook_targets_delivering,
             cluster_replicas,
             cluster_connected,
             cluster_feed_delay,

@@ -333,6 +333,38 @@ async fn cron_fires_once_per_tick_across_replicas_also_when_one_is_killed() {
     );
 }
 
+/// Successful webhook deliveries of `queue` each replica made (0 for one that is gone).
+async fn deliveries(b: &[BrokerProcess], queue: &str) -> Vec<f64> {
+    let (q, ok) = (format!("queue=\"{queue}\""), "outcome=\"success\"");
+    let mut out = Vec::new();
+    for r in b {
+        let text = match r.get("/metrics").send().await {
+            Ok(res) => res.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let n = text
+            .lines()
+            .find(|l| {
+                l.starts_with("broker_webhook_deliveries_total{")
+                    && l.contains(&q)
+                    && l.contains(ok)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        out.push(n);
+    }
+    out
+}
+
+/// The replica delivering `queue`'s target.
+async fn delivering(b: &[BrokerProcess], queue: &str) -> usize {
+    let d = deliveries(b, queue).await;
+    let senders: Vec<usize> = (0..d.len()).filter(|i| d[*i] > 0.0).collect();
+    assert_eq!(senders.len(), 1, "one replica delivers a target: {d:?}");
+    senders[0]
+}
+
 /// The index of the replica that leads (`broker_leader 1`).
 async fn leader_of(b: &[BrokerProcess]) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -426,7 +458,7 @@ async fn each_webhook_message_reaches_its_target_once_with_kill_9_of_the_deliver
         publish(&b[i % 3], "hooks", &format!("m{i}")).await;
     }
     delivered(300).await;
-    let leader = leader_of(&b).await;
+    let leader = delivering(&b, "hooks").await;
     let before_kill = seen.lock().unwrap().len();
     b[leader].child.kill().unwrap();
     b[leader].child.wait().unwrap();
@@ -722,4 +754,75 @@ async fn an_idempotency_key_holds_across_replicas() {
         let (stored, _) = read_all(&b[2], queue).await;
         assert_eq!(stored.values().collect::<Vec<_>>(), ["first"], "{queue}");
     }
+}
+
+#[actix_web::test]
+async fn webhook_targets_are_spread_over_the_replicas() {
+    let (sink, seen) = recording_sink(200);
+    let queues: String = (0..12)
+        .map(|i| {
+            format!(
+                "[[queues]]\nname = \"spread{i}\"\n[[queues.webhooks]]\nurl = \"{sink}/q{i}\"\n\
+                 signing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+            )
+        })
+        .collect();
+    let Some((_nats, _dir, b)) = cluster_with(3, &queues).await else {
+        return;
+    };
+    // Once every replica knows the others, the targets are handed out (the first
+    // replica up took them all): wait until they are, with none delivered twice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut owned = Vec::new();
+        for r in &b {
+            let text = r.metrics().await;
+            owned.push(
+                crate::support::metric(&text, "broker_webhook_targets_delivering").unwrap_or(0.0),
+            );
+        }
+        if owned.iter().sum::<f64>() == 12.0 && owned.iter().filter(|n| **n > 0.0).count() >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "targets delivering per replica: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..12 {
+        for n in 0..5 {
+            publish(&b[(i + n) % 3], &format!("spread{i}"), &format!("s{i}-{n}")).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.lock().unwrap().len() < 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 60 delivered",
+            seen.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each target was delivered by exactly one replica, in order; the targets are
+    // shared out (12 targets over 3 replicas: each replica has some, by the
+    // rendezvous hash of the replicas' random ids — all on one has a chance of 3/3^12).
+    let mut per_replica = vec![0usize; 3];
+    for i in 0..12 {
+        per_replica[delivering(&b, &format!("spread{i}")).await] += 1;
+        let bodies: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _, _)| *path == format!("/q{i}"))
+            .map(|(_, _, body)| body.clone())
+            .collect();
+        let expected: Vec<String> = (0..5).map(|n| format!("s{i}-{n}")).collect();
+        assert_eq!(bodies, expected, "target {i}: each once, in order");
+    }
+    assert!(
+        per_replica.iter().filter(|n| **n > 0).count() >= 2,
+        "targets per replica: {per_replica:?}"
+    );
+    eprintln!("webhook targets per replica: {per_replica:?}");
 }

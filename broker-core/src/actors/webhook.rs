@@ -775,6 +775,9 @@ impl Actor for Webhook {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.report((0, 0));
+        if self.leader {
+            self.metrics.webhook_targets_delivering.dec();
+        }
     }
 }
 
@@ -786,6 +789,11 @@ impl Handler<LeadershipChanged> for Webhook {
             return;
         }
         self.leader = msg.leader;
+        if msg.leader {
+            self.metrics.webhook_targets_delivering.inc();
+        } else {
+            self.metrics.webhook_targets_delivering.dec();
+        }
         if msg.leader {
             self.pump(ctx);
         } else {

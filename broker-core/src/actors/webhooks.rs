@@ -21,8 +21,10 @@ use crate::store::Store;
 /// What webhook deliveries need from the broker.
 #[derive(Clone)]
 pub struct Deliveries {
-    /// Leadership, which webhooks follow.
+    /// Leadership, which webhooks follow (unless `targets` decides per target).
     pub leader: Addr<Leader>,
+    /// Who delivers each target, where that is decided per target (a cluster).
+    pub targets: Option<Arc<dyn crate::election::TargetElections>>,
     /// The outbound HTTP client (pooled, rustls, no redirects) of config-file targets.
     pub client: reqwest::Client,
     /// The client of targets defined at runtime: it also refuses internal addresses
@@ -38,6 +40,7 @@ impl Deliveries {
     pub(crate) fn for_tests(leader: Addr<Leader>, arbiter: ArbiterHandle) -> Self {
         Deliveries {
             leader,
+            targets: None,
             client: reqwest::Client::new(),
             guarded: reqwest::Client::new(),
             arbiter,
@@ -95,6 +98,7 @@ impl Webhooks {
         } else {
             &self.deliveries.client
         };
+        let spec_url = spec.url.to_string();
         let w = Webhook::new(
             queue.clone(),
             from_queue_start,
@@ -105,10 +109,14 @@ impl Webhooks {
             self.metrics.clone(),
             self.store.clone(),
         );
+        let key = format!("{}\n{}", queue.name, spec_url);
         let addr = Webhook::start_in_arbiter(&self.deliveries.arbiter, move |_| w);
-        self.deliveries.leader.do_send(Follow {
-            recipient: addr.clone().recipient(),
-        });
+        match &self.deliveries.targets {
+            Some(targets) => targets.follow(key, addr.clone().recipient()),
+            None => self.deliveries.leader.do_send(Follow {
+                recipient: addr.clone().recipient(),
+            }),
+        }
         addr
     }
 }

@@ -16,6 +16,7 @@ pub mod nats;
 mod nats_fabric;
 mod nats_lease;
 pub mod nats_log;
+mod nats_targets;
 #[cfg(any(test, feature = "local-nats"))]
 pub mod nats_testing;
 mod sql;
@@ -32,6 +33,7 @@ pub use nats::{is_nats_url, NatsOptions, NatsStore};
 pub use nats_fabric::NatsFabric;
 pub use nats_lease::NatsLease;
 pub use nats_log::JetStreamLogs;
+pub use nats_targets::NatsTargets;
 pub use sql::SqlStore;
 
 use crate::error::Error;

@@ -1017,6 +1017,18 @@ impl NatsStore {
         .await
     }
 
+    /// The webhook targets this replica delivers (see [`super::NatsTargets`]).
+    pub async fn targets(&self, fabric: &super::NatsFabric) -> Result<super::NatsTargets, Error> {
+        let leases = bucket(
+            &self.inner.js,
+            format!("{}_leader", self.inner.prefix),
+            self.inner.replicas,
+            Some(super::nats_lease::LEASE_TTL),
+        )
+        .await?;
+        Ok(fabric.targets(leases))
+    }
+
     /// This replica's place in the cluster's fabric, as replica `node`.
     pub async fn fabric(&self, node: Arc<str>) -> Result<Arc<super::NatsFabric>, Error> {
         super::NatsFabric::start(&self.inner, node, self.metrics.clone()).await

@@ -73,6 +73,16 @@ impl NatsFabric {
         Ok(fabric)
     }
 
+    /// The webhook targets' share of this replica, by the live replicas this fabric sees,
+    /// with their leases in `bucket`.
+    pub(crate) fn targets(&self, bucket: kv::Store) -> super::NatsTargets {
+        super::NatsTargets {
+            bucket,
+            node: self.node.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+
     fn subject(&self, node: &str) -> String {
         format!("{}.replica.{node}", self.prefix)
     }
