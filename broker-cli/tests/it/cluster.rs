@@ -255,7 +255,8 @@ async fn a_queue_defined_at_runtime_on_one_replica_is_in_force_on_all() {
             if s == 200 {
                 break;
             }
-            assert_eq!(v["code"], "unknown_queue", "{v}");
+            // Not known there yet, or (a busy machine) its stream still being made.
+            assert!(s == 404 || s == 503, "{s} {v}");
             assert!(
                 defined.elapsed() < Duration::from_secs(10),
                 "never defined on {}",
@@ -825,4 +826,67 @@ async fn webhook_targets_are_spread_over_the_replicas() {
         "targets per replica: {per_replica:?}"
     );
     eprintln!("webhook targets per replica: {per_replica:?}");
+}
+
+#[actix_web::test]
+async fn readiness_follows_the_nats_connection() {
+    let Some((mut nats, _dir, b)) = cluster(1).await else {
+        return;
+    };
+    let ready = |r: &BrokerProcess| {
+        let req = r.get("/readyz");
+        async move {
+            req.send()
+                .await
+                .map(|res| res.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let wait_until = |want: u16| {
+        let r = &b[0];
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if ready(r).await == want {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "/readyz never answered {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_until(200).await;
+    // Every NATS server gone: not ready, and a publish is refused, not acknowledged.
+    for n in &mut nats.nodes {
+        n.kill();
+    }
+    wait_until(503).await;
+    let (s, v) = send(b[0].post("/v1/queues/events/messages").body("while down")).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    b[0].wait_for_metric("broker_cluster_connected", 0.0).await;
+    // Back: ready again, publishing again.
+    for n in &mut nats.nodes {
+        n.restart();
+    }
+    nats.wait_ready().await;
+    wait_until(200).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, _) = send(b[0].post("/v1/queues/events/messages").body("after")).await;
+        if s == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

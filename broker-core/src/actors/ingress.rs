@@ -155,14 +155,16 @@ impl Ingress {
                     messages,
                     deliver_at_ms: at,
                 })
-                .await?
+                .await
+                .map_err(|_| counted(gone(req.queue)))?
                 .map_err(counted)?;
             return Ok(PublishOutcome::Scheduled(scheduled));
         }
         let published = handle
             .addr
             .send(Publish { messages })
-            .await?
+            .await
+            .map_err(|_| counted(gone(req.queue)))?
             .map_err(counted)?;
         let delivered = if spec.kind == QueueKind::Queue {
             None
@@ -327,6 +329,15 @@ pub enum PublishOutcome {
     },
     /// Held back until their time.
     Scheduled(Scheduled),
+}
+
+/// The queue stopped before it answered: it could not load its stored state (its store
+/// is away; the next publish starts it again) or the queue was just removed. Nothing
+/// was stored.
+fn gone(queue: &str) -> Error {
+    Error::Store(format!(
+        "queue `{queue}` is not available right now (its stored state could not be loaded); nothing was stored, retry"
+    ))
 }
 
 /// A signed request received before.

@@ -539,27 +539,7 @@ impl Actor for Queue {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        // Nothing else is handled until the queue's state is loaded.
-        ctx.wait(
-            self.log
-                .open()
-                .into_actor(self)
-                .map(|res, act, ctx| match res {
-                    Ok(state) => {
-                        act.restore(state, ctx);
-                        if let Some(feed) = act.log.feed() {
-                            ctx.add_stream(feed);
-                        }
-                        if let Some(changes) = act.log.delayed_feed() {
-                            ctx.add_stream(changes);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(queue = %act.name, error = %e, "cannot open queue");
-                        ctx.stop();
-                    }
-                }),
-        );
+        self.open(ctx, 1);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -569,7 +549,46 @@ impl Actor for Queue {
     }
 }
 
+/// Attempts at loading a queue's stored state before the queue gives up (and stops; the
+/// next use starts it again).
+const OPEN_ATTEMPTS: u32 = 3;
+
 impl Queue {
+    /// Loads the stored state; nothing else is handled until it is loaded. A failure
+    /// (a store busy or briefly away) is retried, 0.5 s then 1 s later, before the
+    /// queue stops.
+    fn open(&mut self, ctx: &mut Context<Self>, attempt: u32) {
+        ctx.wait(
+            self.log
+                .open()
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(state) => {
+                        act.restore(state, ctx);
+                        if let Some(feed) = act.log.feed() {
+                            ctx.add_stream(feed);
+                        }
+                        if let Some(changes) = act.log.delayed_feed() {
+                            ctx.add_stream(changes);
+                        }
+                    }
+                    Err(e) if attempt < OPEN_ATTEMPTS => {
+                        tracing::warn!(queue = %act.name, error = %e, attempt, "cannot open queue; retrying");
+                        let pause = Duration::from_millis(500 * u64::from(attempt));
+                        ctx.wait(
+                            tokio::time::sleep(pause)
+                                .into_actor(act)
+                                .map(move |(), act, ctx| act.open(ctx, attempt + 1)),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = %act.name, error = %e, "cannot open queue");
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+
     /// Refuses a batch with an oversized message (webhook-queue: consumers must refresh).
     fn check_sizes(&mut self, messages: &[NewMessage]) -> Result<(), Error> {
         let max = self.spec.limits.max_message_size;

@@ -941,7 +941,11 @@ impl NatsStore {
     /// Connects, creates the buckets it needs, and starts the writer.
     pub async fn connect(o: &NatsOptions, metrics: Arc<Metrics>) -> Result<Self, Error> {
         let client = connect(o).await?;
-        let js = jetstream::new(client.clone());
+        // JetStream API requests (stream creation above all) may take a while on a
+        // busy cluster: as long as the store's own bound.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
         let servers = {
             let info = client.server_info();
             let mut urls: Vec<String> = info.connect_urls.clone();
