@@ -22,7 +22,7 @@ fn config(nats: &str, extra: &str) -> String {
          [admin]\ntoken = \"{ADMIN}\"\n\
          [webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n\
          [limits]\nmax_message_count = 100000\nmax_queue_size = 100000000\n\
-         [[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"*\"]\n\
+         [[users]]\nname = \"u\"\npass_hash = \"plain;;password1\"\nqueues = [\"*\"]\npublish = [\"*\"]\n\
          [[queues]]\nname = \"chat.*\"\n\
          [[queues]]\nname = \"events\"\n{extra}"
     )
@@ -889,4 +889,59 @@ async fn readiness_follows_the_nats_connection() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[actix_web::test]
+async fn every_kind_of_publish_through_any_replica_reaches_one_log() {
+    let Some((_nats, _dir, b)) = cluster(3).await else {
+        return;
+    };
+    let mut sub = connect(&b[2]).await;
+    sub.subscribe("events", None).await;
+    // HTTP through A, a batch through B, WebSocket through A, webhook-queue's /q
+    // through B: one queue, one order.
+    publish(&b[0], "events", "http").await;
+    let (s, v) = send(
+        b[1].post("/v1/queues/events/batch")
+            .json(&serde_json::json!({
+                "messages": [{"body": "batch-1"}, {"body": "batch-2"}]
+            })),
+    )
+    .await;
+    assert_eq!((s, v["offset"].as_u64()), (200, Some(3)), "{v}");
+    let mut ws = connect(&b[0]).await;
+    ws.send(serde_json::json!({"action": "publish", "queue": "events", "data": "ws"}))
+        .await;
+    loop {
+        let v = ws.recv().await;
+        if v["event"] == "published" {
+            assert_eq!(v["offset"], 4, "{v}");
+            break;
+        }
+        assert_ne!(v["event"], "error", "{v}");
+    }
+    let (s, body) =
+        crate::support::text(b[1].post("/q/events").body("q").send().await.unwrap()).await;
+    assert_eq!(s, 200, "{body}");
+    let got: Vec<(u64, serde_json::Value)> = {
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let v = sub.recv().await;
+            if v["event"] == "message" {
+                let value = if v["data"].is_null() {
+                    v["body"].clone()
+                } else {
+                    v["data"].clone()
+                };
+                got.push((v["offset"].as_u64().unwrap(), value));
+            }
+        }
+        got
+    };
+    let expected: Vec<(u64, serde_json::Value)> = ["http", "batch-1", "batch-2", "ws", "q"]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (i as u64 + 1, serde_json::json!(b)))
+        .collect();
+    assert_eq!(got, expected);
 }
