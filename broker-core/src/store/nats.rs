@@ -272,6 +272,8 @@ pub(crate) struct Inner {
     pub(crate) kv: Buckets,
     /// Queues made from a pattern (others have a stream of their own).
     placements: RwLock<HashMap<Arc<str>, Placement>>,
+    /// Handles of the streams used so far, by name.
+    streams: std::sync::Mutex<HashMap<String, stream::Stream>>,
     /// The append state of each shared stream (see [`Inner::append_shared`]).
     heads: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<StreamHead>>>>,
 }
@@ -322,7 +324,30 @@ impl Inner {
     }
 
     /// The stream at `place`, created (with a fresh epoch) if missing.
+    /// Handles are kept (appends to a pattern's stream look it up every time); one
+    /// whose stream went away is dropped by [`Inner::forget_stream`].
     pub(crate) async fn stream(&self, place: &Place) -> Result<stream::Stream, Error> {
+        let known = self
+            .streams
+            .lock()
+            .expect("streams lock")
+            .get(&place.stream)
+            .cloned();
+        if let Some(s) = known {
+            return Ok(s);
+        }
+        let s = self.find_or_create(place).await?;
+        let mut streams = self.streams.lock().expect("streams lock");
+        streams.insert(place.stream.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// Drops the kept handle of `stream` (deleted, or a request on it failed).
+    pub(crate) fn forget_stream(&self, stream: &str) {
+        self.streams.lock().expect("streams lock").remove(stream);
+    }
+
+    async fn find_or_create(&self, place: &Place) -> Result<stream::Stream, Error> {
         match timed("stream info", self.js.get_stream(&place.stream)).await? {
             Ok(s) => return Ok(s),
             Err(e) if not_found(&e) => {}
@@ -436,10 +461,14 @@ impl Inner {
     pub(crate) async fn load(&self, queue: &str, after: u64) -> Result<Loaded, Error> {
         let place = self.place(queue);
         let mut stream = self.stream(&place).await?;
-        let info = timed("stream info", stream.info())
-            .await?
-            .map_err(|e| nats_err("stream info", e))?
-            .clone();
+        let info = match timed("stream info", stream.info()).await? {
+            Ok(info) => info.clone(),
+            Err(e) => {
+                // Maybe deleted and made again elsewhere: look it up afresh next time.
+                self.forget_stream(&place.stream);
+                return Err(nats_err("stream info", e));
+            }
+        };
         let epoch = Self::epoch_of(&info);
         let name: Arc<str> = Arc::from(queue);
         if !place.shared {
@@ -747,6 +776,7 @@ impl Inner {
         if place.shared {
             self.trim(queue, u64::MAX).await?;
         } else {
+            self.forget_stream(&place.stream);
             match timed("delete stream", self.js.delete_stream(&place.stream)).await? {
                 Ok(_) => {}
                 Err(e) if not_found(&e) => {}
@@ -976,6 +1006,7 @@ impl NatsStore {
             kv,
             placements: RwLock::new(HashMap::new()),
             heads: Default::default(),
+            streams: Default::default(),
         });
         let (writer, mut rx) = mpsc::unbounded_channel::<Op>();
         let queued = Arc::new(AtomicUsize::new(0));
