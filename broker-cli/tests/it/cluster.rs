@@ -9,7 +9,8 @@ use std::time::Duration;
 use broker_core::store::nats_testing::NatsCluster;
 
 use crate::support::{
-    read_all, recording_sink, send, spawn_broker, write_config, ws_connect, BrokerProcess, Load,
+    assert_stored_once, read_all, recording_sink, send, spawn_broker, write_config, ws_connect,
+    BrokerProcess, Load,
 };
 
 const ADMIN: &str = "cluster-admin-token-0123456789";
@@ -160,8 +161,9 @@ async fn a_message_published_through_any_replica_reaches_subscribers_on_every_re
 }
 
 #[actix_web::test]
-async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_server() {
-    let Some((mut nats, _dir, mut b)) = cluster(3).await else {
+async fn acknowledged_messages_survive_kill_9_and_sigterm_of_replicas_and_kill_9_of_a_nats_server()
+{
+    let Some((mut nats, dir, mut b)) = cluster(3).await else {
         return;
     };
     // Publishers on replicas 0 and 1; refusals (a server lost, a replica killed) are
@@ -193,16 +195,23 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
     nats.nodes[0].kill(); // the NATS server replica 0 talks to first, SIGKILL
     let after = acked_count();
     wait_for(after + 300).await; // publishing goes on through the others
+                                 // Replica 0 stopped gracefully (SIGTERM) while its publishers still run: what it
+                                 // acknowledged before it stopped is stored too.
+    b[0].signal("TERM");
+    let status = b[0].child.wait().unwrap();
+    assert!(status.success(), "a graceful stop exits 0: {status}");
     let mut acked = Vec::new();
     for l in loads {
         acked.extend(l.stop().await.into_iter().map(|(o, b, _)| (o, b)));
     }
     nats.nodes[0].restart();
     let newest = acked.iter().map(|(o, _)| *o).max().unwrap();
-    // Read through the replica that saw neither loss, and through the survivor, once
-    // each shows the newest acknowledged offset (a replica whose feed ran through the
-    // killed server follows again within seconds).
-    for r in [&b[2], &b[0]] {
+    // Read through the replica that saw neither loss, and through a replica started
+    // afterwards (it loads the history from JetStream), once each shows the newest
+    // acknowledged offset (a replica whose feed ran through the killed server follows
+    // again within seconds).
+    let fresh = spawn_broker(&dir.path().join("broker0.toml"));
+    for r in [&b[2], &fresh] {
         let (s, v) = send(
             r.get(&format!(
                 "/v1/queues/events/messages?since={}&wait=30s",
@@ -217,15 +226,7 @@ async fn acknowledged_messages_survive_kill_9_of_a_broker_replica_and_of_a_nats_
             "{v}"
         );
         let (stored, _) = read_all(r, "events").await;
-        for (off, body) in &acked {
-            assert_eq!(
-                stored.get(off),
-                Some(body),
-                "acknowledged message at offset {off} is there"
-            );
-        }
-        let bodies: HashSet<&String> = stored.values().collect();
-        assert_eq!(bodies.len(), stored.len(), "no message stored twice");
+        assert_stored_once(&stored, acked.iter().map(|(o, b)| (*o, b)));
         let offsets: Vec<u64> = stored.keys().copied().collect();
         assert_eq!(
             offsets,

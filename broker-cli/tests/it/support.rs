@@ -580,3 +580,20 @@ impl Load {
         acked
     }
 }
+
+/// Asserts that every acknowledged (offset, body) is in `stored`, and that no body is
+/// stored twice.
+pub fn assert_stored_once<'a>(
+    stored: &BTreeMap<u64, String>,
+    acked: impl IntoIterator<Item = (u64, &'a String)>,
+) {
+    for (off, body) in acked {
+        assert_eq!(
+            stored.get(&off),
+            Some(body),
+            "acknowledged message at offset {off} is there"
+        );
+    }
+    let bodies: std::collections::HashSet<&String> = stored.values().collect();
+    assert_eq!(bodies.len(), stored.len(), "no message stored twice");
+}
